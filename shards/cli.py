@@ -1,0 +1,124 @@
+"""The ``scd`` command line. Subcommand groups are plugins in the ``scd.commands`` entry-point group,
+so ``shards`` needs neither ``ingest`` nor ``scd_train`` to build the parser."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+from shards.export import EXPORT_FORMATS, export_sample
+from shards.verify import inspect_dataset, verify_dataset
+
+COMMAND_GROUP = "scd.commands"
+
+
+def register(sub: Any) -> None:
+    """Add ``scd shards ...``."""
+    p = sub.add_parser("shards", help="verify, inspect and export shard datasets",
+                       description="Work with shard datasets (manifest.json + tar shards + indices).")
+    s = p.add_subparsers(dest="shards_cmd", required=True, metavar="COMMAND")
+    v = s.add_parser("verify", help="check checksums, index/tar agreement and every sample",
+                     description="Check every shard's sha256 and size, that each tar agrees with its index, "
+                                 "that every sample decodes and validates, and the zarr index. Exit 0 when sound.")
+    v.add_argument("dataset", help="dataset folder or http(s) URL")
+    v.set_defaults(func=_verify)
+    i = s.add_parser("inspect", help="counts per domain/source, atoms per sample, bytes",
+                     description="Summarise a dataset from its manifest and zarr index.")
+    i.add_argument("dataset")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=_inspect)
+    e = s.add_parser("export", help="write one sample as extxyz, cif or pdb",
+                     description="Write the sample KEY in a format that ASE and pymatgen open.")
+    e.add_argument("dataset")
+    e.add_argument("key")
+    e.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="extxyz")
+    e.add_argument("--out", type=Path, help="output file (default: KEY.<ext> in the current folder)")
+    e.set_defaults(func=_export)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shards.reader import ShardDataset
+
+    total = len(ShardDataset(args.dataset).shard_names)
+    with tqdm(total=total, unit="shard", desc="verify", disable=None) as bar:
+        rep = verify_dataset(args.dataset, progress=bar)
+    for err in rep.errors:
+        print(f"ERROR: {err}", file=sys.stderr)
+    status = "OK" if rep.ok else f"FAILED ({len(rep.errors)} problem(s))"
+    print(f"{args.dataset}: {rep.n_shards} shards, {rep.n_samples} samples verified: {status}")
+    return 0 if rep.ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = inspect_dataset(args.dataset)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['root']}: schema {info['schema_version']}, {info['samples']} samples, {info['shards']} shards, "
+          f"{info['bytes'] / 1e6:.2f} MB")
+    header = f"{'':<10}{'name':<24}{'samples':>10}{'atoms':>12}{'min':>7}{'median':>9}{'max':>8}"
+    print(header)
+    for kind in ("domains", "sources"):
+        for name, st in info[kind].items():
+            print(f"{kind[:-1]:<10}{name:<24}{st['samples']:>10}{st['atoms']:>12}{st['min_atoms']:>7}"
+                  f"{st['median_atoms']:>9.1f}{st['max_atoms']:>8}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    out = export_sample(args.dataset, args.key, args.format, args.out)
+    print(out)
+    return 0
+
+
+def build_parser(groups: list[tuple[str, Callable[[Any], None]]] | None = None) -> argparse.ArgumentParser:
+    """The parser with every registered command group (``groups`` overrides discovery, for tests)."""
+    parser = argparse.ArgumentParser(
+        prog="scd", description="Multi-domain data layer and trainer for Self-Conditioned Denoising (SCD) "
+                                "pretraining of atomistic GNNs: ingest, shards, pretrain, fine-tune.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if groups is None:
+        groups = []
+        for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+            try:
+                groups.append((ep.name, ep.load()))
+            except ImportError as exc:
+                groups.append((ep.name, _missing(ep.name, exc)))
+    for _, reg in groups:
+        reg(sub)
+    return parser
+
+
+def _missing(name: str, exc: ImportError) -> Callable[[Any], None]:
+    def reg(sub: Any) -> None:
+        p = sub.add_parser(name, help=f"(unavailable: {exc.name} is not installed)")
+        p.set_defaults(func=lambda _a: _fail(f"scd {name}: needs {exc.name}; install with "
+                                             f"pip install 'scd-atoms[all]'"))
+    return reg
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scd`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Dataset manifest and columnar zarr index, written by the driver after all shards exist.
+
+``manifest.json`` is written last: a dataset exists iff its manifest does. It records the schema
+version, every shard's sha256, size and sample count, counts and atom statistics per domain and per
+source, and the writer/ingest configuration. ``index.zarr`` holds one row per sample (n_atoms, domain
+and source codes, shard number, byte offset and size, key hash) for lazy reading at 100M+ rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from shards.schema import SCHEMA_VERSION_STR
+from shards.writer import INDEX_SUFFIX, WriterConfig, write_atomic
+
+MANIFEST = "manifest.json"
+INDEX_DIR = "index.zarr"
+ZARR_CHUNK = 1 << 20
+INDEX_COLUMNS = ("n_atoms", "domain", "source", "shard", "offset", "size", "key_hash")
+
+
+def key_hash(keys: Iterable[str]) -> np.ndarray:
+    """64-bit hashes of sample keys (blake2b), used to find a key in the zarr index."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
+                        for k in keys), dtype=np.uint64)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stats() -> dict[str, Any]:
+    return {"n_samples": 0, "n_atoms": 0, "min_atoms": None, "max_atoms": None}
+
+
+def _update(st: dict[str, Any], n_atoms: np.ndarray) -> None:
+    if n_atoms.size == 0:
+        return
+    st["n_samples"] += int(n_atoms.size)
+    st["n_atoms"] += int(n_atoms.sum())
+    lo, hi = int(n_atoms.min()), int(n_atoms.max())
+    st["min_atoms"] = lo if st["min_atoms"] is None else min(st["min_atoms"], lo)
+    st["max_atoms"] = hi if st["max_atoms"] is None else max(st["max_atoms"], hi)
+
+
+def read_shard_index(path: Path) -> dict[str, Any]:
+    """Load ``<shard>.idx.json`` with a clear error when it is missing or unreadable."""
+    ipath = path.with_name(path.name + INDEX_SUFFIX)
+    if not ipath.is_file():
+        raise FileNotFoundError(f"{ipath}: missing index for shard {path.name}")
+    try:
+        doc = json.loads(ipath.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{ipath}: unreadable shard index: {exc}") from None
+    n = len(doc.get("key", []))
+    for col in ("offset", "size", "n_atoms", "domain", "source"):
+        if len(doc.get(col, [])) != n:
+            raise ValueError(f"{ipath}: index column {col!r} has {len(doc.get(col, []))} rows, expected {n}")
+    return doc
+
+
+def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: WriterConfig | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checksum the shards, write ``index.zarr`` and then ``manifest.json``; return the manifest."""
+    out = Path(out_dir)
+    shards_meta, domains, sources = [], {}, {}
+    per_domain: dict[str, dict[str, Any]] = {}
+    per_source: dict[str, dict[str, Any]] = {}
+    seen: dict[int, str] = {}
+    tmp_index = out / f".{INDEX_DIR}.tmp"
+    if tmp_index.exists():
+        shutil.rmtree(tmp_index)
+    cols = _IndexWriter(tmp_index)
+    total = _stats()
+    for s_no, name in enumerate(shard_names):
+        path = out / name
+        idx = read_shard_index(path)
+        n_atoms = np.asarray(idx["n_atoms"], dtype=np.int32)
+        dom = np.array([domains.setdefault(d, len(domains)) for d in idx["domain"]], dtype=np.int16)
+        src = np.array([sources.setdefault(s, len(sources)) for s in idx["source"]], dtype=np.int16)
+        hashes = key_hash(idx["key"])
+        for h, k in zip(hashes.tolist(), idx["key"]):
+            if h in seen:
+                raise ValueError(f"duplicate sample key {k!r} (shard {name}) also in shard {seen[h]}")
+            seen[h] = name
+        cols.append(n_atoms=n_atoms, domain=dom, source=src, shard=np.full(n_atoms.size, s_no, np.int32),
+                    offset=np.asarray(idx["offset"], np.int64), size=np.asarray(idx["size"], np.int64),
+                    key_hash=hashes)
+        for d, code in domains.items():
+            _update(per_domain.setdefault(d, _stats()), n_atoms[dom == code])
+        for s, code in sources.items():
+            _update(per_source.setdefault(s, _stats()), n_atoms[src == code])
+        _update(total, n_atoms)
+        shards_meta.append({"name": name, "sha256": sha256_file(path), "n_bytes": path.stat().st_size,
+                            "n_samples": int(n_atoms.size), "n_atoms": int(n_atoms.sum())})
+    cols.close(attrs={"domains": list(domains), "sources": list(sources), "shards": shard_names})
+    final_index = out / INDEX_DIR
+    if final_index.exists():
+        shutil.rmtree(final_index)
+    tmp_index.rename(final_index)
+    for st in (*per_domain.values(), *per_source.values(), total):
+        st["mean_atoms"] = round(st["n_atoms"] / st["n_samples"], 4) if st["n_samples"] else None
+    manifest = {
+        "format": "scd-shards",
+        "schema_version": SCHEMA_VERSION_STR,
+        "n_samples": total["n_samples"],
+        "n_atoms": total["n_atoms"],
+        "atoms": total,
+        "domains": per_domain,
+        "sources": per_source,
+        "shards": shards_meta,
+        "writer": asdict(writer or WriterConfig()),
+        **(extra or {}),
+    }
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+class _IndexWriter:
+    """Append columns to a zarr group in whole chunks (memory stays bounded at any dataset size)."""
+
+    def __init__(self, path: Path) -> None:
+        self.group = zarr.open_group(str(path), mode="w")
+        self.buf: dict[str, list[np.ndarray]] = {c: [] for c in INDEX_COLUMNS}
+        self.buffered = 0
+        self.arrays: dict[str, Any] = {}
+
+    def append(self, **cols: np.ndarray) -> None:
+        for c in INDEX_COLUMNS:
+            self.buf[c].append(cols[c])
+        self.buffered += len(cols["n_atoms"])
+        if self.buffered >= ZARR_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        for c in INDEX_COLUMNS:
+            data = np.concatenate(self.buf[c]) if self.buf[c] else np.zeros(0, dtype=_DTYPES[c])
+            arr = self.arrays.get(c)
+            if arr is None:
+                arr = self.arrays[c] = self.group.create_array(c, shape=(0,), chunks=(ZARR_CHUNK,),
+                                                               dtype=_DTYPES[c])
+            if data.size:
+                arr.append(data.astype(_DTYPES[c], copy=False))
+            self.buf[c] = []
+        self.buffered = 0
+
+    def close(self, attrs: dict[str, Any]) -> None:
+        self._flush()
+        self.group.attrs.update({"schema_version": SCHEMA_VERSION_STR, **attrs})
+
+
+_DTYPES = {"n_atoms": np.int32, "domain": np.int16, "source": np.int16, "shard": np.int32,
+           "offset": np.int64, "size": np.int64, "key_hash": np.uint64}
+
+
+def iter_index_chunks(root: Any, columns: tuple[str, ...] = INDEX_COLUMNS) -> Iterator[dict[str, np.ndarray]]:
+    """Read the zarr index lazily, one chunk of rows at a time."""
+    group = zarr.open_group(root, mode="r")
+    n = group["n_atoms"].shape[0]
+    for start in range(0, n, ZARR_CHUNK):
+        yield {c: group[c][start:start + ZARR_CHUNK] for c in columns}
+
+
+def write_dataset(graphs: Iterable[Any], out_dir: str | Path, *, config: WriterConfig | None = None,
+                  prefix: str = "shard", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write graphs into shards and finalize the dataset in one go (single process)."""
+    from shards.writer import ShardWriter
+
+    with ShardWriter(out_dir, prefix=prefix, config=config) as writer:
+        for g in graphs:
+            writer.add(g)
+    return finalize_dataset(out_dir, [s.name for s in writer.shards], writer=writer.config, extra=extra)

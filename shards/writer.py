@@ -1,0 +1,162 @@
+"""Reproducible WebDataset tar shards with a per-shard index, written atomically.
+
+One tar member per sample (``<key>.scd``), fixed tar metadata (mtime 0, uid/gid 0, mode 0644, USTAR),
+so the same input always gives byte-identical shards. Beside each shard ``<name>.idx.json`` lists
+key, data offset, size, n_atoms, domain and source of every sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shards.codec import SUFFIX, encode
+from shards.schema import SCHEMA_VERSION_STR, AtomGraph
+
+TAR_BLOCK = 512
+INDEX_SUFFIX = ".idx.json"
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """Shard size targets: a shard is closed when either limit would be exceeded."""
+
+    max_shard_bytes: int = 64 * 1024 * 1024
+    max_shard_samples: int = 50_000
+
+    def __post_init__(self) -> None:
+        if self.max_shard_bytes < 4096 or self.max_shard_samples < 1:
+            raise ValueError("max_shard_bytes must be >= 4096 and max_shard_samples >= 1")
+
+
+@dataclass
+class ShardInfo:
+    """What was written: the shard file name, sample count, size and checksum."""
+
+    name: str
+    n_samples: int
+    n_bytes: int
+    sha256: str
+    n_atoms: int
+
+
+@dataclass
+class _Open:
+    path: Path
+    tmp: Path
+    tar: tarfile.TarFile
+    fileobj: Any
+    index: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in
+                                                               ("key", "offset", "size", "n_atoms", "domain", "source")})
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def index_bytes(shard: str, index: dict[str, list[Any]]) -> bytes:
+    doc = {"schema_version": SCHEMA_VERSION_STR, "shard": shard, **index}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+class ShardWriter:
+    """Append samples; shards named ``<prefix>-<000000>.tar`` appear only when complete.
+
+    Use as a context manager or call :meth:`close`, which returns the list of :class:`ShardInfo`.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str = "shard", config: WriterConfig | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if "/" in prefix or prefix.startswith("."):
+            raise ValueError(f"shard prefix {prefix!r} must be a plain file name")
+        self.prefix = prefix
+        self.config = config or WriterConfig()
+        self.shards: list[ShardInfo] = []
+        self._cur: _Open | None = None
+        self._keys: set[str] = set()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, g: AtomGraph) -> None:
+        """Encode and append one sample; duplicate keys are an error."""
+        if g.key in self._keys:
+            raise ValueError(f"duplicate sample key {g.key!r} in shard writer {self.prefix!r}")
+        data = encode(g)
+        cur = self._cur
+        member_bytes = TAR_BLOCK + len(data) + (-len(data)) % TAR_BLOCK
+        if cur is not None and (len(cur.index["key"]) >= self.config.max_shard_samples
+                                or cur.fileobj.tell() + member_bytes + 2 * TAR_BLOCK > self.config.max_shard_bytes):
+            self._finish()
+            cur = None
+        if cur is None:
+            cur = self._cur = self._open(len(self.shards))
+        info = tarfile.TarInfo(f"{g.key}.{SUFFIX}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header_at = cur.fileobj.tell()
+        cur.tar.addfile(info, io.BytesIO(data))
+        idx = cur.index
+        idx["key"].append(g.key)
+        idx["offset"].append(header_at + TAR_BLOCK)
+        idx["size"].append(len(data))
+        idx["n_atoms"].append(g.n_atoms)
+        idx["domain"].append(g.domain)
+        idx["source"].append(g.source)
+        self._keys.add(g.key)
+
+    def _open(self, number: int) -> _Open:
+        path = self.out_dir / f"{self.prefix}-{number:06d}.tar"
+        tmp = self.out_dir / f".{path.name}.tmp-{os.getpid()}"
+        fileobj = open(tmp, "wb")
+        tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        return _Open(path, tmp, tar, fileobj)
+
+    def _finish(self) -> None:
+        cur = self._cur
+        assert cur is not None
+        cur.tar.close()
+        cur.fileobj.flush()
+        os.fsync(cur.fileobj.fileno())
+        cur.fileobj.close()
+        digest = hashlib.sha256()
+        with open(cur.tmp, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        write_atomic(cur.path.with_name(cur.path.name + INDEX_SUFFIX), index_bytes(cur.path.name, cur.index))
+        os.replace(cur.tmp, cur.path)
+        self.shards.append(ShardInfo(cur.path.name, len(cur.index["key"]), cur.path.stat().st_size,
+                                     digest.hexdigest(), int(sum(cur.index["n_atoms"]))))
+        self._cur = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard and return every shard written."""
+        if self._cur is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file), keeping finished shards."""
+        cur, self._cur = self._cur, None
+        if cur is not None:
+            cur.fileobj.close()
+            cur.tmp.unlink(missing_ok=True)
