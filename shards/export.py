@@ -5,7 +5,8 @@ from pathlib import Path
 
 from shards.reader import ShardDataset
 
-EXPORT_FORMATS = {"extxyz": ".extxyz", "cif": ".cif", "pdb": ".pdb"}
+# format -> (file suffix, ASE writer name)
+EXPORT_FORMATS = {"extxyz": (".extxyz", "extxyz"), "cif": (".cif", "cif"), "pdb": (".pdb", "proteindatabank")}
 
 
 def export_sample(dataset: str, key: str, fmt: str, out: Path | None = None) -> Path:
@@ -18,6 +19,7 @@ def export_sample(dataset: str, key: str, fmt: str, out: Path | None = None) -> 
     if fmt == "cif" and not g.pbc.all():
         raise ValueError(f"sample {key!r} is not periodic in all three axes; CIF needs a full cell "
                          "(use extxyz or pdb)")
-    out = Path(out) if out is not None else Path(f"{key}{EXPORT_FORMATS[fmt]}")
-    ase.io.write(str(out), g.to_ase(), format=fmt)
+    suffix, writer = EXPORT_FORMATS[fmt]
+    out = Path(out) if out is not None else Path(f"{key}{suffix}")
+    ase.io.write(str(out), g.to_ase(), format=writer)
     return out
