@@ -1,6 +1,8 @@
 """Byte access to dataset files on local disk or over http(s), with bounded retries."""
 from __future__ import annotations
 
+import mmap
+import os
 import time
 import urllib.error
 import urllib.request
@@ -63,6 +65,21 @@ def read_bytes(location: str) -> bytes:
     except OSError as exc:
         if isinstance(exc, FetchError):
             raise
+        raise FetchError(f"{location}: {exc.strerror or exc}") from None
+
+
+def map_bytes(location: str) -> bytes | mmap.mmap:
+    """The whole file: memory-mapped (zero copy) when local, downloaded when a URL."""
+    if is_url(location):
+        return _http(location)
+    try:
+        with open(location, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise FetchError(f"{location}: file not found") from None
+    except OSError as exc:
         raise FetchError(f"{location}: {exc.strerror or exc}") from None
 
 

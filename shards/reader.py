@@ -59,10 +59,10 @@ class ShardDataset:
         check_schema_version(doc.get("schema_version", "?"), where)
         return doc
 
-    def shard_bytes(self, name: str) -> bytes:
-        """The whole shard, checked against the manifest's size."""
+    def shard_bytes(self, name: str) -> bytes | Any:
+        """The whole shard (memory-mapped when local), checked against the manifest's size."""
         meta = self._shard_meta[name]
-        data = io.read_bytes(self.location(name))
+        data = io.map_bytes(self.location(name))
         if len(data) != meta["n_bytes"]:
             raise ShardError(f"shard {name}: {len(data)} bytes on disk, manifest says {meta['n_bytes']} "
                              "(truncated or replaced)")

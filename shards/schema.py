@@ -49,7 +49,7 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("key", "str", "str", (), "graph", "", True, "stable sample key, unique in a dataset; [A-Za-z0-9_-], no dots"),
-    Field("domain", "str", "str", (), "graph", "", True, "molecule | protein | crystal | md, or a plugin's domain"),
+    Field("domain", "str", "str", (), "graph", "", True, "molecule, protein, crystal, md, or a plugin's domain"),
     Field("source", "str", "str", (), "graph", "", True, "source dataset name, e.g. qm9, pdb, cod"),
     Field("source_file", "str", "str", (), "graph", "", True, "provenance: input file the record came from"),
     Field("index", "int", "int64", (), "graph", "", True, "provenance: record / model / frame index in the file"),
