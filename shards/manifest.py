@@ -19,18 +19,27 @@ import numpy as np
 import zarr
 
 from shards.schema import SCHEMA_VERSION_STR
-from shards.writer import INDEX_SUFFIX, WriterConfig, write_atomic
+from shards.writer import INDEX_KEYS, INDEX_SUFFIX, WriterConfig, write_atomic
 
 MANIFEST = "manifest.json"
 INDEX_DIR = "index.zarr"
 ZARR_CHUNK = 1 << 20
-INDEX_COLUMNS = ("n_atoms", "domain", "source", "shard", "offset", "size", "key_hash")
+INDEX_COLUMNS = ("n_atoms", "domain", "source", "shard", "offset", "size", "key_hash", "trajectory")
 
 
 def key_hash(keys: Iterable[str]) -> np.ndarray:
     """64-bit hashes of sample keys (blake2b), used to find a key in the zarr index."""
     return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
                         for k in keys), dtype=np.uint64)
+
+
+def _traj_hash(ids: list[str]) -> np.ndarray:
+    """Trajectory ids as 64-bit hashes; 0 means 'not a trajectory frame'."""
+    out = np.zeros(len(ids), dtype=np.uint64)
+    mask = np.array([bool(t) for t in ids], dtype=bool)
+    if mask.any():
+        out[mask] = key_hash([t for t in ids if t]) | np.uint64(1)
+    return out
 
 
 def sha256_file(path: Path) -> str:
@@ -65,7 +74,7 @@ def read_shard_index(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"{ipath}: unreadable shard index: {exc}") from None
     n = len(doc.get("key", []))
-    for col in ("offset", "size", "n_atoms", "domain", "source"):
+    for col in INDEX_KEYS[1:]:
         if len(doc.get(col, [])) != n:
             raise ValueError(f"{ipath}: index column {col!r} has {len(doc.get(col, []))} rows, expected {n}")
     return doc
@@ -97,7 +106,7 @@ def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: Wri
             seen[h] = name
         cols.append(n_atoms=n_atoms, domain=dom, source=src, shard=np.full(n_atoms.size, s_no, np.int32),
                     offset=np.asarray(idx["offset"], np.int64), size=np.asarray(idx["size"], np.int64),
-                    key_hash=hashes)
+                    key_hash=hashes, trajectory=_traj_hash(idx["trajectory"]))
         for d, code in domains.items():
             _update(per_domain.setdefault(d, _stats()), n_atoms[dom == code])
         for s, code in sources.items():
@@ -162,7 +171,7 @@ class _IndexWriter:
 
 
 _DTYPES = {"n_atoms": np.int32, "domain": np.int16, "source": np.int16, "shard": np.int32,
-           "offset": np.int64, "size": np.int64, "key_hash": np.uint64}
+           "offset": np.int64, "size": np.int64, "key_hash": np.uint64, "trajectory": np.uint64}
 
 
 def iter_index_chunks(root: Any, columns: tuple[str, ...] = INDEX_COLUMNS) -> Iterator[dict[str, np.ndarray]]:

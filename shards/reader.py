@@ -48,7 +48,7 @@ class ShardDataset:
         return io.join(self.root, name)
 
     def shard_index(self, name: str) -> dict[str, Any]:
-        """The per-shard index (columns key, offset, size, n_atoms, domain, source)."""
+        """The per-shard index (columns key, offset, size, n_atoms, domain, source, trajectory)."""
         where = self.location(name + INDEX_SUFFIX)
         try:
             doc = json.loads(io.read_bytes(where))

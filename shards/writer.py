@@ -2,7 +2,7 @@
 
 One tar member per sample (``<key>.scd``), fixed tar metadata (mtime 0, uid/gid 0, mode 0644, USTAR),
 so the same input always gives byte-identical shards. Beside each shard ``<name>.idx.json`` lists
-key, data offset, size, n_atoms, domain and source of every sample.
+key, data offset, size, n_atoms, domain, source and trajectory id of every sample.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from shards.schema import SCHEMA_VERSION_STR, AtomGraph
 
 TAR_BLOCK = 512
 INDEX_SUFFIX = ".idx.json"
+INDEX_KEYS = ("key", "offset", "size", "n_atoms", "domain", "source", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class _Open:
     tar: tarfile.TarFile
     fileobj: Any
     index: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in
-                                                               ("key", "offset", "size", "n_atoms", "domain", "source")})
+                                                               INDEX_KEYS})
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -122,6 +123,7 @@ class ShardWriter:
         idx["n_atoms"].append(g.n_atoms)
         idx["domain"].append(g.domain)
         idx["source"].append(g.source)
+        idx["trajectory"].append(g.trajectory_id or "")
         self._keys.add(g.key)
 
     def _open(self, number: int) -> _Open:
