@@ -1,0 +1,306 @@
+"""The batch planner: a pure function of (indices, mixture, seed, world size, rank, atom budget).
+
+It works on index metadata only (no decoding):
+
+1. The **global stream** is an infinite sequence of positions. Positions come in blocks of ``BLOCK``;
+   in block b each position draws its group from a counter-based generator keyed (seed, b) with the
+   mixture's probabilities. The k-th draw of group g takes unit k of that group's sequence.
+2. A group's **unit sequence** is pass after pass over its units; each pass is a windowed shuffle
+   (shuffled blocks of ``UNIT_BLOCK`` units, then a full shuffle inside windows of ``WINDOW`` blocks), so
+   every unit appears exactly once per pass and reads stay local to a few shards. For MD, each pass
+   first keeps at most ``max_frames_per_trajectory`` random frames of every trajectory.
+3. Position i belongs to rank ``i % world_size``. A rank packs its positions in order into batches of
+   at most ``max_atoms``; a sample that does not fit opens the next batch (it is carried, never lost);
+   a sample larger than the budget is cropped (proteins, when asked) or counted as oversize and reported.
+
+The state after any batch is a few numbers (:meth:`Planner.state_dict`), so resume is exact.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shards.mixture import MixtureConfig, group_probabilities
+
+BLOCK = 4096
+UNIT_BLOCK = 1024
+WINDOW = 8
+
+
+def keyed_rng(*parts: Any) -> np.random.Generator:
+    """A generator keyed by the given values (no global state; identical in every process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+
+
+@dataclass
+class SampleTable:
+    """One row per sample of all datasets: where it is and what the planner needs to know."""
+
+    dataset: np.ndarray      # int16
+    shard: np.ndarray        # int32, shard number within its dataset
+    offset: np.ndarray       # int64, data offset in the tar
+    size: np.ndarray         # int64
+    n_atoms: np.ndarray      # int32
+    domain: np.ndarray       # int16 codes into domain_names
+    source: np.ndarray       # int16 codes into source_names
+    trajectory: np.ndarray   # uint64 hash, 0 = not a trajectory frame
+    domain_names: list[str]
+    source_names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.n_atoms.size)
+
+
+@dataclass
+class Batch:
+    """A planned batch: table rows, their (possibly cropped) atom counts and which to crop."""
+
+    step: int
+    rows: np.ndarray
+    atoms: np.ndarray
+    crop: np.ndarray
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.atoms.sum())
+
+
+class _Group:
+    """The unit sequence of one group: pass after pass of windowed shuffles."""
+
+    def __init__(self, gid: int, units: np.ndarray, traj: np.ndarray, cap: int | None, seed: int) -> None:
+        self.gid, self.units, self.traj, self.cap, self.seed = gid, units, traj, cap, seed
+        self.n = self._count()
+        self._pass: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._members_cache = units
+        self._window: tuple[int, int, np.ndarray] | None = None
+
+    def _count(self) -> int:
+        if self.cap is None or not self.traj.any():
+            return int(self.units.size)
+        plain = int((self.traj == 0).sum())
+        _, counts = np.unique(self.traj[self.traj != 0], return_counts=True)
+        return plain + int(np.minimum(counts, self.cap).sum())
+
+    def _members(self, p: int) -> np.ndarray:
+        """The units of pass p (after the per-trajectory frame cap), in storage order."""
+        if self.cap is None or not self.traj.any():
+            return self.units
+        rnd = keyed_rng(self.seed, "cap", self.gid, p).random(self.units.size)
+        order = np.lexsort((rnd, self.traj))
+        t_sorted = self.traj[order]
+        starts = np.flatnonzero(np.r_[True, t_sorted[1:] != t_sorted[:-1]])
+        rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
+        keep = np.zeros(self.units.size, dtype=bool)
+        keep[order[(rank < self.cap) | (t_sorted == 0)]] = True
+        return self.units[keep]
+
+    def _pass_layout(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pass is None or self._pass[0] != p:
+            members = self._members(p)
+            nb = -(-members.size // UNIT_BLOCK)
+            order = keyed_rng(self.seed, "blocks", self.gid, p).permutation(nb)
+            sizes = np.minimum(UNIT_BLOCK, members.size - order * UNIT_BLOCK)
+            win_sizes = np.add.reduceat(sizes, np.arange(0, nb, WINDOW))
+            starts = np.r_[0, np.cumsum(win_sizes)]
+            self._pass = (p, order, starts)
+            self._members_cache = members
+        return self._pass[1], self._pass[2]
+
+    def _window_units(self, p: int, w: int) -> np.ndarray:
+        if self._window is None or self._window[:2] != (p, w):
+            order, _ = self._pass_layout(p)
+            members = self._members_cache
+            blocks = order[w * WINDOW:(w + 1) * WINDOW]
+            ids = np.concatenate([members[b * UNIT_BLOCK:(b + 1) * UNIT_BLOCK] for b in blocks])
+            self._window = (p, w, ids[keyed_rng(self.seed, "window", self.gid, p, w).permutation(ids.size)])
+        return self._window[2]
+
+    def units_at(self, cursors: np.ndarray) -> np.ndarray:
+        """Table rows for the given (increasing) positions of this group's unit sequence."""
+        out = np.empty(cursors.size, dtype=np.int64)
+        passes, within = np.divmod(cursors, self.n)
+        for p in np.unique(passes):
+            sel = passes == p
+            _, starts = self._pass_layout(int(p))
+            wins = np.searchsorted(starts, within[sel], side="right") - 1
+            idx = np.flatnonzero(sel)
+            for w in np.unique(wins):
+                m = wins == w
+                out[idx[m]] = self._window_units(int(p), int(w))[within[sel][m] - starts[w]]
+        return out
+
+
+class Planner:
+    """Plans this rank's batches. ``next_batch()`` advances; ``state_dict()`` captures the position."""
+
+    def __init__(self, table: SampleTable, mixture: MixtureConfig, *, seed: int, world_size: int = 1,
+                 rank: int = 0, max_atoms: int = 4000) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if max_atoms < 1:
+            raise ValueError("max_atoms must be >= 1")
+        self.table, self.mixture, self.seed = table, mixture, seed
+        self.world_size, self.rank, self.max_atoms = world_size, rank, max_atoms
+        codes = table.domain if mixture.group_by == "domain" else table.source
+        names = table.domain_names if mixture.group_by == "domain" else table.source_names
+        present = [c for c in range(len(names)) if (codes == c).any()]
+        self.group_names = [names[c] for c in present]
+        self.groups = [_Group(i, np.flatnonzero(codes == c), table.trajectory[codes == c],
+                              mixture.max_frames_per_trajectory, seed) for i, c in enumerate(present)]
+        probs = group_probabilities(mixture, {g: grp.n for g, grp in zip(self.group_names, self.groups)})
+        self.probs = np.array([probs[g] for g in self.group_names])
+        self.cdf = np.cumsum(self.probs)
+        self.cdf[-1] = 1.0
+        protein = table.domain_names.index("protein") if "protein" in table.domain_names else -1
+        self.croppable = table.domain == protein
+        self._block: tuple[int, np.ndarray] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = 0
+        self.pos = self.rank
+        self.block_no = 0
+        self.block_cursors = np.zeros(len(self.groups), dtype=np.int64)
+        self.oversize = 0
+        self.seen = np.zeros(len(self.groups), dtype=np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """A few numbers that resume the stream exactly."""
+        return {"step": self.step, "pos": self.pos, "block_no": self.block_no,
+                "block_cursors": self.block_cursors.tolist(), "oversize": self.oversize,
+                "seen": self.seen.tolist(), "seed": self.seed, "world_size": self.world_size,
+                "rank": self.rank, "max_atoms": self.max_atoms, "groups": self.group_names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("seed", "world_size", "rank", "max_atoms", "groups"):
+            mine = self.group_names if name == "groups" else getattr(self, name)
+            if state[name] != mine:
+                raise ValueError(f"sampler state was saved with {name}={state[name]!r}, this run has {mine!r}; "
+                                 "resume needs the same datasets, seed, world size, rank and budget")
+        self.step, self.pos, self.block_no = int(state["step"]), int(state["pos"]), int(state["block_no"])
+        self.block_cursors = np.asarray(state["block_cursors"], dtype=np.int64)
+        self.oversize = int(state["oversize"])
+        self.seen = np.asarray(state["seen"], dtype=np.int64)
+        self._block = None
+
+    def _rows_of_block(self, b: int) -> np.ndarray:
+        """Table rows of every position of block b (cached), advancing the stored group cursors."""
+        if self._block is not None and self._block[0] == b:
+            return self._block[1]
+        while self.block_no < b:
+            self.block_cursors += np.bincount(self._draw(self.block_no), minlength=len(self.groups))
+            self.block_no += 1
+        groups = self._draw(b)
+        rows = np.empty(BLOCK, dtype=np.int64)
+        for gi, grp in enumerate(self.groups):
+            sel = np.flatnonzero(groups == gi)
+            if sel.size:
+                rows[sel] = grp.units_at(self.block_cursors[gi] + np.arange(sel.size))
+        self._block = (b, rows)
+        self._block_groups = groups
+        return rows
+
+    def _draw(self, b: int) -> np.ndarray:
+        return np.searchsorted(self.cdf, keyed_rng(self.seed, "mix", b).random(BLOCK), side="right").clip(
+            0, len(self.groups) - 1)
+
+    def next_batch(self) -> Batch:
+        """This rank's next batch (never over ``max_atoms``)."""
+        rows, atoms, crop = [], [], []
+        budget = self.max_atoms
+        crop_to = self.mixture.crop_protein_atoms
+        skipped = 0
+        while True:
+            b, j = divmod(self.pos, BLOCK)
+            row = int(self._rows_of_block(b)[j])
+            n = int(self.table.n_atoms[row])
+            cropped = False
+            if n > self.max_atoms:
+                if crop_to is not None and self.croppable[row]:
+                    n, cropped = min(crop_to, self.max_atoms), True
+                else:
+                    self.oversize += 1
+                    self.pos += self.world_size
+                    skipped += 1
+                    if skipped > 4 * BLOCK and not rows:
+                        raise ValueError(f"no sample fits the atom budget of {self.max_atoms} "
+                                         f"({self.oversize} oversize samples so far); raise max_atoms or crop")
+                    continue
+            if n > budget:
+                break
+            rows.append(row)
+            atoms.append(n)
+            crop.append(cropped)
+            self.seen[self._block_groups[j]] += 1
+            budget -= n
+            self.pos += self.world_size
+        batch = Batch(self.step, np.array(rows, np.int64), np.array(atoms, np.int64), np.array(crop, bool))
+        self.step += 1
+        return batch
+
+    def realised_mix(self) -> dict[str, float]:
+        total = max(int(self.seen.sum()), 1)
+        return {g: float(c) / total for g, c in zip(self.group_names, self.seen)}
+
+    def target_mix(self) -> dict[str, float]:
+        return {g: float(p) for g, p in zip(self.group_names, self.probs)}
+
+
+def build_table(datasets: list[Any]) -> SampleTable:
+    """Concatenate the indices of several :class:`~shards.reader.ShardDataset` (zarr when local)."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("dataset", "shard", "offset", "size", "n_atoms",
+                                                         "domain", "source", "trajectory")}
+    domain_names: list[str] = []
+    source_names: list[str] = []
+    for d_no, ds in enumerate(datasets):
+        part = _dataset_columns(ds)
+        dmap = np.array([_code(domain_names, n) for n in part.pop("domain_names")], dtype=np.int16)
+        smap = np.array([_code(source_names, n) for n in part.pop("source_names")], dtype=np.int16)
+        part["domain"] = dmap[part["domain"]] if dmap.size else part["domain"]
+        part["source"] = smap[part["source"]] if smap.size else part["source"]
+        part["dataset"] = np.full(part["n_atoms"].size, d_no, dtype=np.int16)
+        for k in cols:
+            cols[k].append(part[k])
+    arrays = {k: np.concatenate(v) for k, v in cols.items()}
+    return SampleTable(domain_names=domain_names, source_names=source_names, **arrays)
+
+
+def _code(names: list[str], name: str) -> int:
+    if name not in names:
+        names.append(name)
+    return names.index(name)
+
+
+def _dataset_columns(ds: Any) -> dict[str, Any]:
+    from shards import io
+
+    if not io.is_url(ds.root):
+        z = ds.index
+        return {"shard": z["shard"][:], "offset": z["offset"][:], "size": z["size"][:],
+                "n_atoms": z["n_atoms"][:], "domain": z["domain"][:].astype(np.int64),
+                "source": z["source"][:].astype(np.int64), "trajectory": z["trajectory"][:],
+                "domain_names": list(z.attrs["domains"]), "source_names": list(z.attrs["sources"])}
+    from shards.manifest import _traj_hash
+
+    out: dict[str, list[Any]] = {k: [] for k in ("shard", "offset", "size", "n_atoms", "domain", "source",
+                                                 "trajectory")}
+    dn: list[str] = []
+    sn: list[str] = []
+    for s_no, name in enumerate(ds.shard_names):
+        idx = ds.shard_index(name)
+        n = len(idx["key"])
+        out["shard"].append(np.full(n, s_no, np.int32))
+        out["offset"].append(np.asarray(idx["offset"], np.int64))
+        out["size"].append(np.asarray(idx["size"], np.int64))
+        out["n_atoms"].append(np.asarray(idx["n_atoms"], np.int32))
+        out["domain"].append(np.array([_code(dn, d) for d in idx["domain"]], np.int64))
+        out["source"].append(np.array([_code(sn, d) for d in idx["source"]], np.int64))
+        out["trajectory"].append(_traj_hash(idx["trajectory"]))
+    res: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
+    res["domain_names"], res["source_names"] = dn, sn
+    return res
