@@ -1,0 +1,88 @@
+"""Random access to samples of several datasets by table row, with a bounded shard cache.
+
+Local shards are memory-mapped; remote shards (http/https) are downloaded whole into a local cache
+folder (bounded in bytes, least recently used first out) and then memory-mapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from shards import io
+from shards.codec import decode
+from shards.reader import ShardDataset, ShardError
+from shards.schema import AtomGraph
+from shards.writer import write_atomic
+
+
+class ShardCache:
+    """Keeps up to ``max_open`` shards mapped and at most ``max_bytes`` of remote shards on disk."""
+
+    def __init__(self, cache_dir: str | Path | None = None, max_bytes: int = 4 << 30, max_open: int = 64) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.max_bytes, self.max_open = max_bytes, max_open
+        self._open: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, ds: ShardDataset, name: str) -> Any:
+        loc = ds.location(name)
+        buf = self._open.get(loc)
+        if buf is not None:
+            self._open.move_to_end(loc)
+            return buf
+        if io.is_url(loc) and self.cache_dir is not None:
+            buf = io.map_bytes(str(self._download(ds, name, loc)))
+        else:
+            buf = ds.shard_bytes(name)
+        self._open[loc] = buf
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return buf
+
+    def _download(self, ds: ShardDataset, name: str, loc: str) -> Path:
+        meta = ds._shard_meta[name]
+        assert self.cache_dir is not None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.cache_dir / f"{meta['sha256'][:32]}-{name}"
+        if path.exists() and path.stat().st_size == meta["n_bytes"]:
+            os.utime(path)
+            return path
+        data = io.read_bytes(loc)
+        if len(data) != meta["n_bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ShardError(f"shard {loc}: downloaded bytes do not match the manifest (size or sha256)")
+        self._evict(len(data))
+        write_atomic(path, data)
+        return path
+
+    def _evict(self, incoming: int) -> None:
+        assert self.cache_dir is not None
+        files = sorted((p for p in self.cache_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for p in files:
+            if total + incoming <= self.max_bytes:
+                break
+            total -= p.stat().st_size
+            p.unlink(missing_ok=True)
+
+
+class SampleFetcher:
+    """Decode samples addressed by (dataset number, shard number, offset, size)."""
+
+    def __init__(self, datasets: list[ShardDataset], cache: ShardCache | None = None) -> None:
+        self.datasets = datasets
+        self.cache = cache or ShardCache()
+        self._names = [ds.shard_names for ds in datasets]
+
+    def get(self, dataset: int, shard: int, offset: int, size: int) -> AtomGraph:
+        ds = self.datasets[dataset]
+        name = self._names[dataset][shard]
+        buf = self.cache.get(ds, name)
+        if offset + size > len(buf):
+            raise ShardError(f"shard {ds.location(name)}: sample at {offset}+{size} lies beyond its end (truncated?)")
+        try:
+            return decode(memoryview(buf)[offset:offset + size], validate=ds.validate)
+        except ValueError as exc:
+            raise ShardError(f"shard {ds.location(name)}: sample at offset {offset}: {exc}") from None

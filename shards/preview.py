@@ -1,0 +1,55 @@
+"""``scd shards preview``: what the sampler would feed, step by step, without a model."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from shards.mixture import load_mixture
+from shards.plan import Planner, build_table
+from shards.reader import ShardDataset
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("preview", help="print the batches the sampler would feed (no model)",
+                       description="Plan N steps exactly as the trainer's loader does and print one JSON line per "
+                                   "step (sample keys, domains, atoms) and a final line with the realised mix.")
+    p.add_argument("datasets", nargs="+", help="dataset folders or http(s) URLs")
+    p.add_argument("--mixture", type=Path, help="mixture YAML (default: natural mix by domain)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--max-atoms", type=int, default=4000)
+    p.add_argument("--state-in", type=Path, help="continue from a state written by --state-out")
+    p.add_argument("--state-out", type=Path, help="write the sampler state after the last step")
+    p.add_argument("--json", action="store_true", help="JSON lines (the default output is also JSON lines)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    datasets = [ShardDataset(d) for d in args.datasets]
+    table = build_table(datasets)
+    planner = Planner(table, load_mixture(args.mixture), seed=args.seed, world_size=args.world_size,
+                      rank=args.rank, max_atoms=args.max_atoms)
+    if args.state_in:
+        planner.load_state_dict(json.loads(args.state_in.read_text()))
+    keys: dict[tuple[int, int], list[str]] = {}
+    for _ in range(args.steps):
+        b = planner.next_batch()
+        out_keys = []
+        for row in b.rows.tolist():
+            d, s = int(table.dataset[row]), int(table.shard[row])
+            if (d, s) not in keys:
+                idx = datasets[d].shard_index(datasets[d].shard_names[s])
+                keys[(d, s)] = dict(zip(idx["offset"], idx["key"]))
+            out_keys.append(keys[(d, s)][int(table.offset[row])])
+        print(json.dumps({"step": b.step, "keys": out_keys,
+                          "domains": [table.domain_names[table.domain[r]] for r in b.rows.tolist()],
+                          "atoms": b.n_atoms, "samples": int(b.rows.size), "cropped": int(b.crop.sum())}))
+    print(json.dumps({"realised_mix": planner.realised_mix(), "target_mix": planner.target_mix(),
+                      "samples": int(planner.seen.sum()), "oversize": planner.oversize}))
+    if args.state_out:
+        args.state_out.write_text(json.dumps(planner.state_dict()))
+    return 0
