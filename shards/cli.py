@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from shards import preview
+from shards import preview, report
 from shards.export import EXPORT_FORMATS, export_sample
 from shards.verify import inspect_dataset, verify_dataset
 
@@ -39,6 +39,7 @@ def register(sub: Any) -> None:
     e.add_argument("--out", type=Path, help="output file (default: KEY.<ext> in the current folder)")
     e.set_defaults(func=_export)
     preview.add_parser(s)
+    report.add_parser(s)
 
 
 def _verify(args: argparse.Namespace) -> int:
