@@ -11,7 +11,7 @@ Output order is deterministic: by ``dst``, then distance, then ``src``, then the
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -26,14 +26,23 @@ _SLACK = 1e-6  # candidate search radius slack (Å); the final test is the exact
 
 def image_counts(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
     """Images needed per axis, ``ceil(cutoff / h_i)`` with ``h_i = V / |a_j x a_k|``; 0 if not periodic."""
-    cell = np.asarray(cell, dtype=np.float64)
-    vol = abs(float(np.linalg.det(cell)))
-    out = np.zeros(3, dtype=np.int64)
-    for i in range(3):
-        if pbc[i]:
-            area = float(np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])))
-            out[i] = math.ceil((cutoff + _SLACK) * area / vol)
-    return out
+    pbc = np.asarray(pbc, dtype=bool)
+    full = _complete_cell(np.asarray(cell, dtype=np.float64), pbc)
+    return _reach(np.linalg.inv(full), pbc, cutoff)
+
+
+def _reach(inv: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    # column i of inv(cell) is (a_j x a_k) / V, so its norm is 1 / h_i
+    inv_h = np.sqrt(np.einsum("ij,ij->j", inv, inv))
+    return np.where(pbc, np.ceil((cutoff + _SLACK) * inv_h), 0).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _image_grid(r0: int, r1: int, r2: int) -> np.ndarray:
+    axes = [np.arange(-r, r + 1, dtype=np.int64) for r in (r0, r1, r2)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    grid.flags.writeable = False
+    return grid
 
 
 def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
@@ -117,14 +126,14 @@ def _pairs_periodic(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: 
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate (src, dst, integer offset) triples, offsets relative to the original positions."""
     full = _complete_cell(cell, pbc)
-    frac = pos @ np.linalg.inv(full)
+    inv = np.linalg.inv(full)
+    frac = pos @ inv
     wrap = np.where(pbc, np.floor(frac), 0.0)
     frac = frac - wrap
     wrap = wrap.astype(np.int64)
     pos_w = frac @ full
-    reach = image_counts(full, pbc, cutoff)
-    axes = [np.arange(-r, r + 1, dtype=np.int64) for r in reach]
-    images = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    reach = _reach(inv, pbc, cutoff)
+    images = _image_grid(int(reach[0]), int(reach[1]), int(reach[2]))
     n = pos.shape[0]
     if n * n * images.shape[0] <= _DENSE_MAX:
         img = images @ full
@@ -134,9 +143,7 @@ def _pairs_periodic(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: 
         n_img = images[m]
     else:
         # replicate only the image points that can lie within the cutoff of the wrapped cell
-        heights = np.abs(np.linalg.det(full)) / np.linalg.norm(
-            np.cross(full[[1, 2, 0]], full[[2, 0, 1]]), axis=1)
-        margin = np.where(pbc, (cutoff + _SLACK) / heights, np.inf)
+        margin = np.where(pbc, (cutoff + _SLACK) * np.sqrt(np.einsum("ij,ij->j", inv, inv)), np.inf)
         f_img = frac[None, :, :] + images[:, None, :]
         ok = np.all((f_img > -margin) & (f_img < 1.0 + margin), axis=-1)
         m, src = np.nonzero(ok)
