@@ -21,7 +21,8 @@ __all__ = ["radius_graph", "radius_graph_with_offsets", "image_counts"]
 
 _DENSE_MAX = 250_000  # dense all-pairs when n_dst * n_src * n_images stays below this
 _SMALL = 96  # non-periodic systems up to this size use the sorted dense path
-_SLACK = 1e-6  # candidate search radius slack (Å); the final test is the exact strict one
+_SLACK = 1e-6
+_REDUCE_ABOVE = 343  # reduce skewed cells when they would need more images than 7 x 7 x 7  # candidate search radius slack (Å); the final test is the exact strict one
 
 
 def image_counts(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
@@ -58,6 +59,26 @@ def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     full = cell.copy()
     full[~pbc] = comp
     return full
+
+
+def _reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise Lagrange reduction of the periodic rows: ``(reduced, U)`` with ``reduced = U @ cell``,
+    ``U`` unimodular. Offsets in the reduced basis map back as ``n @ U``."""
+    red, unimod = cell.copy(), np.eye(3, dtype=np.int64)
+    axes = [i for i in range(3) if pbc[i]]
+    for _ in range(64):
+        changed = False
+        for i in axes:
+            for j in axes:
+                if i != j:
+                    m = round(float(red[i] @ red[j]) / float(red[j] @ red[j]))
+                    if m:
+                        red[i] -= m * red[j]
+                        unimod[i] -= m * unimod[j]
+                        changed = True
+        if not changed:
+            break
+    return red, unimod
 
 
 def _finish(positions: np.ndarray, cell: np.ndarray, src: np.ndarray, dst: np.ndarray,
@@ -127,6 +148,10 @@ def _pairs_periodic(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: 
     """Candidate (src, dst, integer offset) triples, offsets relative to the original positions."""
     full = _complete_cell(cell, pbc)
     inv = np.linalg.inv(full)
+    unimod = None
+    if np.prod(2 * _reach(inv, pbc, cutoff) + 1) > _REDUCE_ABOVE:
+        full, unimod = _reduce_cell(full, pbc)
+        inv = np.linalg.inv(full)
     frac = pos @ inv
     wrap = np.where(pbc, np.floor(frac), 0.0)
     frac = frac - wrap
@@ -154,6 +179,8 @@ def _pairs_periodic(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: 
         src, n_img = src[j], images[m[j]]
     src, dst = src.astype(np.int64), dst.astype(np.int64)
     offsets = n_img - wrap[src] + wrap[dst]
+    if unimod is not None:
+        offsets = offsets @ unimod
     return src, dst, offsets
 
 

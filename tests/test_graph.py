@@ -243,3 +243,14 @@ def test_strict_cutoff():
     pos = np.array([[0.0, 0, 0], [2.0, 0, 0]])
     assert radius_graph(pos, cutoff=2.0)[0].shape[1] == 0
     assert radius_graph(pos, cutoff=2.0 + 1e-9)[0].shape[1] == 2
+
+
+def test_skewed_cell_is_reduced_and_still_exact():
+    cell = np.array([[5.0, 0, 0], [40.0, 5.0, 0], [-15.0, 25.0, 5.0]])  # a cubic 5 Å lattice, skewed
+    rng = np.random.default_rng(11)
+    pos = rng.uniform(0, 1, (4, 3)) @ cell
+    atoms = ase.Atoms(numbers=[6] * 4, positions=pos, cell=cell, pbc=True)
+    got = ours(pos, cell, np.ones(3, bool))
+    assert_same(got, from_ase(atoms))
+    cubic = ours(pos, np.eye(3) * 5.0, np.ones(3, bool))
+    assert sorted(got.values()) == pytest.approx(sorted(cubic.values()), abs=1e-9)
