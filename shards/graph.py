@@ -101,7 +101,7 @@ def _finish(positions: np.ndarray, cell: np.ndarray, src: np.ndarray, dst: np.nd
         lo = offsets.min(axis=0)
         span = offsets.max(axis=0) - lo + 1
         code = ((offsets[:, 0] - lo[0]) * span[1] + offsets[:, 1] - lo[1]) * span[2] + offsets[:, 2] - lo[2]
-        order = np.lexsort((code, src, dist, dst))
+        order = np.lexsort((src * int(span.prod()) + code, dist, dst))
     else:
         order = np.lexsort((src, dist, dst))
     src, dst, offsets, dist = src[order], dst[order], offsets[order], dist[order]
