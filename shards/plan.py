@@ -55,14 +55,28 @@ class SampleTable:
         return int(self.n_atoms.size)
 
 
+@dataclass(frozen=True)
+class RepeatSpec:
+    """Random cell repeats of periodic structures, decided here so that the budget counts the supercell."""
+
+    p: float = 0.0
+    max_repeat: int = 1
+    domains: tuple[str, ...] = ("crystal",)
+
+    @property
+    def active(self) -> bool:
+        return self.p > 0 and self.max_repeat > 1
+
+
 @dataclass
 class Batch:
-    """A planned batch: table rows, their (possibly cropped) atom counts and which to crop."""
+    """A planned batch: table rows, their atom counts (after crop / cell repeat), crops and repeats."""
 
     step: int
     rows: np.ndarray
     atoms: np.ndarray
     crop: np.ndarray
+    repeats: np.ndarray
 
     @property
     def n_atoms(self) -> int:
@@ -139,7 +153,7 @@ class Planner:
     """Plans this rank's batches. ``next_batch()`` advances; ``state_dict()`` captures the position."""
 
     def __init__(self, table: SampleTable, mixture: MixtureConfig, *, seed: int, world_size: int = 1,
-                 rank: int = 0, max_atoms: int = 4000) -> None:
+                 rank: int = 0, max_atoms: int = 4000, repeat: RepeatSpec | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if max_atoms < 1:
@@ -158,6 +172,9 @@ class Planner:
         self.cdf[-1] = 1.0
         protein = table.domain_names.index("protein") if "protein" in table.domain_names else -1
         self.croppable = table.domain == protein
+        self.repeat = repeat or RepeatSpec()
+        rep_codes = [i for i, d in enumerate(table.domain_names) if d in self.repeat.domains]
+        self.repeatable = np.isin(table.domain, rep_codes) if self.repeat.active else np.zeros(len(table), bool)
         self._block: tuple[int, np.ndarray] | None = None
         self.reset()
 
@@ -211,7 +228,7 @@ class Planner:
 
     def next_batch(self) -> Batch:
         """This rank's next batch (never over ``max_atoms``)."""
-        rows, atoms, crop = [], [], []
+        rows, atoms, crop, repeats = [], [], [], []
         budget = self.max_atoms
         crop_to = self.mixture.crop_protein_atoms
         skipped = 0
@@ -231,17 +248,30 @@ class Planner:
                         raise ValueError(f"no sample fits the atom budget of {self.max_atoms} "
                                          f"({self.oversize} oversize samples so far); raise max_atoms or crop")
                     continue
+            reps = self._repeats(row, n)
+            n *= int(np.prod(reps))
             if n > budget:
                 break
             rows.append(row)
             atoms.append(n)
             crop.append(cropped)
+            repeats.append(reps)
             self.seen[self._block_groups[j]] += 1
             budget -= n
             self.pos += self.world_size
-        batch = Batch(self.step, np.array(rows, np.int64), np.array(atoms, np.int64), np.array(crop, bool))
+        batch = Batch(self.step, np.array(rows, np.int64), np.array(atoms, np.int64), np.array(crop, bool),
+                      np.array(repeats, np.int64).reshape(-1, 3))
         self.step += 1
         return batch
+
+    def _repeats(self, row: int, n: int) -> tuple[int, int, int]:
+        """Cell repeats per axis for this occurrence (keyed by its stream position); 1s if none or too big."""
+        if not self.repeatable[row]:
+            return (1, 1, 1)
+        rng = keyed_rng(self.seed, "repeat", self.pos)
+        hit = rng.random(3) < self.repeat.p
+        reps = np.where(hit, rng.integers(2, self.repeat.max_repeat + 1, size=3), 1)
+        return tuple(int(r) for r in reps) if n * int(np.prod(reps)) <= self.max_atoms else (1, 1, 1)
 
     def realised_mix(self) -> dict[str, float]:
         total = max(int(self.seen.sum()), 1)

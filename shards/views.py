@@ -111,12 +111,14 @@ def _graph(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cfg: ViewConfig
                         cfg.cutoff, k, cfg.self_loops)
 
 
-def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int) -> dict[str, np.ndarray]:
+def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int,
+               repeats: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Views of one structure as numpy arrays, graphs built per view after noising.
 
     SCD (``cfg.noise``): ``z, pos_clean, pos_noisy, noise, edge_index_clean, edge_shift_clean,
     edge_index_noisy, edge_shift_noisy, cell, pbc, n_atoms``; ``noise`` is the eps added to the
     noisy view. Fine-tuning: ``z, pos, edge_index, edge_shift, cell, pbc, n_atoms``.
+    ``repeats`` (per cell axis) overrides the random cell repeat; the loader's planner passes it.
     """
     pos = g.positions.astype(np.float64)
     z = g.atomic_numbers.astype(np.int64)
@@ -135,7 +137,11 @@ def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int) -> dict[str,
             g.residue_index is not None or not periodic):
         idx = crop_indices(pos, g.residue_index, int(cfg.crop_atoms), augment_rng(), g.chain)
         pos, z = pos[idx], z[idx]
-    if (cfg.noise and periodic and g.domain in cfg.repeat_domains and cfg.crystal_max_repeat > 1
+    if repeats is not None:  # decided by the batch planner, which budgets the supercell's atoms
+        reps = np.where(pbc, np.asarray(repeats, dtype=np.int64), 1)
+        if periodic and (reps > 1).any():
+            pos, z, cell = supercell(pos, z, cell, reps)
+    elif (cfg.noise and periodic and g.domain in cfg.repeat_domains and cfg.crystal_max_repeat > 1
             and cfg.crystal_repeat_p > 0):
         rng = augment_rng()
         hit = rng.random(3) < cfg.crystal_repeat_p
