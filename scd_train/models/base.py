@@ -1,0 +1,132 @@
+"""The backbone protocol and the building blocks shared by the backbones.
+
+A backbone maps atoms, positions and a radius graph to per-atom scalars ``s [N, F]`` and vectors
+``v [N, 3, F]`` (one 3-vector per feature channel), conditioned on a per-graph vector ``cond [G, F]``.
+Edge convention: messages flow ``src = edge_index[0] -> dst = edge_index[1]`` and the vector from
+``dst`` to the neighbour image is ``pos[src] + edge_shift - pos[dst]``.
+
+Every vector operation is linear in the vectors without bias (channel mixing only) or multiplies
+them by invariant scalars, so the backbones are exactly E(3)-equivariant (O(3) included).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MAX_Z = 119  # atomic numbers 1..118; 0 is unused
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Fields shared by all backbones; each backbone subclasses this with its own frozen config."""
+
+    hidden: int = 128
+    layers: int = 6
+    num_rbf: int = 32
+    cutoff: float = 5.0
+    drop_path: float = 0.1
+    max_z: int = MAX_Z
+
+
+class Backbone(nn.Module):
+    """Protocol: ``forward(z, pos, edge_index, edge_shift, batch, cond, generator=None) -> (s, v)``.
+
+    ``cond`` is the per-graph conditioning vector [G, hidden] (already LayerNormed by the caller);
+    ``generator`` drives drop-path in training mode (required then if ``drop_path > 0``).
+    """
+
+    hidden: int
+
+    def element_embeddings(self) -> list[nn.Embedding]:
+        """The element embedding tables (frozen during pretraining when asked)."""
+        return [m for m in self.modules() if isinstance(m, nn.Embedding)]
+
+    def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, edge_shift: Tensor, batch: Tensor,
+                cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def edge_geometry(pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Distances [E] and unit vectors [E, 3] from ``dst`` to the ``src`` image."""
+    src, dst = edge_index[0], edge_index[1]
+    vec = pos.index_select(0, src) - pos.index_select(0, dst) + edge_shift.to(pos.dtype)
+    dist = vec.norm(dim=-1)
+    return dist, vec / dist.clamp_min(1e-9).unsqueeze(-1)
+
+
+class CosineCutoff(nn.Module):
+    """0.5 (cos(pi r / rc) + 1) inside the cutoff, 0 outside."""
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def forward(self, dist: Tensor) -> Tensor:
+        return 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0) * (dist < self.cutoff).to(dist.dtype)
+
+
+class ExpNormalRBF(nn.Module):
+    """TorchMD-Net's exp-normal radial basis, multiplied by the cosine cutoff."""
+
+    def __init__(self, num_rbf: int, cutoff: float) -> None:
+        super().__init__()
+        start = math.exp(-cutoff)
+        self.alpha = 5.0 / cutoff
+        self.register_buffer("means", torch.linspace(start, 1.0, num_rbf), persistent=False)
+        self.register_buffer("betas", torch.full((num_rbf,), (2.0 / num_rbf * (1.0 - start)) ** -2),
+                             persistent=False)
+        self.cutoff = CosineCutoff(cutoff)
+
+    def forward(self, dist: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``(rbf [E, num_rbf], cutoff [E])``."""
+        cut = self.cutoff(dist)
+        d = dist.unsqueeze(-1)
+        rbf = torch.exp(-self.betas * (torch.exp(-self.alpha * d) - self.means) ** 2)
+        return rbf * cut.unsqueeze(-1), cut
+
+
+class AdaLN(nn.Module):
+    """Per-atom adaptive LayerNorm: an MLP on ``[c, stop_grad(LN(x))]`` gives shift, scale and gate.
+
+    Returns the modulated input ``LN(x) (1 + scale) + shift`` and the scalar residual gate
+    ``tanh(gate * a)`` with a learnable scalar ``a`` (init 0.2). The gate bias starts at 1, so the
+    residual scale starts near ``tanh(0.2)``, like a layer scale.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.cond_proj = nn.Linear(hidden, hidden)
+        self.x_proj = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, 3 * hidden)
+        self.gate_scale = nn.Parameter(torch.tensor(0.2))
+        with torch.no_grad():
+            self.out.bias.zero_()
+            self.out.bias[2 * hidden:].fill_(1.0)
+
+    def forward(self, x: Tensor, cond: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
+        xn = self.norm(x)
+        hid = F.silu(self.cond_proj(cond).index_select(0, batch) + self.x_proj(xn.detach()))
+        shift, scale, gate = self.out(hid).chunk(3, dim=-1)
+        return torch.addcmul(shift, xn, 1.0 + scale), torch.tanh(gate * self.gate_scale)
+
+
+def drop_path_mask(n: int, p: float, training: bool, generator: torch.Generator | None,
+                   like: Tensor) -> Tensor | None:
+    """Per-atom stochastic-depth multipliers [N, 1] (kept atoms scaled by 1/(1-p)); None when off."""
+    if not training or p <= 0.0:
+        return None
+    if generator is None:
+        raise ValueError("drop_path > 0 in training mode needs a torch.Generator (no global RNG)")
+    keep = torch.rand(n, 1, generator=generator, device=like.device) >= p
+    return keep.to(like.dtype) / (1.0 - p)
+
+
+def scatter_sum(src: Tensor, index: Tensor, size: int) -> Tensor:
+    """Sum rows of ``src`` into ``size`` rows by ``index`` (first dimension)."""
+    out = src.new_zeros((size,) + tuple(src.shape[1:]))
+    return out.index_add_(0, index, src)

@@ -1,0 +1,184 @@
+"""E(3) equivariance of every registered backbone: rotations, reflections, translations,
+permutations, periodic images and batching independence."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from scd_train.models import BACKBONES, Backbone, build_backbone
+from shards.graph import radius_graph
+
+CUTOFF = 3.0
+
+
+def _tiny(cfg_type: type) -> Backbone:
+    fields = {f.name for f in dataclasses.fields(cfg_type)}
+    kw = {"hidden": 32, "layers": 3, "num_rbf": 8, "cutoff": CUTOFF, "drop_path": 0.0}
+    if "heads" in fields:
+        kw["heads"] = 4
+    torch.manual_seed(0)
+    return build_backbone(cfg_type(**kw)).double().eval()
+
+
+def _orthogonal(seed: int, reflect: bool) -> torch.Tensor:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    if reflect:
+        q = q @ np.diag([1.0, 1.0, -1.0])
+    return torch.as_tensor(q, dtype=torch.float64)
+
+
+def _graph(pos: np.ndarray, cell: np.ndarray | None = None, pbc: np.ndarray | None = None):
+    ei, shift = radius_graph(pos, cell, pbc, cutoff=CUTOFF)
+    return torch.as_tensor(ei), torch.as_tensor(shift, dtype=torch.float64)
+
+
+def _molecule(seed: int, n: int = 9) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = torch.as_tensor(rng.choice([1, 6, 7, 8, 9], size=n), dtype=torch.int64)
+    return z, rng.normal(scale=1.2, size=(n, 3))
+
+
+def _cond(seed: int, g: int = 1) -> torch.Tensor:
+    return torch.randn(g, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _run(model: Backbone, z, pos, ei, shift, cond, batch=None):
+    pos_t = torch.as_tensor(pos, dtype=torch.float64)
+    b = torch.zeros(len(z), dtype=torch.int64) if batch is None else batch
+    with torch.no_grad():
+        return model(z, pos_t, ei, shift, b, cond)
+
+
+BACKBONE_TYPES = pytest.mark.parametrize("cfg_type", list(BACKBONES), ids=lambda t: t.__name__)
+
+
+@BACKBONE_TYPES
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_rotation_equivariance(cfg_type, reflect):
+    model = _tiny(cfg_type)
+    z, pos = _molecule(1)
+    ei, shift = _graph(pos)
+    cond = _cond(2)
+    rot = _orthogonal(3, reflect)
+    s, v = _run(model, z, pos, ei, shift, cond)
+    s2, v2 = _run(model, z, pos @ rot.numpy().T, ei, shift, cond)
+    assert v.abs().max() > 1e-3, "vector features are trivially zero"
+    torch.testing.assert_close(s2, s, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v2, torch.einsum("ij,njf->nif", rot, v), atol=1e-9, rtol=1e-9)
+
+
+@BACKBONE_TYPES
+def test_rotation_equivariance_float32(cfg_type):
+    model = _tiny(cfg_type).float()
+    z, pos = _molecule(4)
+    ei, shift = _graph(pos)
+    cond = _cond(5).float()
+    rot = _orthogonal(6, False)
+    b = torch.zeros(len(z), dtype=torch.int64)
+    with torch.no_grad():
+        s, v = model(z, torch.as_tensor(pos, dtype=torch.float32), ei, shift.float(), b, cond)
+        s2, v2 = model(z, torch.as_tensor(pos @ rot.numpy().T, dtype=torch.float32), ei, shift.float(), b, cond)
+    torch.testing.assert_close(s2, s, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v2, torch.einsum("ij,njf->nif", rot.float(), v), atol=1e-4, rtol=1e-4)
+
+
+@BACKBONE_TYPES
+def test_translation_invariance(cfg_type):
+    model = _tiny(cfg_type)
+    z, pos = _molecule(7)
+    ei, shift = _graph(pos)
+    cond = _cond(8)
+    s, v = _run(model, z, pos, ei, shift, cond)
+    s2, v2 = _run(model, z, pos + np.array([3.0, -7.5, 11.0]), ei, shift, cond)
+    torch.testing.assert_close(s2, s, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v2, v, atol=1e-9, rtol=1e-9)
+
+
+@BACKBONE_TYPES
+def test_permutation_equivariance(cfg_type):
+    model = _tiny(cfg_type)
+    z, pos = _molecule(9)
+    ei, shift = _graph(pos)
+    cond = _cond(10)
+    perm = torch.as_tensor(np.random.default_rng(11).permutation(len(z)))
+    inv = torch.argsort(perm)
+    s, v = _run(model, z, pos, ei, shift, cond)
+    edge_order = torch.as_tensor(np.random.default_rng(12).permutation(ei.shape[1]))
+    ei_p = inv[ei][:, edge_order]
+    s2, v2 = _run(model, z[perm], pos[perm.numpy()], ei_p, shift[edge_order], cond)
+    torch.testing.assert_close(s2, s[perm], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v2, v[perm], atol=1e-9, rtol=1e-9)
+
+
+@BACKBONE_TYPES
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_periodic_equivariance(cfg_type, reflect):
+    model = _tiny(cfg_type)
+    rng = np.random.default_rng(13)
+    cell = np.array([[3.2, 0.0, 0.0], [0.9, 3.0, 0.0], [0.4, 0.6, 3.4]])
+    pbc = np.array([True, True, True])
+    pos = rng.uniform(size=(4, 3)) @ cell
+    z = torch.as_tensor([3, 8, 14, 26])
+    ei, shift = _graph(pos, cell, pbc)
+    assert (shift.abs().sum(-1) > 0).any(), "no periodic images in the test graph"
+    cond = _cond(14)
+    rot = _orthogonal(15, reflect)
+    s, v = _run(model, z, pos, ei, shift, cond)
+    s2, v2 = _run(model, z, pos @ rot.numpy().T, ei, shift @ rot.T, cond)
+    torch.testing.assert_close(s2, s, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v2, torch.einsum("ij,njf->nif", rot, v), atol=1e-9, rtol=1e-9)
+    ei3, shift3 = _graph(pos @ rot.numpy().T, cell @ rot.numpy().T, pbc)
+    s3, _ = _run(model, z, pos @ rot.numpy().T, ei3, shift3, cond)
+    torch.testing.assert_close(s3, s, atol=1e-5, rtol=1e-5)  # float32 shifts from radius_graph
+
+
+@BACKBONE_TYPES
+def test_batching_independence(cfg_type):
+    model = _tiny(cfg_type)
+    z1, p1 = _molecule(16, 7)
+    z2, p2 = _molecule(17, 11)
+    (e1, sh1), (e2, sh2) = _graph(p1), _graph(p2)
+    c = _cond(18, 2)
+    s1, v1 = _run(model, z1, p1, e1, sh1, c[:1])
+    s2, v2 = _run(model, z2, p2, e2, sh2, c[1:])
+    batch = torch.repeat_interleave(torch.arange(2), torch.tensor([7, 11]))
+    s, v = _run(model, torch.cat([z1, z2]), np.concatenate([p1, p2]), torch.cat([e1, e2 + 7], 1),
+                torch.cat([sh1, sh2]), c, batch)
+    torch.testing.assert_close(s, torch.cat([s1, s2]), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(v, torch.cat([v1, v2]), atol=1e-10, rtol=1e-10)
+
+
+@BACKBONE_TYPES
+def test_conditioning_changes_output(cfg_type):
+    model = _tiny(cfg_type)
+    z, pos = _molecule(19)
+    ei, shift = _graph(pos)
+    s1, v1 = _run(model, z, pos, ei, shift, _cond(20))
+    s2, v2 = _run(model, z, pos, ei, shift, _cond(21))
+    assert (s1 - s2).abs().max() > 1e-3 and (v1 - v2).abs().max() > 1e-4
+
+
+@BACKBONE_TYPES
+def test_drop_path_seeded_and_off_in_eval(cfg_type):
+    model = _tiny(cfg_type)
+    model = build_backbone(dataclasses.replace(model.cfg, drop_path=0.5)).double()
+    z, pos = _molecule(22)
+    ei, shift = _graph(pos)
+    cond = _cond(23)
+    args = (z, torch.as_tensor(pos), ei, shift, torch.zeros(len(z), dtype=torch.int64), cond)
+    model.train()
+    a = model(*args, generator=torch.Generator().manual_seed(1))[0]
+    b = model(*args, generator=torch.Generator().manual_seed(1))[0]
+    c = model(*args, generator=torch.Generator().manual_seed(2))[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-6
+    with pytest.raises(ValueError):
+        model(*args)
+    model.eval()
+    torch.testing.assert_close(model(*args)[0], model(*args)[0], atol=0, rtol=0)
