@@ -1,0 +1,207 @@
+"""Pretraining objectives: Self-Conditioned Denoising (SCD) and plain coordinate denoising.
+
+The training loop only sees ``Objective.forward(batch, generator) -> (loss_sum, n_atoms, metrics)``:
+``loss_sum`` is the SUM over atoms of the per-atom squared error (averaged over the 3 axes) and
+``n_atoms`` the local atom count, so the loop can divide by the atom count of all ranks.
+
+Batch keys (torch tensors): ``z [N]``, ``batch [N]``, ``n_atoms [G]`` and, per view ``<v>`` in
+``_clean`` / ``_noisy`` (or ``""`` for a single view), ``pos<v> [N,3]``, ``edge_index<v> [2,E]``,
+``edge_shift<v> [E,3]``; ``noise [N,3]`` is the denoising target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from scd_train.models import Backbone, backbone_config, build_backbone
+from scd_train.models.base import scatter_sum
+
+__all__ = ["OBJECTIVES", "Denoise", "GatedEquivariantBlock", "GraphPool", "Objective", "ObjectiveConfig",
+           "SCD", "VectorHead", "build_objective"]
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which objective and backbone; backbone fields left None take the ``preset`` values."""
+
+    kind: str = "scd"
+    backbone: str = "et"
+    preset: str = "small"
+    hidden: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    num_rbf: int | None = None
+    cutoff: float | None = None
+    drop_path: float | None = None
+    drop_cond: float = 0.2
+    freeze_embeddings: bool = True
+
+
+class GraphPool(nn.Module):
+    """Per atom LN -> Linear -> SiLU -> LN, sum over each graph, then LN -> Linear -> SiLU -> LN -> Linear."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.atom = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.LayerNorm(hidden))
+        self.graph = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
+                                   nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+
+    def forward(self, s: Tensor, batch: Tensor, n_graphs: int) -> Tensor:
+        return self.graph(scatter_sum(self.atom(s), batch, n_graphs))
+
+
+class GatedEquivariantBlock(nn.Module):
+    """Scalars and vectors in, ``out`` scalars and vectors out; vectors gated by invariant scalars."""
+
+    def __init__(self, hidden: int, out: int, scalar_activation: bool, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.out, self.eps, self.scalar_activation = out, eps, scalar_activation
+        self.vec1 = nn.Linear(hidden, hidden, bias=False)
+        self.vec2 = nn.Linear(hidden, out, bias=False)
+        self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * out))
+
+    def forward(self, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        norm = torch.sqrt((self.vec1(v) ** 2).sum(dim=1) + self.eps)
+        x, gate = self.update(torch.cat([s, norm], dim=-1)).split(self.out, dim=-1)
+        v = self.vec2(v) * gate.unsqueeze(1)
+        return (nn.functional.silu(x) if self.scalar_activation else x), v
+
+
+class VectorHead(nn.Module):
+    """Two gated equivariant blocks -> one 3-vector per atom."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.block1 = GatedEquivariantBlock(hidden, hidden // 2, scalar_activation=True)
+        self.block2 = GatedEquivariantBlock(hidden // 2, 1, scalar_activation=False)
+
+    def forward(self, s: Tensor, v: Tensor) -> Tensor:
+        s, v = self.block1(s, v)
+        return self.block2(s, v)[1].squeeze(-1)
+
+
+class Objective(nn.Module):
+    """Interface: ``forward(batch, generator=None) -> (loss_sum, n_atoms, metrics)``."""
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+class _Denoising(Objective):
+    """Backbone, mask token, cond LayerNorm, pooling, vector head and running noise statistics.
+
+    Buffers (in ``state_dict``): ``noise_sum [3]``, ``noise_sumsq [3]``, ``noise_count []`` (float64),
+    summed over all DDP ranks.
+    """
+
+    def __init__(self, backbone: Backbone, drop_cond: float = 0.2, freeze_embeddings: bool = True) -> None:
+        super().__init__()
+        hidden = backbone.hidden
+        self.backbone, self.drop_cond = backbone, drop_cond
+        self.mask_token = nn.Parameter(torch.randn(hidden))
+        self.cond_norm = nn.LayerNorm(hidden)
+        self.pool = GraphPool(hidden)
+        self.head = VectorHead(hidden)
+        self.register_buffer("noise_sum", torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("noise_sumsq", torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("noise_count", torch.zeros((), dtype=torch.float64))
+        if freeze_embeddings:
+            self.mask_token.requires_grad_(False)
+            for emb in backbone.element_embeddings():
+                emb.weight.requires_grad_(False)
+
+    def _run(self, batch: dict[str, Any], view: str, cond: Tensor, generator: torch.Generator | None
+             ) -> tuple[Tensor, Tensor]:
+        return self.backbone(batch["z"], batch["pos" + view], batch["edge_index" + view],
+                             batch["edge_shift" + view], batch["batch"], self.cond_norm(cond), generator)
+
+    def _mask_cond(self, n_graphs: int) -> Tensor:
+        return self.mask_token.unsqueeze(0).expand(n_graphs, -1)
+
+    @torch.no_grad()
+    def update_noise_stats(self, noise: Tensor) -> None:
+        """Accumulate per-axis sum, sum of squares and count (all-reduced over DDP ranks)."""
+        x = noise.detach().to(torch.float64).reshape(-1, 3)
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        self.noise_sum += local[:3]
+        self.noise_sumsq += local[3:6]
+        self.noise_count += local[6]
+
+    def noise_stats(self) -> tuple[Tensor, Tensor]:
+        """Running per-axis ``(mean [3], std [3])`` (0 and 1 before any update); no host sync."""
+        count = self.noise_count.clamp_min(1.0)
+        mean = self.noise_sum / count
+        var = (self.noise_sumsq / count - mean * mean).clamp_min(1e-24)
+        return mean, torch.where(self.noise_count > 0, var.sqrt(), torch.ones_like(var))
+
+    def predict(self, batch: dict[str, Any], generator: torch.Generator | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Head output [N, 3] in normalised noise units, and extra metrics."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        noise = batch["noise"]
+        if self.training:
+            self.update_noise_stats(noise)
+        pred, metrics = self.predict(batch, generator)
+        mean, std = self.noise_stats()
+        target = (noise.to(torch.float64) - mean) / std
+        err = (pred.float() - target.float()) ** 2
+        loss_sum = err.mean(dim=-1).sum()
+        metrics["noise_std"] = std.mean().detach().float()
+        return loss_sum, torch.tensor(noise.shape[0], device=noise.device), metrics
+
+    def embed(self, batch: dict[str, Any], view: str = "") -> tuple[Tensor, Tensor, Tensor]:
+        """One pass on view ``view`` conditioned on the mask token: ``(c [G, F], s [N, F], v [N, 3, F])``."""
+        n_graphs = int(batch["n_atoms"].shape[0])
+        s, v = self._run(batch, view, self._mask_cond(n_graphs), None)
+        return self.pool(s, batch["batch"], n_graphs), s, v
+
+
+class SCD(_Denoising):
+    """Self-Conditioned Denoising: pass 1 (clean, mask token) -> c -> pass 2 (noisy, conditioned on c)."""
+
+    def predict(self, batch: dict[str, Any], generator: torch.Generator | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        n_graphs = int(batch["n_atoms"].shape[0])
+        s, _ = self._run(batch, "_clean", self._mask_cond(n_graphs), generator)
+        c = self.pool(s, batch["batch"], n_graphs)
+        metrics: dict[str, Tensor] = {}
+        if self.training and self.drop_cond > 0:
+            if generator is None:
+                raise ValueError("drop-cond in training mode needs a torch.Generator (no global RNG)")
+            drop = torch.rand(n_graphs, generator=generator, device=c.device) < self.drop_cond
+            c = torch.where(drop.unsqueeze(-1), self.mask_token.to(c.dtype).expand_as(c), c)
+            metrics["cond_dropped"] = drop.float().mean()
+        s, v = self._run(batch, "_noisy", c, generator)
+        return self.head(s, v), metrics
+
+
+class Denoise(_Denoising):
+    """Plain coordinate denoising: one pass on the noisy view, always conditioned on the mask token."""
+
+    def predict(self, batch: dict[str, Any], generator: torch.Generator | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        s, v = self._run(batch, "_noisy", self._mask_cond(int(batch["n_atoms"].shape[0])), generator)
+        return self.head(s, v), {}
+
+
+OBJECTIVES: dict[str, type[_Denoising]] = {"scd": SCD, "denoise": Denoise}
+
+
+def build_objective(cfg: ObjectiveConfig) -> _Denoising:
+    """Backbone from ``cfg.backbone``/``cfg.preset`` (+ overrides), wrapped in objective ``cfg.kind``."""
+    if cfg.kind not in OBJECTIVES:
+        raise KeyError(f"unknown objective {cfg.kind!r}; known: {sorted(OBJECTIVES)}")
+    bb = backbone_config(cfg.backbone, cfg.preset, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                         num_rbf=cfg.num_rbf, cutoff=cfg.cutoff, drop_path=cfg.drop_path)
+    return OBJECTIVES[cfg.kind](build_backbone(bb), drop_cond=cfg.drop_cond,
+                                freeze_embeddings=cfg.freeze_embeddings)
