@@ -1,0 +1,151 @@
+"""The step-based training loop (run by ``scd train`` or ``torchrun -m scd_train``).
+
+The loop knows nothing about denoising: it asks the objective for (sum of per-atom losses, atom
+count) and normalises by the atom count of *all* ranks, so atom-budget batches of different sizes
+weigh every atom equally. Randomness is drawn from generators keyed by (seed, step, rank), so a
+resumed run continues bit-identically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from scd_train.build import build_objective
+from scd_train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from scd_train.config import TrainConfig
+from scd_train.data import make_loader, to_torch
+from scd_train.dist import DistInfo, all_gather_json, all_reduce_sum, barrier, init_distributed
+from scd_train.metrics import MetricsLog, plot_loss
+from scd_train.optim import EMA, build_optimizer
+from shards.config import to_dict
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step on one rank (drop-cond, drop-path)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
+    return g
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs ``cfg.steps`` steps."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.info = info or init_distributed(cfg.device)
+        torch.manual_seed(cfg.seed)
+        if self.info.device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.run_dir = Path(cfg.run_dir)
+        self.objective = build_objective(cfg).to(self.info.device)
+        self.optimizer, self.scheduler = build_optimizer(self.objective, cfg.optim, cfg.steps)
+        self.ema = EMA(self.objective, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.step = 0
+        sampler_state = None
+        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if ckpt is not None:
+            state = load_training_state(ckpt, model=self.objective, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None)
+            if len(state["sampler_states"]) != self.info.world_size:
+                raise ValueError(f"{ckpt}: saved with world size {len(state['sampler_states'])}, this run has "
+                                 f"{self.info.world_size}; exact resume needs the same world size")
+            self.step = int(state["step"])
+            sampler_state = state["sampler_states"][self.info.rank]
+        self.model: torch.nn.Module = self.objective
+        if self.info.enabled:
+            self.model = DistributedDataParallel(self.objective, find_unused_parameters=True,
+                                                 device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.loader = make_loader(cfg.data, self.info.world_size, self.info.rank, cfg.num_workers, sampler_state)
+        self.sampler_state = sampler_state
+        self.metrics = MetricsLog(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.tensorboard,
+                                  resume_step=self.step)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    def _train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        gen = step_generator(cfg.seed, self.step, info.rank, info.device)
+        self.model.train()
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss_sum, n_atoms, extra = self.model(batch, generator=gen)
+        counts = all_reduce_sum(torch.stack([n_atoms.detach().float(), loss_sum.detach().float()]))
+        total_atoms = counts[0].clamp_min(1.0)
+        loss = loss_sum.float() * info.world_size / total_atoms
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.objective)
+        out = {"loss": float(counts[1] / total_atoms), "grad_norm": float(grad_norm),
+               "lr": float(self.scheduler.get_last_lr()[0]), "atoms": float(counts[0])}
+        out.update({k: float(v) for k, v in extra.items()})
+        return out
+
+    def save(self) -> Path | None:
+        states = all_gather_json(self.sampler_state, self.info)
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint(self.run_dir, self.step, model=self.objective, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None,
+                                   sampler_states=states, config=to_dict(self.cfg), keep=self.cfg.keep_checkpoints)
+        barrier()
+        return path
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``cfg.steps``; returns the logged rows (rank 0)."""
+        from tqdm import tqdm
+
+        cfg, info = self.cfg, self.info
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not (info.is_main and cfg.progress) or None)
+        it = iter(self.loader)
+        wait = compute = 0.0
+        atoms_window = 0.0
+        t_log = time.perf_counter()
+        end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+        while self.step < end:
+            t0 = time.perf_counter()
+            raw = next(it)
+            t1 = time.perf_counter()
+            batch = to_torch(raw, info.device)
+            stats = self._train_step(batch)
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"loss became {stats['loss']} at step {self.step}")
+            t2 = time.perf_counter()
+            wait += t1 - t0
+            compute += t2 - t1
+            atoms_window += stats["atoms"]
+            self.step += 1
+            self.sampler_state = raw["sampler_state"]
+            if self.step % cfg.log_every == 0 or self.step == end:
+                dt = time.perf_counter() - t_log
+                row = {**stats, "atoms_per_s": atoms_window / max(dt, 1e-9), "data_wait": wait / max(wait + compute, 1e-9),
+                       "oversize": raw["oversize"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                self.metrics.log(self.step, row)
+                history.append({"step": self.step, **row})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", atoms_s=f"{row['atoms_per_s']:,.0f}",
+                                wait=f"{row['data_wait']:.0%}")
+                wait = compute = atoms_window = 0.0
+                t_log = time.perf_counter()
+            bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self.save()
+        bar.close()
+        self.metrics.close()
+        if info.is_main and (self.run_dir / "metrics.jsonl").is_file():
+            plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+        return history
