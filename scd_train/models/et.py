@@ -34,7 +34,10 @@ class NeighborEmbedding(nn.Module):
 
 
 class ETLayer(nn.Module):
-    """Multi-head attention with scalar and vector messages; adaLN-modulated input, gated scalar update."""
+    """Multi-head attention with scalar and vector messages; adaLN-modulated input, gated scalar update.
+
+    ``vec=None`` stands for all-zero vector features (the first layer).
+    """
 
     def __init__(self, hidden: int, heads: int, num_rbf: int) -> None:
         super().__init__()
@@ -44,32 +47,35 @@ class ETLayer(nn.Module):
         self.ada = AdaLN(hidden)
         self.qkv = nn.Linear(hidden, 5 * hidden)
         self.vec_proj = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.edge_proj = nn.Linear(num_rbf, 4 * hidden)
+        self.dk_proj = nn.Linear(num_rbf, hidden)
+        self.dv_proj = nn.Linear(num_rbf, 3 * hidden)
         self.o_proj = nn.Linear(hidden, 3 * hidden)
 
-    def forward(self, x: Tensor, vec: Tensor, cond: Tensor, batch: Tensor, src: Tensor, dst: Tensor,
+    def forward(self, x: Tensor, vec: Tensor | None, cond: Tensor, batch: Tensor, src: Tensor, dst: Tensor,
                 rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         n, f, h = x.shape[0], self.hidden, self.heads
         e = src.shape[0]
         xin, gate = self.ada(x, cond, batch)
-        qkv = self.qkv(xin)
-        v1, v2, v3 = self.vec_proj(vec).split(f, dim=-1)
-        vec_dot = (v1 * v2).sum(dim=1)
-        edge = F.silu(self.edge_proj(rbf))
-        kv = qkv[:, f:].index_select(0, src) * edge
-        q = qkv[:, :f].index_select(0, dst)
-        attn = (q * kv[:, :f]).view(e, h, -1).sum(-1)
-        attn = F.silu(attn) * cut.unsqueeze(-1)
-        xm, s1, s2 = kv[:, f:].split(f, dim=-1)
+        q, k, v = self.qkv(xin).split((f, f, 3 * f), dim=-1)
+        qk = q.index_select(0, dst) * k.index_select(0, src) * F.silu(self.dk_proj(rbf))
+        attn = F.silu(qk.view(e, h, -1).sum(-1)) * cut.unsqueeze(-1)
+        xm, s1, s2 = (v.index_select(0, src) * F.silu(self.dv_proj(rbf))).split(f, dim=-1)
         xm = (xm.view(e, h, -1) * attn.unsqueeze(-1)).view(e, f)
-        vm = torch.addcmul(vec.index_select(0, src) * s1.unsqueeze(1), s2.unsqueeze(1), unit.unsqueeze(-1))
+        vm = s2.unsqueeze(1) * unit.unsqueeze(-1)
+        if vec is not None:
+            vm = torch.addcmul(vm, vec.index_select(0, src), s1.unsqueeze(1))
         o1, o2, o3 = self.o_proj(scatter_sum(xm, dst, n)).split(f, dim=-1)
-        dx = torch.addcmul(o3, vec_dot, o2) * gate
-        dvec = torch.addcmul(scatter_sum(vm, dst, n), v3, o1.unsqueeze(1))
+        dvec = scatter_sum(vm, dst, n)
+        if vec is None:
+            dx = o3 * gate
+        else:
+            v1, v2, v3 = self.vec_proj(vec).split(f, dim=-1)
+            dx = torch.addcmul(o3, (v1 * v2).sum(dim=1), o2) * gate
+            dvec = torch.addcmul(dvec, v3, o1.unsqueeze(1))
         if keep is not None:
             dx = dx * keep
             dvec = dvec * keep.unsqueeze(-1)
-        return x + dx, vec + dvec
+        return x + dx, dvec if vec is None else vec + dvec
 
 
 class EquivariantTransformer(Backbone):
@@ -91,8 +97,10 @@ class EquivariantTransformer(Backbone):
         dist, unit = edge_geometry(pos, edge_index, edge_shift)
         rbf, cut = self.rbf(dist)
         x = self.neighbor_embedding(z, self.embedding(z), src, dst, rbf, cut)
-        vec = x.new_zeros(x.shape[0], 3, self.hidden)
+        vec = None  # zero vectors before the first layer: skip their products
         for layer in self.layers:
             keep = drop_path_mask(x.shape[0], self.cfg.drop_path, self.training, generator, x)
             x, vec = layer(x, vec, cond, batch, src, dst, rbf, cut, unit, keep)
+        if vec is None:
+            vec = x.new_zeros(x.shape[0], 3, self.hidden)
         return self.out_norm(x), vec
