@@ -24,19 +24,20 @@ class ShardCache:
     def __init__(self, cache_dir: str | Path | None = None, max_bytes: int = 4 << 30, max_open: int = 64) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_bytes, self.max_open = max_bytes, max_open
-        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._open: OrderedDict[tuple[int, str], Any] = OrderedDict()
 
     def get(self, ds: ShardDataset, name: str) -> Any:
-        loc = ds.location(name)
-        buf = self._open.get(loc)
+        slot = (id(ds), name)
+        buf = self._open.get(slot)
         if buf is not None:
-            self._open.move_to_end(loc)
+            self._open.move_to_end(slot)
             return buf
+        loc = ds.location(name)
         if io.is_url(loc) and self.cache_dir is not None:
             buf = io.map_bytes(str(self._download(ds, name, loc)))
         else:
             buf = ds.shard_bytes(name)
-        self._open[loc] = buf
+        self._open[slot] = buf
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)
         return buf

@@ -154,9 +154,9 @@ def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int,
     n = z.shape[0]
     out: dict[str, np.ndarray] = {"z": z}
     if cfg.noise:
-        jitter = noise_rng(seed, g.key, step, "clean").standard_normal((n, 3)) * cfg.clean_sigma
-        eps = (noise_rng(seed, g.key, step, "noise").standard_normal((n, 3))
-               * cfg.noisy_sigma).astype(np.float32)
+        draws = noise_rng(seed, g.key, step, "noise").standard_normal((2, n, 3))
+        jitter = draws[0] * cfg.clean_sigma
+        eps = (draws[1] * cfg.noisy_sigma).astype(np.float32)
         pos_clean = (pos + jitter).astype(np.float32)
         pos_noisy = (pos + eps).astype(np.float32)
         out["pos_clean"], out["pos_noisy"], out["noise"] = pos_clean, pos_noisy, eps
