@@ -1,0 +1,297 @@
+"""Fine-tuning a pretrained backbone (or one from scratch) on a labelled per-structure property.
+
+The downstream model is the objective's backbone run once, conditioned on the mask token
+(``objective.embed``), plus a per-atom scalar MLP head with a sum or mean readout. Targets are
+standardised with the train split's mean/std; early stopping watches the validation MAE; the test MAE of
+the best-validation weights is written to ``out/result.json`` together with the exact split keys.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from scd_train.checkpoint import latest_checkpoint, load_weights
+from scd_train.data import to_torch
+from scd_train.models import backbone_config
+from scd_train.models.base import scatter_sum
+from scd_train.objectives import ObjectiveConfig, build_objective
+from shards.collate import collate
+from shards.config import ConfigError, load_yaml, to_dict
+from shards.reader import ShardDataset
+from shards.schema import AtomGraph
+from shards.views import ViewConfig, make_views
+
+__all__ = ["FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "labelled_graphs", "load_finetune_config",
+           "make_splits", "resolve_checkpoint"]
+
+_BACKBONE_FIELDS = ("backbone", "hidden", "layers", "heads", "num_rbf", "cutoff")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Sizes of the train/val/test splits, drawn by ``seed`` from the sorted labelled keys."""
+
+    train: int = 2000
+    val: int = 500
+    test: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.train, self.val, self.test) < 1:
+            raise ConfigError("split: train, val and test must each be >= 1")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run. ``checkpoint: null`` trains the same model from scratch.
+
+    ``model`` must describe the checkpoint's backbone; ``split_file`` (JSON with train/val/test key
+    lists) overrides the seeded split. ``drop_path`` and ``train_embeddings`` apply to fine-tuning.
+    """
+
+    data: str = ""
+    out: str = ""
+    property: str = "homo"
+    checkpoint: str | None = None
+    model: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    split_file: str | None = None
+    readout: Literal["sum", "mean"] = "sum"
+    loss: Literal["l1", "mse"] = "l1"
+    epochs: int = 100
+    patience: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_epochs: int = 1
+    grad_clip: float = 10.0
+    drop_path: float = 0.0
+    train_embeddings: bool = True
+    seed: int = 0
+    device: str = "auto"
+    save_model: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ConfigError("epochs, patience and batch_size must be >= 1")
+
+
+def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Load a fine-tuning YAML (unknown keys are errors); ``data`` and ``out`` are required."""
+    cfg = load_yaml(FinetuneConfig, path, overrides)
+    if not cfg.data or not cfg.out:
+        raise ConfigError(f"{path}: data and out are required")
+    return cfg
+
+
+def make_splits(keys: list[str], split: SplitConfig) -> dict[str, list[str]]:
+    """A seeded permutation of the sorted keys cut into train/val/test (disjoint, deterministic)."""
+    need = split.train + split.val + split.test
+    if len(keys) < need:
+        raise ValueError(f"too few labelled samples: {len(keys)} available, the split needs {need} "
+                         f"(train {split.train} + val {split.val} + test {split.test})")
+    ordered = sorted(keys)
+    perm = np.random.default_rng(split.seed).permutation(len(ordered))
+    picked = [ordered[i] for i in perm[:need]]
+    a, b = split.train, split.train + split.val
+    return {"train": picked[:a], "val": picked[a:b], "test": picked[b:]}
+
+
+def labelled_graphs(data: str | Path, prop: str) -> dict[str, AtomGraph]:
+    """All graphs of a shard dataset that carry property ``prop``, by key."""
+    out: dict[str, AtomGraph] = {}
+    seen: set[str] = set()
+    for g in ShardDataset(str(data)):
+        props = g.properties or {}
+        seen.update(props)
+        if prop in props and math.isfinite(float(props[prop])):
+            out[g.key] = g
+    if not out:
+        raise ValueError(f"property {prop!r} is not in {data}; available: {sorted(seen) or 'none'}")
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (``step-*``), a run folder (its newest checkpoint) or a ``.safetensors`` file."""
+    p = Path(path)
+    if p.is_dir() and not (p / "model.safetensors").is_file():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise FileNotFoundError(f"{p}: no checkpoint (step-*/ or model.safetensors) found")
+        return found
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    return p
+
+
+def check_backbone_matches(ckpt: Path, model: ObjectiveConfig) -> None:
+    """Compare the backbone recorded next to a checkpoint with ``model``; one-line error on mismatch."""
+    state = (ckpt if ckpt.is_dir() else ckpt.parent) / "state.json"
+    if not state.is_file():
+        return
+    saved = json.loads(state.read_text()).get("config", {}).get("model")
+    if not saved:
+        return
+    mine = backbone_config(model.backbone, model.preset, **{k: getattr(model, k) for k in _BACKBONE_FIELDS[1:]})
+    theirs = backbone_config(saved.get("backbone", "et"), saved.get("preset", "small"),
+                             **{k: saved.get(k) for k in _BACKBONE_FIELDS[1:]})
+    diff = [f"{k}: config {getattr(mine, k, model.backbone)} vs checkpoint {getattr(theirs, k, saved.get(k))}"
+            for k in ("hidden", "layers", "heads", "num_rbf", "cutoff")
+            if getattr(mine, k, None) != getattr(theirs, k, None)]
+    if type(mine) is not type(theirs):
+        diff.insert(0, f"backbone: config {model.backbone} vs checkpoint {saved.get('backbone')}")
+    if diff:
+        raise ValueError(f"{ckpt}: checkpoint backbone does not match the config ({'; '.join(diff)})")
+
+
+class PropertyModel(nn.Module):
+    """Objective backbone (one pass, mask-token conditioned) -> per-atom MLP -> sum/mean readout."""
+
+    def __init__(self, objective: nn.Module, readout: str = "sum") -> None:
+        super().__init__()
+        hidden = objective.backbone.hidden
+        self.objective, self.readout = objective, readout
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden // 2), nn.SiLU(),
+                                  nn.Linear(hidden // 2, 1))
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        _, s, _ = self.objective.embed(batch)
+        n_graphs = int(batch["n_atoms"].shape[0])
+        out = scatter_sum(self.head(s).squeeze(-1), batch["batch"], n_graphs)
+        return out / batch["n_atoms"].to(out.dtype) if self.readout == "mean" else out
+
+
+def build_model(cfg: FinetuneConfig) -> PropertyModel:
+    """The downstream model, initialised from ``cfg.seed`` (global RNG untouched) and the checkpoint."""
+    model_cfg = dataclasses.replace(cfg.model, drop_path=cfg.drop_path, freeze_embeddings=not cfg.train_embeddings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        objective = build_objective(model_cfg)
+        model = PropertyModel(objective, cfg.readout)
+    if cfg.checkpoint:
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+        check_backbone_matches(ckpt, cfg.model)
+        load_weights(ckpt, objective)
+    return model
+
+
+def _views(graphs: list[AtomGraph], cutoff: float) -> list[dict[str, Any]]:
+    vc = ViewConfig(noise=False, rotate=False, cutoff=cutoff)
+    return [make_views(g, vc, 0, 0) for g in graphs]
+
+
+def _batches(views: list[dict[str, Any]], y: np.ndarray, order: np.ndarray, size: int):
+    for i in range(0, len(order), size):
+        idx = order[i:i + size]
+        yield collate([views[j] for j in idx]), y[idx]
+
+
+@torch.no_grad()
+def predict(model: PropertyModel, views: list[dict[str, Any]], batch_size: int, device: torch.device) -> np.ndarray:
+    """Model outputs (standardised units) for ``views`` in order."""
+    model.eval()
+    outs = [model(to_torch(b, device)).double().cpu().numpy()
+            for b, _ in _batches(views, np.zeros(len(views)), np.arange(len(views)), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros(0)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
+    """Run one fine-tuning; writes ``out/result.json`` (and ``model.safetensors``) and returns the result."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    graphs = labelled_graphs(cfg.data, cfg.property)
+    if cfg.split_file:
+        splits = {k: list(v) for k, v in json.loads(Path(cfg.split_file).read_text()).items()
+                  if k in ("train", "val", "test")}
+        missing = [k for part in splits.values() for k in part if k not in graphs]
+        if missing:
+            raise ValueError(f"{cfg.split_file}: {len(missing)} split keys have no {cfg.property!r} label "
+                             f"in {cfg.data} (first: {missing[0]})")
+    else:
+        splits = make_splits(list(graphs), cfg.split)
+    device = _device(cfg.device)
+    model = build_model(cfg).to(device)
+    cutoff = model.objective.backbone.cfg.cutoff
+    views = {k: _views([graphs[key] for key in keys], cutoff) for k, keys in splits.items()}
+    y_ev = {k: np.array([graphs[key].properties[cfg.property] for key in keys]) for k, keys in splits.items()}
+    mean, std = float(y_ev["train"].mean()), float(y_ev["train"].std() or 1.0)
+    y = {k: (v - mean) / std for k, v in y_ev.items()}
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
+                             {"params": head_params, "lr": cfg.head_lr or cfg.lr}], weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
+    total, warm = cfg.epochs * steps_per_epoch, max(1, cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    loss_fn = nn.L1Loss() if cfg.loss == "l1" else nn.MSELoss()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    best, best_epoch, best_state, stale, curve = math.inf, 0, None, 0, []
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"finetune {cfg.property}", unit="epoch", disable=not cfg.progress)
+    for epoch in bar:
+        model.train()
+        losses = []
+        for b, yb in _batches(views["train"], y["train"], rng.permutation(len(views["train"])), cfg.batch_size):
+            pred = model(to_torch(b, device))
+            loss = loss_fn(pred.float(), torch.as_tensor(yb, dtype=torch.float32, device=device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        val_mae = float(np.abs(predict(model, views["val"], cfg.batch_size * 2, device) * std + mean
+                               - y_ev["val"]).mean())
+        curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_mae_eV": val_mae,
+                      "lr": float(sched.get_last_lr()[0])})
+        bar.set_postfix(val_meV=f"{val_mae * 1000:.1f}")
+        if val_mae < best:
+            best, best_epoch, stale = val_mae, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    test_pred = predict(model, views["test"], cfg.batch_size * 2, device) * std + mean
+    test_mae = float(np.abs(test_pred - y_ev["test"]).mean())
+    result = {
+        "property": cfg.property, "unit": "eV", "test_mae_eV": test_mae, "test_mae_meV": test_mae * 1000,
+        "best_val_mae_eV": best, "best_val_mae_meV": best * 1000, "best_epoch": best_epoch,
+        "epochs_run": len(curve), "stopped_early": len(curve) < cfg.epochs,
+        "target_mean_eV": mean, "target_std_eV": std,
+        "n": {k: len(v) for k, v in splits.items()}, "curve": curve,
+        "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg), "splits": splits,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    if cfg.save_model:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(out / "model.safetensors"))
+    log(f"{cfg.property}: test MAE {test_mae * 1000:.1f} meV (best val {best * 1000:.1f} meV at epoch "
+        f"{best_epoch}/{len(curve)}) -> {out / 'result.json'}")
+    return result
