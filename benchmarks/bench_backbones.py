@@ -9,6 +9,7 @@ One step = pass 1 (clean) + pass 2 (noisy) + backward + AdamW on a batch of 32 Q
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -63,7 +64,7 @@ def bench(backbone: str, preset: str, batch: dict[str, torch.Tensor], steps: int
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
-    return {"params_M": sum(p.numel() for p in obj.parameters()) / 1e6, "s_per_step": dt,
+    return {"params_M": sum(p.numel() for p in obj.parameters()) / 1e6, "s_per_step": dt, "best_s": min(times),
             "steps_per_s": 1.0 / dt, "atoms_per_s": n_atoms / dt,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -80,16 +81,18 @@ def main() -> None:
     batch = qm9_like_batch()
     n_edges = int(batch["edge_index_clean"].shape[1])
     print(f"torch {torch.__version__}, {args.threads} threads; batch: {batch['z'].shape[0]} atoms, "
-          f"{n_edges} edges per view; median of {args.steps} steps after {args.warmup} warm-up")
+          f"{n_edges} edges per view; median of {args.steps} steps after {args.warmup} warm-up; "
+          f"peak RSS is cumulative over the rows; load = 1-min load average after the row (others' jobs)")
     print(f"{'backbone':9} {'preset':6} {'params':>8} {'s/step':>7} {'steps/s':>8} {'atoms/s':>8} "
-          f"{'vs ref':>7} {'peak RSS':>9}")
+          f"{'vs ref':>7} {'best s':>7} {'peak RSS':>9} {'load':>5}")
     for name in args.backbones:
         for preset in args.presets:
             r = bench(name, preset, batch, args.steps, args.warmup)
             ref = REFERENCE_ATOMS_PER_S.get(preset)
             speedup = f"{r['atoms_per_s'] / ref:6.2f}x" if ref else "     -"
             print(f"{name:9} {preset:6} {r['params_M']:7.2f}M {r['s_per_step']:7.3f} {r['steps_per_s']:8.3f} "
-                  f"{r['atoms_per_s']:8.0f} {speedup:>7} {r['peak_rss_MB']:8.0f}M", flush=True)
+                  f"{r['atoms_per_s']:8.0f} {speedup:>7} {r['best_s']:7.3f} {r['peak_rss_MB']:8.0f}M "
+                  f"{os.getloadavg()[0]:5.2f}", flush=True)
 
 
 if __name__ == "__main__":
