@@ -208,7 +208,7 @@ def predict(model: PropertyModel, views: list[dict[str, Any]], batch_size: int, 
     return np.concatenate(outs) if outs else np.zeros(0)
 
 
-def _device(name: str) -> torch.device:
+def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -230,7 +230,7 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
                              f"in {cfg.data} (first: {missing[0]})")
     else:
         splits = make_splits(list(graphs), cfg.split)
-    device = _device(cfg.device)
+    device = select_device(cfg.device)
     model = build_model(cfg).to(device)
     cutoff = model.objective.backbone.cfg.cutoff
     views = {k: _views([graphs[key] for key in keys], cutoff) for k, keys in splits.items()}
@@ -250,7 +250,9 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    best, best_epoch, best_state, stale, curve = math.inf, 0, None, 0, []
+    val_mae = float(np.abs(predict(model, views["val"], cfg.batch_size * 2, device) * std + mean - y_ev["val"]).mean())
+    curve = [{"epoch": 0, "train_loss": None, "val_mae_eV": val_mae, "lr": 0.0}]
+    best, best_epoch, best_state, stale = val_mae, 0, copy.deepcopy(model.state_dict()), 0
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"finetune {cfg.property}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
         model.train()
@@ -282,7 +284,7 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     result = {
         "property": cfg.property, "unit": "eV", "test_mae_eV": test_mae, "test_mae_meV": test_mae * 1000,
         "best_val_mae_eV": best, "best_val_mae_meV": best * 1000, "best_epoch": best_epoch,
-        "epochs_run": len(curve), "stopped_early": len(curve) < cfg.epochs,
+        "epochs_run": len(curve) - 1, "stopped_early": len(curve) - 1 < cfg.epochs,
         "target_mean_eV": mean, "target_std_eV": std,
         "n": {k: len(v) for k, v in splits.items()}, "curve": curve,
         "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg), "splits": splits,
@@ -293,5 +295,5 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(out / "model.safetensors"))
     log(f"{cfg.property}: test MAE {test_mae * 1000:.1f} meV (best val {best * 1000:.1f} meV at epoch "
-        f"{best_epoch}/{len(curve)}) -> {out / 'result.json'}")
+        f"{best_epoch}/{len(curve) - 1}) -> {out / 'result.json'}")
     return result
