@@ -127,7 +127,7 @@ class _Denoising(Objective):
     def update_noise_stats(self, noise: Tensor) -> None:
         """Accumulate per-axis sum, sum of squares and count (all-reduced over DDP ranks)."""
         x = noise.detach().to(torch.float64).reshape(-1, 3)
-        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_ones(x.shape[0]).sum(0, keepdim=True)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
         self.noise_sum += local[:3]
@@ -157,12 +157,16 @@ class _Denoising(Objective):
         err = (pred.float() - target.float()) ** 2
         loss_sum = err.mean(dim=-1).sum()
         metrics["noise_std"] = std.mean().detach().float()
-        return loss_sum, torch.tensor(noise.shape[0], device=noise.device), metrics
+        return loss_sum, noise.new_ones(noise.shape[0]).sum(), metrics
 
-    def embed(self, batch: dict[str, Any], view: str = "") -> tuple[Tensor, Tensor, Tensor]:
-        """One pass on view ``view`` conditioned on the mask token: ``(c [G, F], s [N, F], v [N, 3, F])``."""
-        n_graphs = int(batch["n_atoms"].shape[0])
-        s, v = self._run(batch, view, self._mask_cond(n_graphs), None)
+    def embed(self, batch: dict[str, Any], view: str = "", generator: torch.Generator | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """One pass on view ``view`` conditioned on the mask token: ``(c [G, F], s [N, F], v [N, 3, F])``.
+
+        For downstream use (embeddings, fine-tuning); ``generator`` drives drop-path in training mode.
+        """
+        n_graphs = batch["n_atoms"].shape[0]
+        s, v = self._run(batch, view, self._mask_cond(n_graphs), generator)
         return self.pool(s, batch["batch"], n_graphs), s, v
 
 
@@ -171,7 +175,7 @@ class SCD(_Denoising):
 
     def predict(self, batch: dict[str, Any], generator: torch.Generator | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        n_graphs = int(batch["n_atoms"].shape[0])
+        n_graphs = batch["n_atoms"].shape[0]
         s, _ = self._run(batch, "_clean", self._mask_cond(n_graphs), generator)
         c = self.pool(s, batch["batch"], n_graphs)
         metrics: dict[str, Tensor] = {}
@@ -190,7 +194,7 @@ class Denoise(_Denoising):
 
     def predict(self, batch: dict[str, Any], generator: torch.Generator | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        s, v = self._run(batch, "_noisy", self._mask_cond(int(batch["n_atoms"].shape[0])), generator)
+        s, v = self._run(batch, "_noisy", self._mask_cond(batch["n_atoms"].shape[0]), generator)
         return self.head(s, v), {}
 
 
