@@ -61,6 +61,7 @@ def batches(path: Path, budget: int, count: int) -> list[dict]:
 def run(batches_np: list[dict], backbone: str, preset: str, compile_model: bool, bf16: bool, steps: int) -> dict:
     import torch
 
+    from scd_train.dynamic import mark_dynamic
     from scd_train.objectives import ObjectiveConfig, build_objective
     from scd_train.optim import OptimConfig, build_optimizer
 
@@ -70,11 +71,18 @@ def run(batches_np: list[dict], backbone: str, preset: str, compile_model: bool,
     torch.manual_seed(0)
     model = build_objective(ObjectiveConfig(kind="scd", backbone=backbone, preset=preset)).to(dev)
     opt, sched = build_optimizer(model, OptimConfig(warmup_steps=10), steps + 10)
-    fwd = torch.compile(model, dynamic=True) if compile_model else model
+    fwd = torch.compile(model) if compile_model else model
     data = [{k: (torch.from_numpy(np.ascontiguousarray(v)).to(dev) if isinstance(v, np.ndarray) else v)
              for k, v in b.items()} for b in batches_np]
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
+
+    if compile_model:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        for b in data:
+            mark_dynamic(b)
 
     def step(b: dict) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):

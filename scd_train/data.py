@@ -53,3 +53,4 @@ def make_loader(cfg: LoaderConfig, world_size: int, rank: int, num_workers: int,
     """A DataLoader that yields this rank's batches in step order."""
     return DataLoader(StreamDataset(cfg, world_size, rank, state), batch_size=None, num_workers=num_workers,
                       prefetch_factor=4 if num_workers else None, persistent_workers=False)
+

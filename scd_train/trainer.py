@@ -21,6 +21,7 @@ from scd_train.build import build_objective
 from scd_train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from scd_train.config import TrainConfig
 from scd_train.data import make_loader, to_torch
+from scd_train.dynamic import mark_dynamic
 from scd_train.dist import DistInfo, all_gather_json, all_reduce_sum, barrier, init_distributed
 from scd_train.metrics import MetricsLog, plot_loss
 from scd_train.optim import EMA, build_optimizer
@@ -122,6 +123,8 @@ class Trainer:
             raw = next(it)
             t1 = time.perf_counter()
             batch = to_torch(raw, info.device)
+            if cfg.compile:
+                mark_dynamic(batch)
             stats = self._train_step(batch)
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"loss became {stats['loss']} at step {self.step}")
