@@ -9,6 +9,7 @@ One step = pass 1 (clean) + pass 2 (noisy) + backward + AdamW on a batch of 32 Q
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import resource
 import time
@@ -48,8 +49,10 @@ def qm9_like_batch(n_graphs: int = 32, n_atoms: int = 18, seed: int = 0) -> dict
     return batch
 
 
-def bench(backbone: str, preset: str, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> dict[str, float]:
-    """Time ``steps`` full SCD training steps after ``warmup`` untimed ones."""
+def bench(backbone: str, preset: str, steps: int, warmup: int, threads: int) -> dict[str, float]:
+    """Time ``steps`` full SCD training steps after ``warmup`` untimed ones (run in a fresh process)."""
+    torch.set_num_threads(threads)
+    batch = qm9_like_batch()
     torch.manual_seed(0)
     obj = build_objective(ObjectiveConfig(kind="scd", backbone=backbone, preset=preset)).train()
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
@@ -77,17 +80,17 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=sorted(BACKBONE_CONFIGS))
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     batch = qm9_like_batch()
     n_edges = int(batch["edge_index_clean"].shape[1])
     print(f"torch {torch.__version__}, {args.threads} threads; batch: {batch['z'].shape[0]} atoms, "
           f"{n_edges} edges per view; median of {args.steps} steps after {args.warmup} warm-up; "
-          f"peak RSS is cumulative over the rows; load = 1-min load average after the row (others' jobs)")
+          f"peak RSS of the row's process; load = 1-min load average after the row (others' jobs)")
     print(f"{'backbone':9} {'preset':6} {'params':>8} {'s/step':>7} {'steps/s':>8} {'atoms/s':>8} "
           f"{'vs ref':>7} {'best s':>7} {'peak RSS':>9} {'load':>5}")
     for name in args.backbones:
         for preset in args.presets:
-            r = bench(name, preset, batch, args.steps, args.warmup)
+            with mp.get_context("spawn").Pool(1) as pool:  # own process: per-row peak RSS
+                r = pool.apply(bench, (name, preset, args.steps, args.warmup, args.threads))
             ref = REFERENCE_ATOMS_PER_S.get(preset)
             speedup = f"{r['atoms_per_s'] / ref:6.2f}x" if ref else "     -"
             print(f"{name:9} {preset:6} {r['params_M']:7.2f}M {r['s_per_step']:7.3f} {r['steps_per_s']:8.3f} "
