@@ -1,7 +1,8 @@
 """Random access to samples of several datasets by table row, with a bounded shard cache.
 
-Local shards are memory-mapped; remote shards (http/https) are downloaded whole into a local cache
-folder (bounded in bytes, least recently used first out) and then memory-mapped.
+Local shards are memory-mapped; remote shards (http(s), s3://, any fsspec URL) are downloaded whole into a
+local cache folder (bounded in bytes, least recently used first out), checked against the manifest's sha256
+and then memory-mapped.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Read a shard dataset from a local folder or an http(s) URL: iterate samples, fetch one by key."""
+"""Read a shard dataset from a local folder or a URL (http(s), s3://, gs://, az://): iterate, fetch by key."""
 from __future__ import annotations
 
 import json
