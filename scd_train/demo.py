@@ -19,20 +19,13 @@ import yaml
 
 
 def _ingest(out: Path) -> Path:
-    from ingest.run import print_table, run_job
-    from ingest.job import load_job
+    """Run the ingest job as ``scd ingest run`` (a separate process keeps scd_train free of Ray)."""
     from scd_train.datakit import demo_sources
 
     job = out / "ingest_job.yaml"
     job.write_text(yaml.safe_dump({"output": str(out / "shards"), "sources": demo_sources(),
                                    "writer": {"max_shard_samples": 2000}}, sort_keys=False))
-    result = run_job(load_job(job), progress=True)
-    print_table(result)
-    if not result.ok:
-        raise RuntimeError(f"demo ingest failed for {len(result.failed)} unit(s); see {out / 'shards'}")
-    import ray
-
-    ray.shutdown()
+    subprocess.run([sys.executable, "-m", "shards.cli", "ingest", "run", str(job)], check=True)
     return out / "shards"
 
 

@@ -1,0 +1,39 @@
+"""``scd ingest ...``: list converter plugins, run ingest jobs."""
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from ingest.run_cli import add_run_parser
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ingest", help="convert raw files into shard datasets (Ray jobs)",
+                       description="Convert molecules, proteins, crystals and MD trajectories into the unified "
+                                   "schema with converter plugins, as Ray jobs.")
+    s = p.add_subparsers(dest="ingest_cmd", required=True, metavar="COMMAND")
+    c = s.add_parser("converters", help="list converter plugins (built-in and third-party)",
+                     description="List every converter registered in the scd.converters entry-point group.")
+    c.set_defaults(func=_converters)
+    add_run_parser(s)
+
+
+def _dist_version(module: str) -> str:
+    from importlib.metadata import packages_distributions
+
+    for dist in packages_distributions().get(module.split(".")[0], []):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "?"
+
+
+def _converters(args: argparse.Namespace) -> int:
+    from ingest.registry import discover
+
+    print(f"{'name':<16}{'domain':<10}{'suffixes':<44}package")
+    for name, cls in sorted(discover().items()):
+        print(f"{name:<16}{cls.domain:<10}{' '.join(cls.suffixes):<44}{_dist_version(cls.__module__)}")
+    return 0

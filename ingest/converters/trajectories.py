@@ -1,0 +1,226 @@
+"""MD trajectory converters, streamed frame by frame: MDAnalysis (DCD, XTC, TRR, NetCDF + topology),
+ASE ``.traj``, and zarr trajectory stores. Record r is the r-th selected frame (frame = r * stride)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ingest.plugin import Converter, Reject
+from shards.schema import AtomGraph, make_key
+
+KJ_MOL_TO_EV = 0.010364269656262174
+TOPOLOGY_SUFFIXES = (".psf", ".tpr", ".gro", ".prmtop", ".parm7", ".pdb", ".top")
+
+
+@dataclass(frozen=True)
+class TrajectoryOptions:
+    """Frame ``stride``, ``max_frames`` per trajectory, an MDAnalysis atom ``select``ion (e.g.
+    ``not resname SOL``), the ``topology`` file (relative to the trajectory's folder; default: a file
+    with the same stem and a topology suffix), and the ``trajectory_id`` (default: the file stem).
+    ``drop_virtual`` removes massless virtual sites (e.g. TIP4P dummies), which are not atoms."""
+
+    stride: int = 1
+    max_frames: int | None = None
+    select: str = "all"
+    topology: str | None = None
+    trajectory_id: str | None = None
+    drop_virtual: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stride < 1 or (self.max_frames is not None and self.max_frames < 1):
+            raise ValueError("stride and max_frames must be >= 1")
+
+
+def frame_count(n_frames: int, options: TrajectoryOptions) -> int:
+    n = len(range(0, n_frames, options.stride))
+    return n if options.max_frames is None else min(n, options.max_frames)
+
+
+def _cell(dimensions: Any) -> tuple[np.ndarray, np.ndarray]:
+    from MDAnalysis.lib.mdamath import triclinic_vectors
+
+    if dimensions is None or not np.all(np.asarray(dimensions[:3]) > 0):
+        return np.zeros((3, 3)), np.zeros(3, bool)
+    return np.asarray(triclinic_vectors(dimensions), dtype=np.float64), np.ones(3, bool)
+
+
+class MDAnalysisConverter(Converter):
+    """DCD, XTC, TRR and AMBER NetCDF trajectories with their topology (MDAnalysis)."""
+
+    name = "mdanalysis"
+    domain = "md"
+    suffixes = (".dcd", ".xtc", ".trr", ".nc", ".ncdf")
+    default_source = "md"
+    Options = TrajectoryOptions
+
+    def _topology(self, path: Path, options: TrajectoryOptions) -> Path:
+        if options.topology:
+            top = Path(options.topology)
+            return top if top.is_absolute() else path.parent / top
+        for suffix in TOPOLOGY_SUFFIXES:
+            cand = path.with_suffix(suffix)
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"no topology for {path.name}: set the option topology: FILE")
+
+    def _universe(self, path: Path, options: TrajectoryOptions) -> Any:
+        import warnings
+
+        import MDAnalysis as mda
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mda.Universe(str(self._topology(path, options)), str(path))
+
+    def count_records(self, path: Path, options: TrajectoryOptions) -> int | None:
+        return frame_count(self._universe(path, options).trajectory.n_frames, options)
+
+    def convert(self, path: Path, options: TrajectoryOptions, *, source: str, file_id: str,
+                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        try:
+            u = self._universe(path, options)
+        except Exception as exc:  # noqa: BLE001 - a topology that does not match is one reject for the file
+            yield self.reject(file_id, None, f"cannot open trajectory with its topology: {type(exc).__name__}: {exc}")
+            return
+        atoms = u.select_atoms(options.select)
+        if options.drop_virtual and hasattr(atoms, "masses"):
+            atoms = atoms[np.asarray(atoms.masses) > 0.5]
+        if atoms.n_atoms == 0:
+            yield self.reject(file_id, None, f"selection {options.select!r} matches no atoms")
+            return
+        z = self._elements(atoms)
+        resid = np.asarray(atoms.resindices)
+        traj_id = options.trajectory_id or Path(file_id).stem
+        n = frame_count(u.trajectory.n_frames, options)
+        for r in records if records is not None else range(n):
+            if r >= n:
+                yield self.reject(file_id, r, "frame beyond the end of the trajectory")
+                continue
+            ts = u.trajectory[r * options.stride]
+            yield self.build(file_id, r, lambda ts=ts, r=r: self._graph(ts, atoms, z, resid, r, traj_id, source,
+                                                                        file_id))
+
+    @staticmethod
+    def _elements(atoms: Any) -> np.ndarray:
+        from ase.data import atomic_numbers
+        from MDAnalysis.guesser.default_guesser import DefaultGuesser
+
+        if hasattr(atoms, "elements") and all(e.strip() for e in atoms.elements):
+            symbols = [e.strip().capitalize() for e in atoms.elements]
+        else:
+            guesser = DefaultGuesser(None)
+            symbols = [guesser.guess_atom_element(name).capitalize() for name in atoms.names]
+        bad = sorted({s for s in symbols if s not in atomic_numbers or s == "X"})
+        if bad:
+            raise ValueError(f"unknown element symbols {bad[:5]}")
+        return np.array([atomic_numbers[s] for s in symbols])
+
+    @staticmethod
+    def _graph(ts: Any, atoms: Any, z: np.ndarray, resid: np.ndarray, r: int, traj_id: str, source: str,
+               file_id: str) -> AtomGraph:
+        cell, pbc = _cell(ts.dimensions)
+        forces = None
+        if ts.has_forces:
+            forces = np.asarray(atoms.forces, dtype=np.float64) * KJ_MOL_TO_EV
+        return AtomGraph(key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
+                         atomic_numbers=z, positions=np.asarray(atoms.positions, dtype=np.float64), cell=cell,
+                         pbc=pbc, forces=forces, residue_index=resid, trajectory_id=traj_id,
+                         frame_time=float(ts.time))
+
+
+class ASETrajConverter(Converter):
+    """ASE ``.traj`` files, frame by frame; energies and forces from the stored calculator results."""
+
+    name = "ase_traj"
+    domain = "md"
+    suffixes = (".traj",)
+    default_source = "ase"
+    Options = TrajectoryOptions
+
+    def count_records(self, path: Path, options: TrajectoryOptions) -> int | None:
+        from ase.io.trajectory import Trajectory
+
+        with Trajectory(str(path)) as traj:
+            return frame_count(len(traj), options)
+
+    def convert(self, path: Path, options: TrajectoryOptions, *, source: str, file_id: str,
+                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        from ase.io.trajectory import Trajectory
+
+        traj_id = options.trajectory_id or Path(file_id).stem
+        with Trajectory(str(path)) as traj:
+            n = frame_count(len(traj), options)
+            for r in records if records is not None else range(n):
+                if r >= n:
+                    yield self.reject(file_id, r, "frame beyond the end of the trajectory")
+                    continue
+                atoms = traj[r * options.stride]
+                yield self.build(file_id, r, lambda a=atoms, r=r: AtomGraph.from_ase(
+                    a, key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
+                    trajectory_id=traj_id, frame_time=float(a.info.get("time", r * options.stride))))
+
+
+class ZarrTrajConverter(Converter):
+    """zarr trajectory stores: positions [T,N,3], atomic_numbers [N], optional cell [T,3,3], energy [T],
+    forces [T,N,3] (Å, eV, eV/Å). Frames are read one at a time."""
+
+    name = "zarr_traj"
+    domain = "md"
+    suffixes = (".zarr",)
+    default_source = "zarr"
+    Options = TrajectoryOptions
+
+    def count_records(self, path: Path, options: TrajectoryOptions) -> int | None:
+        import zarr
+
+        return frame_count(zarr.open_group(str(path), mode="r")["positions"].shape[0], options)
+
+    def convert(self, path: Path, options: TrajectoryOptions, *, source: str, file_id: str,
+                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r")
+        pos, z = g["positions"], np.asarray(g["atomic_numbers"][:])
+        if pos.ndim != 3 or pos.shape[1:] != (z.shape[0], 3):
+            yield self.reject(file_id, None, f"positions {pos.shape} do not match {z.shape[0]} atomic numbers")
+            return
+        names = set(g.array_keys())
+        traj_id = options.trajectory_id or Path(file_id).stem
+        n = frame_count(pos.shape[0], options)
+        for r in records if records is not None else range(n):
+            if r >= n:
+                yield self.reject(file_id, r, "frame beyond the end of the trajectory")
+                continue
+            f = r * options.stride
+
+            def make(f: int = f, r: int = r) -> AtomGraph:
+                cell = np.asarray(g["cell"][f]) if "cell" in names else np.zeros((3, 3))
+                return AtomGraph(key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id,
+                                 index=r, atomic_numbers=z, positions=np.asarray(pos[f]), cell=cell,
+                                 pbc=np.full(3, bool(np.any(cell))),
+                                 energy=float(g["energy"][f]) if "energy" in names else None,
+                                 forces=np.asarray(g["forces"][f]) if "forces" in names else None,
+                                 trajectory_id=traj_id, frame_time=float(f))
+
+            yield self.build(file_id, r, make)
+
+
+def write_zarr_trajectory(path: str | Path, positions: np.ndarray, atomic_numbers: np.ndarray,
+                          cell: np.ndarray | None = None, energy: np.ndarray | None = None,
+                          forces: np.ndarray | None = None) -> Path:
+    """Write a zarr trajectory store that :class:`ZarrTrajConverter` reads (chunked by frame)."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w")
+    t, n = positions.shape[:2]
+    g.create_array("positions", data=np.asarray(positions, np.float32), chunks=(1, n, 3))
+    g.create_array("atomic_numbers", data=np.asarray(atomic_numbers, np.int32))
+    for name, arr, chunks in (("cell", cell, (1, 3, 3)), ("energy", energy, (t,)), ("forces", forces, (1, n, 3))):
+        if arr is not None:
+            g.create_array(name, data=np.asarray(arr, np.float64 if name != "forces" else np.float32),
+                           chunks=chunks)
+    return Path(path)

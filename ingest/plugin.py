@@ -1,0 +1,111 @@
+"""The converter plugin contract: every input record becomes a sample or a reject with a reason."""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from shards.config import ConfigError, from_dict
+from shards.schema import AtomGraph, SchemaError
+
+MAX_FILE_BYTES = 8 * 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record that did not become a sample, and why."""
+
+    file: str
+    record: int | None
+    converter: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A converter without options."""
+
+
+class Converter(abc.ABC):
+    """Turn one input file into :class:`AtomGraph` records (and :class:`Reject` entries).
+
+    Subclasses set ``name``, ``domain``, ``suffixes``, ``default_source`` and ``Options`` (a frozen
+    dataclass, all fields defaulted) and implement :meth:`convert`. ``convert`` yields exactly one item
+    per record of ``records`` (all records when ``None``); record indices are positions in the file.
+    Heavy libraries are imported inside methods, never at module import.
+    """
+
+    name: ClassVar[str]
+    domain: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]
+    default_source: ClassVar[str] = "data"
+    Options: ClassVar[type] = NoOptions
+
+    def can_convert(self, path: Path) -> bool:
+        low = path.name.lower()
+        return any(low.endswith(s) for s in self.suffixes)
+
+    def parse_options(self, data: Mapping[str, Any] | None) -> Any:
+        if isinstance(data, self.Options):
+            return data
+        return from_dict(self.Options, dict(data or {}), where=f"converter {self.name} options")
+
+    def count_records(self, path: Path, options: Any) -> int | None:
+        """Cheap record count for splitting a large file into ranges; None when not splittable."""
+        return None
+
+    @abc.abstractmethod
+    def convert(self, path: Path, options: Any, *, source: str, file_id: str,
+                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        """Yield one sample or reject per record."""
+
+    def reject(self, file_id: str, record: int | None, reason: str) -> Reject:
+        return Reject(file_id, record, self.name, reason)
+
+    def build(self, file_id: str, record: int, make: Any) -> AtomGraph | Reject:
+        """``make()`` -> AtomGraph, with schema and parse errors turned into a reject of this record."""
+        try:
+            return make()
+        except SchemaError as exc:
+            return self.reject(file_id, record, f"invalid record: {exc.field}: {exc.reason}")
+        except ValueError as exc:
+            return self.reject(file_id, record, str(exc)[:300])
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            return self.reject(file_id, record, f"unreadable record: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file_id: str,
+                 records: range | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[AtomGraph | Reject]:
+    """Run a converter so that nothing is lost: a file that cannot be read at all becomes one reject,
+    an exception mid-file becomes a reject for the record it happened at (the rest of the range too)."""
+    try:
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError as exc:
+        yield conv.reject(file_id, None, f"cannot open: {exc.strerror or exc}")
+        return
+    if size > max_file_bytes:
+        yield conv.reject(file_id, None, f"file of {size} bytes exceeds the {max_file_bytes}-byte limit")
+        return
+    done: set[int] = set()
+    try:
+        for item in conv.convert(path, options, source=source, file_id=file_id, records=records):
+            if isinstance(item, Reject) and item.record is None:
+                yield item
+                return
+            idx = item.record if isinstance(item, Reject) else item.index
+            done.add(idx)
+            yield item
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken file must not stop the job; the reason is kept
+        reason = f"unreadable file: {type(exc).__name__}: {str(exc)[:300]}"
+        if records is None and not done:
+            yield conv.reject(file_id, None, reason)
+        elif records is not None:
+            for r in records:
+                if r not in done:
+                    yield conv.reject(file_id, r, reason)
+        else:
+            yield conv.reject(file_id, max(done) + 1, reason)

@@ -1,0 +1,67 @@
+"""Converter discovery through the ``scd.converters`` entry-point group (built-ins and plugins alike)."""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+from ingest.plugin import Converter
+
+GROUP = "scd.converters"
+
+
+class PluginError(RuntimeError):
+    """A converter plugin is broken; the message names it."""
+
+
+def _load(eps: Iterable[EntryPoint]) -> dict[str, type[Converter]]:
+    found: dict[str, type[Converter]] = {}
+    origin: dict[str, str] = {}
+    for ep in sorted(eps, key=lambda e: (e.name, e.value)):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported with the plugin's name
+            raise PluginError(f"converter plugin {ep.name!r} ({ep.value}) failed to import: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not (inspect.isclass(cls) and issubclass(cls, Converter)) or inspect.isabstract(cls):
+            raise PluginError(f"converter plugin {ep.name!r} ({ep.value}) is not a concrete ingest.plugin.Converter")
+        for attr in ("name", "domain", "suffixes"):
+            if not getattr(cls, attr, None):
+                raise PluginError(f"converter plugin {ep.name!r} ({ep.value}) does not set {attr!r}")
+        if cls.name != ep.name:
+            raise PluginError(f"converter plugin {ep.name!r} ({ep.value}) calls itself {cls.name!r}")
+        if ep.name in found:
+            raise PluginError(f"duplicate converter name {ep.name!r}: {origin[ep.name]} and {ep.value}")
+        found[ep.name], origin[ep.name] = cls, ep.value
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _installed() -> dict[str, type[Converter]]:
+    return _load(entry_points(group=GROUP))
+
+
+def discover(eps: Iterable[EntryPoint] | None = None) -> dict[str, type[Converter]]:
+    """Every converter by name; ``eps`` replaces the installed entry points (tests)."""
+    return _installed() if eps is None else _load(eps)
+
+
+def get_converter(name: str, eps: Iterable[EntryPoint] | None = None) -> type[Converter]:
+    convs = discover(eps)
+    if name not in convs:
+        raise KeyError(f"unknown converter {name!r}; installed: {sorted(convs)}")
+    return convs[name]
+
+
+def converter_for(path: Path, domain: str | None = None, eps: Iterable[EntryPoint] | None = None) -> type[Converter]:
+    """The one converter (of ``domain``, if given) that claims ``path``."""
+    matches = [c for c in discover(eps).values()
+               if (domain is None or c.domain == domain) and c().can_convert(Path(path))]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise KeyError(f"no converter{'' if domain is None else f' of domain {domain!r}'} handles {path}; "
+                       f"name one with converter: NAME")
+    raise KeyError(f"several converters handle {path}: {sorted(c.name for c in matches)}; name one")

@@ -1,0 +1,58 @@
+"""``scd ingest run``: run an ingest job file (or one domain given by flags) on Ray."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ingest.job import JobConfig, SourceSpec, load_job
+
+
+def add_run_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="convert inputs into a shard dataset with Ray",
+                       description="Run an ingest job: plan work units (files, record/frame ranges), convert them "
+                                   "on Ray (embedded local Ray, or the cluster in RAY_ADDRESS), write shards, the "
+                                   "rejects file, the accounting summary, the zarr index and the manifest. "
+                                   "Re-running skips completed units.")
+    p.add_argument("job", nargs="?", type=Path, help="job YAML (see README: 'Ingest job files')")
+    p.add_argument("--domain", help="flag form: the domain of --input files (converter chosen by suffix)")
+    p.add_argument("--input", nargs="+", default=[], help="flag form: input files or globs")
+    p.add_argument("--out", help="flag form: output dataset folder (overrides the job's output)")
+    p.add_argument("--source", help="flag form: source name (default: the domain)")
+    p.add_argument("--converter", default="auto", help="flag form: converter name (default: by suffix)")
+    p.add_argument("--workers", type=int, help="units in parallel (default: the job's, else all CPUs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key, e.g. --set writer.max_shard_samples=1000")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_command)
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    if args.job is not None:
+        cfg = load_job(args.job, args.overrides)
+        if args.out:
+            cfg = dataclasses.replace(cfg, output=str(Path(args.out).resolve()))
+        return cfg
+    if not (args.domain and args.input and args.out):
+        raise ValueError("give a job file, or --domain D --input PATH... --out DIR")
+    spec = SourceSpec(source=args.source or args.domain, paths=tuple(str(Path(p).resolve()) for p in args.input),
+                      converter=args.converter, domain=args.domain)
+    return JobConfig(output=str(Path(args.out).resolve()), sources=(spec,))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from ingest.run import print_table, result_dict, run_job
+
+    result = run_job(job_from_args(args), workers=args.workers, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result_dict(result), indent=1))
+    else:
+        print_table(result)
+    if not result.ok:
+        print(f"error: {len(result.failed)} unit(s) failed: {', '.join(f['unit'] for f in result.failed)}; "
+              "fix the cause and re-run the same command to finish the rest")
+        return 1
+    return 0
