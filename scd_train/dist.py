@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        timeout = timedelta(seconds=int(os.environ.get("SCD_DIST_TIMEOUT_S", "1800")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return DistInfo(rank, world, local, dev)
 
 

@@ -6,6 +6,8 @@
 - ``temperature``: p_g proportional to n_g ** (1 / T) (T = 1 natural, large T -> uniform);
 - ``proportions``: p_g = w_g / sum(w) (fixed shares whatever the sizes).
 n_g counts sampling units, i.e. after the per-trajectory frame cap for MD.
+Samples above the atom budget from ``crop_domains`` (proteins, MD frames) are cropped to
+``crop_protein_atoms`` atoms around a random centre, keeping whole residues.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class MixtureConfig:
     temperature: float = 1.0
     max_frames_per_trajectory: int | None = None
     crop_protein_atoms: int | None = None
+    crop_domains: tuple[str, ...] = ("protein", "md")
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -170,8 +170,8 @@ class Planner:
         self.probs = np.array([probs[g] for g in self.group_names])
         self.cdf = np.cumsum(self.probs)
         self.cdf[-1] = 1.0
-        protein = table.domain_names.index("protein") if "protein" in table.domain_names else -1
-        self.croppable = table.domain == protein
+        crop_codes = [i for i, d in enumerate(table.domain_names) if d in mixture.crop_domains]
+        self.croppable = np.isin(table.domain, crop_codes)
         self.repeat = repeat or RepeatSpec()
         rep_codes = [i for i, d in enumerate(table.domain_names) if d in self.repeat.domains]
         self.repeatable = np.isin(table.domain, rep_codes) if self.repeat.active else np.zeros(len(table), bool)
