@@ -78,10 +78,13 @@ class Converter(abc.ABC):
 
 def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file_id: str,
                  records: range | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[AtomGraph | Reject]:
-    """Run a converter so that nothing is lost: a file that cannot be read at all becomes one reject,
-    an exception mid-file becomes a reject for the record it happened at (the rest of the range too)."""
+    """Run a converter so that nothing is lost: a file that cannot be read at all becomes one reject with
+    record None; an exception mid-file becomes a reject for every record not yet yielded (the rest of
+    ``records``, or of the counted file); records of ``records`` past the end of the file are rejects too.
+    Duplicates and records outside ``records`` are dropped, so each wanted record appears exactly once."""
     try:
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        st = path.stat()
+        size = st.st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     except OSError as exc:
         yield conv.reject(file_id, None, f"cannot open: {exc.strerror or exc}")
         return
@@ -95,6 +98,8 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
                 yield item
                 return
             idx = item.record if isinstance(item, Reject) else item.index
+            if idx in done or (records is not None and idx not in records):
+                continue
             done.add(idx)
             yield item
     except (ConfigError, KeyboardInterrupt):
@@ -103,9 +108,22 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
         reason = f"unreadable file: {type(exc).__name__}: {str(exc)[:300]}"
         if records is None and not done:
             yield conv.reject(file_id, None, reason)
-        elif records is not None:
-            for r in records:
-                if r not in done:
-                    yield conv.reject(file_id, r, reason)
-        else:
-            yield conv.reject(file_id, max(done) + 1, reason)
+            return
+        yield from _fill(conv, path, options, file_id, records, done, reason)
+        return
+    if records is not None:
+        yield from _fill(conv, path, options, file_id, records, done, "record beyond the end of the file")
+
+
+def _fill(conv: Converter, path: Path, options: Any, file_id: str, records: range | None, done: set[int],
+          reason: str) -> Iterator[Reject]:
+    """Rejects for the records of ``records`` (or of the whole countable file) that yielded nothing."""
+    if records is None:
+        try:
+            n = conv.count_records(path, options)
+        except Exception:  # noqa: BLE001 - the file is already known to be broken
+            n = None
+        records = range(n) if n is not None and n > max(done) else range(max(done) + 1, max(done) + 2)
+    for r in records:
+        if r not in done:
+            yield conv.reject(file_id, r, reason)

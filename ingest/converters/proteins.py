@@ -1,6 +1,7 @@
 """Protein converters (Biopython): PDB and mmCIF, gzipped or not. One sample per model."""
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from shards.schema import AtomGraph, make_key
 @dataclass(frozen=True)
 class ProteinOptions:
     """``models``: first model only, or every model as its own sample (NMR ensembles).
-    Alternate locations: the highest-occupancy one (Biopython's selection). ``hydrogens``, ``waters``
+    Alternate locations: the highest-occupancy one (Biopython's selection). ``residue_index`` is a running
+    residue number per model, so residues with insertion codes (52, 52A) stay distinct. ``hydrogens``, ``waters``
     and ``hetero`` (ligands and ions) are kept or dropped. Atoms without an element column get one
     inferred from the atom name when ``infer_elements``, else the model is rejected."""
 
@@ -28,21 +30,35 @@ class ProteinOptions:
     infer_elements: bool = True
 
 
-def _element(atom: Any, infer: bool) -> int:
+@functools.lru_cache(maxsize=4096)
+def _guess_element(name: str, resname: str) -> int:
+    """Element from an atom name when the file has none: a one-atom residue named like an element is that
+    ion (CA in residue CA is calcium); otherwise MDAnalysis' name rules (CA -> C, HT1 -> H, 1HB -> H)."""
+    from ase.data import atomic_numbers
+    from MDAnalysis.guesser.default_guesser import DefaultGuesser
+
+    name, resname = name.strip(), resname.strip()
+    if name == resname and name.capitalize() in atomic_numbers:
+        return atomic_numbers[name.capitalize()]
+    sym = DefaultGuesser(None).guess_atom_element(name).capitalize()
+    if sym not in atomic_numbers or sym == "X":
+        raise ValueError(f"cannot infer the element of atom {name!r}")
+    return atomic_numbers[sym]
+
+
+def _element(atom: Any, file_has_elements: bool, infer: bool) -> int:
+    """The atom's element; inferred from its name (``infer``) when the file has no element column."""
     from ase.data import atomic_numbers
 
     el = (atom.element or "").strip().capitalize()
-    if el in ("D", "T"):
+    if file_has_elements and el in ("D", "T"):
         return 1
-    if el in atomic_numbers and el != "X":
+    if file_has_elements and el in atomic_numbers and el != "X":
         return atomic_numbers[el]
     if not infer:
-        raise ValueError(f"atom {atom.get_full_id()} has no element")
-    name = atom.get_name().strip().lstrip("0123456789")
-    for guess in (name[:2].capitalize(), name[:1].upper()):
-        if guess in atomic_numbers and guess != "X":
-            return atomic_numbers[guess]
-    raise ValueError(f"cannot infer the element of atom {atom.get_name()!r}")
+        raise ValueError(f"atom {atom.get_name()!r} of residue {atom.get_parent().id[1]} has no element "
+                         "(set infer_elements: true to infer it from the atom name)")
+    return _guess_element(atom.get_name(), atom.get_parent().get_resname())
 
 
 class _Structure(Converter):
@@ -55,24 +71,35 @@ class _Structure(Converter):
     def _parser(self) -> Any:
         raise NotImplementedError
 
-    def convert(self, path: Path, options: ProteinOptions, *, source: str, file_id: str,
-                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+    def _read(self, path: Path) -> str:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         with opener(path, "rt", errors="replace") as fh:
-            text = fh.read()
+            return fh.read()
+
+    def _has_elements(self, text: str) -> bool:
+        """Does every atom record carry an element? (PDB columns 77-78 may be blank.)"""
+        return True
+
+    def convert(self, path: Path, options: ProteinOptions, *, source: str, file_id: str,
+                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        text = self._read(path)
         structure = self._parser().get_structure(path.stem, io.StringIO(text))
         models = list(structure)
-        if not models:
+        if not models or not any(True for _ in models[0].get_atoms()):
             yield self.reject(file_id, None, "no models / atoms in the file")
             return
         if options.models == "first":
             models = models[:1]
-        for i, model in enumerate(models):
-            if records is not None and i not in records:
+        has_elements = self._has_elements(text)
+        for i in records if records is not None else range(len(models)):
+            if i >= len(models):
+                yield self.reject(file_id, i, f"model {i} beyond the {len(models)} selected model(s)")
                 continue
-            yield self.build(file_id, i, lambda m=model, i=i: self._graph(m, i, options, source, file_id))
+            yield self.build(file_id, i, lambda m=models[i], i=i: self._graph(m, i, options, has_elements,
+                                                                            source, file_id))
 
-    def _graph(self, model: Any, i: int, options: ProteinOptions, source: str, file_id: str) -> AtomGraph:
+    def _graph(self, model: Any, i: int, options: ProteinOptions, has_elements: bool, source: str,
+               file_id: str) -> AtomGraph:
         z, pos, names, res_idx, res_names, chains, hetero = [], [], [], [], [], [], []
         for r_no, residue in enumerate(model.get_residues()):
             flag = residue.id[0]
@@ -80,16 +107,17 @@ class _Structure(Converter):
                 continue
             if flag.startswith("H_") and not options.hetero:
                 continue
+            resname, chain = residue.get_resname()[:4], str(residue.get_parent().id)[:4]
             for atom in residue.get_atoms():
-                zi = _element(atom, options.infer_elements)
+                zi = _element(atom, has_elements, options.infer_elements)
                 if zi == 1 and not options.hydrogens:
                     continue
                 z.append(zi)
-                pos.append(atom.get_coord())
+                pos.append(atom.coord)
                 names.append(atom.get_name()[:4])
                 res_idx.append(r_no)
-                res_names.append(residue.get_resname()[:4])
-                chains.append(str(residue.get_parent().id)[:4])
+                res_names.append(resname)
+                chains.append(chain)
                 hetero.append(flag != " ")
         if not z:
             raise ValueError("no atoms left after the selection")
@@ -110,6 +138,16 @@ class PDBConverter(_Structure):
         from Bio.PDB import PDBParser
 
         return PDBParser(QUIET=True)
+
+    def _has_elements(self, text: str) -> bool:
+        return all(len(line) >= 78 and line[76:78].strip()
+                   for line in text.splitlines() if line.startswith(("ATOM  ", "HETATM")))
+
+    def count_records(self, path: Path, options: ProteinOptions) -> int | None:
+        if options.models == "first":
+            return 1
+        n = sum(1 for line in self._read(path).splitlines() if line.startswith("MODEL "))
+        return max(n, 1)
 
 
 class MMCIFConverter(_Structure):
