@@ -46,7 +46,8 @@ class SDFOptions:
 
 
 class SDFConverter(Converter):
-    """SDF / MOL files, gzipped or not; formal charges -> total charge; bonds and orders kept."""
+    """SDF / MOL files, gzipped or not; explicit hydrogens kept, formal charges -> total charge, bonds and
+    orders kept. A record is 2D when RDKit finds no 3D conformer (header ``2D`` and all z = 0)."""
 
     name = "sdf"
     domain = "molecule"
@@ -55,15 +56,21 @@ class SDFConverter(Converter):
     Options = SDFOptions
 
     def count_records(self, path: Path, options: Any) -> int | None:
+        n, tail = 0, False
         with open_maybe_gz(path) as fh:
-            n = sum(1 for line in fh if line.startswith(b"$$$$"))
-        return n or None
+            for line in fh:
+                if line.startswith(b"$$$$"):
+                    n, tail = n + 1, False
+                elif line.strip():
+                    tail = True
+        return n + tail
 
     def convert(self, path: Path, options: SDFOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
         from rdkit import Chem, RDLogger
 
         RDLogger.DisableLog("rdApp.*")
+        i = -1
         with open_maybe_gz(path) as fh:
             supplier = Chem.ForwardSDMolSupplier(fh, removeHs=False, sanitize=options.sanitize)
             for i, mol in enumerate(supplier):
@@ -78,7 +85,7 @@ class SDFConverter(Converter):
                 if mol.GetNumAtoms() == 0:
                     yield self.reject(file_id, i, "zero atoms")
                     continue
-                if mol.GetNumConformers() == 0 or not np.any(mol.GetConformer().GetPositions()[:, 2]):
+                if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
                     if not options.embed_2d:
                         yield self.reject(file_id, i, "2D record (all z = 0); set embed_2d: true to embed it")
                         continue

@@ -21,7 +21,9 @@ class TrajectoryOptions:
     """Frame ``stride``, ``max_frames`` per trajectory, an MDAnalysis atom ``select``ion (e.g.
     ``not resname SOL``), the ``topology`` file (relative to the trajectory's folder; default: a file
     with the same stem and a topology suffix), and the ``trajectory_id`` (default: the file stem).
-    ``drop_virtual`` removes massless virtual sites (e.g. TIP4P dummies), which are not atoms."""
+    ``drop_virtual`` removes massless virtual sites (e.g. TIP4P dummies), which are not atoms.
+    ``timestep`` (ps between stored frames) gives ``frame_time`` when the file stores no times.
+    Every sample records its frame index in the file as ``properties["frame"]``."""
 
     stride: int = 1
     max_frames: int | None = None
@@ -29,6 +31,7 @@ class TrajectoryOptions:
     topology: str | None = None
     trajectory_id: str | None = None
     drop_virtual: bool = True
+    timestep: float | None = None
 
     def __post_init__(self) -> None:
         if self.stride < 1 or (self.max_frames is not None and self.max_frames < 1):
@@ -38,6 +41,16 @@ class TrajectoryOptions:
 def frame_count(n_frames: int, options: TrajectoryOptions) -> int:
     n = len(range(0, n_frames, options.stride))
     return n if options.max_frames is None else min(n, options.max_frames)
+
+
+def frame_time(stored: float | None, frame: int, options: TrajectoryOptions) -> float | None:
+    """The stored time of a frame (ps), else ``frame * timestep``, else None."""
+    if stored is not None:
+        return float(stored)
+    return None if options.timestep is None else frame * options.timestep
+
+
+FRAME_UNITS = {"frame": "-"}
 
 
 def _cell(dimensions: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -93,16 +106,19 @@ class MDAnalysisConverter(Converter):
             yield self.reject(file_id, None, f"selection {options.select!r} matches no atoms")
             return
         z = self._elements(atoms)
-        resid = np.asarray(atoms.resindices)
+        meta = {"residue_index": np.asarray(atoms.resindices),
+                "atom_name": np.array([n[:4] for n in atoms.names], dtype="S4"),
+                "residue_name": np.array([n[:4] for n in atoms.resnames], dtype="S4")}
         traj_id = options.trajectory_id or Path(file_id).stem
         n = frame_count(u.trajectory.n_frames, options)
         for r in records if records is not None else range(n):
             if r >= n:
                 yield self.reject(file_id, r, "frame beyond the end of the trajectory")
                 continue
-            ts = u.trajectory[r * options.stride]
-            yield self.build(file_id, r, lambda ts=ts, r=r: self._graph(ts, atoms, z, resid, r, traj_id, source,
-                                                                        file_id))
+            f = r * options.stride
+            ts = u.trajectory[f]
+            yield self.build(file_id, r, lambda ts=ts, r=r, f=f: self._graph(ts, atoms, z, meta, r, f, traj_id,
+                                                                             source, file_id))
 
     @staticmethod
     def _elements(atoms: Any) -> np.ndarray:
@@ -120,16 +136,16 @@ class MDAnalysisConverter(Converter):
         return np.array([atomic_numbers[s] for s in symbols])
 
     @staticmethod
-    def _graph(ts: Any, atoms: Any, z: np.ndarray, resid: np.ndarray, r: int, traj_id: str, source: str,
-               file_id: str) -> AtomGraph:
+    def _graph(ts: Any, atoms: Any, z: np.ndarray, meta: dict[str, np.ndarray], r: int, f: int, traj_id: str,
+               source: str, file_id: str) -> AtomGraph:
         cell, pbc = _cell(ts.dimensions)
         forces = None
         if ts.has_forces:
             forces = np.asarray(atoms.forces, dtype=np.float64) * KJ_MOL_TO_EV
         return AtomGraph(key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
                          atomic_numbers=z, positions=np.asarray(atoms.positions, dtype=np.float64), cell=cell,
-                         pbc=pbc, forces=forces, residue_index=resid, trajectory_id=traj_id,
-                         frame_time=float(ts.time))
+                         pbc=pbc, forces=forces, trajectory_id=traj_id, frame_time=float(ts.time),
+                         properties={"frame": float(f)}, property_units=FRAME_UNITS, **meta)
 
 
 class ASETrajConverter(Converter):
@@ -158,15 +174,17 @@ class ASETrajConverter(Converter):
                 if r >= n:
                     yield self.reject(file_id, r, "frame beyond the end of the trajectory")
                     continue
-                atoms = traj[r * options.stride]
-                yield self.build(file_id, r, lambda a=atoms, r=r: AtomGraph.from_ase(
+                f = r * options.stride
+                atoms = traj[f]
+                yield self.build(file_id, r, lambda a=atoms, r=r, f=f: AtomGraph.from_ase(
                     a, key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
-                    trajectory_id=traj_id, frame_time=float(a.info.get("time", r * options.stride))))
+                    trajectory_id=traj_id, frame_time=frame_time(a.info.get("time"), f, options),
+                    properties={"frame": float(f)}, property_units=FRAME_UNITS))
 
 
 class ZarrTrajConverter(Converter):
     """zarr trajectory stores: positions [T,N,3], atomic_numbers [N], optional cell [T,3,3], energy [T],
-    forces [T,N,3] (Å, eV, eV/Å). Frames are read one at a time."""
+    forces [T,N,3], time [T] (Å, eV, eV/Å, ps). Frames are read one at a time."""
 
     name = "zarr_traj"
     domain = "md"
@@ -204,14 +222,16 @@ class ZarrTrajConverter(Converter):
                                  pbc=np.full(3, bool(np.any(cell))),
                                  energy=float(g["energy"][f]) if "energy" in names else None,
                                  forces=np.asarray(g["forces"][f]) if "forces" in names else None,
-                                 trajectory_id=traj_id, frame_time=float(f))
+                                 trajectory_id=traj_id, properties={"frame": float(f)},
+                                 property_units=FRAME_UNITS,
+                                 frame_time=frame_time(g["time"][f] if "time" in names else None, f, options))
 
             yield self.build(file_id, r, make)
 
 
 def write_zarr_trajectory(path: str | Path, positions: np.ndarray, atomic_numbers: np.ndarray,
                           cell: np.ndarray | None = None, energy: np.ndarray | None = None,
-                          forces: np.ndarray | None = None) -> Path:
+                          forces: np.ndarray | None = None, time: np.ndarray | None = None) -> Path:
     """Write a zarr trajectory store that :class:`ZarrTrajConverter` reads (chunked by frame)."""
     import zarr
 
@@ -219,7 +239,8 @@ def write_zarr_trajectory(path: str | Path, positions: np.ndarray, atomic_number
     t, n = positions.shape[:2]
     g.create_array("positions", data=np.asarray(positions, np.float32), chunks=(1, n, 3))
     g.create_array("atomic_numbers", data=np.asarray(atomic_numbers, np.int32))
-    for name, arr, chunks in (("cell", cell, (1, 3, 3)), ("energy", energy, (t,)), ("forces", forces, (1, n, 3))):
+    for name, arr, chunks in (("cell", cell, (1, 3, 3)), ("energy", energy, (t,)), ("forces", forces, (1, n, 3)),
+                              ("time", time, (t,))):
         if arr is not None:
             g.create_array(name, data=np.asarray(arr, np.float64 if name != "forces" else np.float32),
                            chunks=chunks)
