@@ -1,0 +1,141 @@
+"""MD converters: MDAnalysis (DCD, GRO+XTC, TPR+TRR forces, AMBER NetCDF), ASE .traj (EMT), zarr stores."""
+from __future__ import annotations
+
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.converters.trajectories import KJ_MOL_TO_EV, write_zarr_trajectory
+from ingest.registry import get_converter
+from tests.convhelp import convert
+
+
+@pytest.fixture(scope="module")
+def d():
+    import MDAnalysisTests.datafiles as datafiles
+
+    return datafiles
+
+
+def _universe(top: str, traj: str):
+    import MDAnalysis as mda
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mda.Universe(top, traj)
+
+
+def test_dcd_with_psf_stride_and_max_frames(d) -> None:
+    opts = {"topology": d.PSF, "stride": 10, "max_frames": 5, "trajectory_id": "adk"}
+    conv = get_converter("mdanalysis")()
+    assert conv.count_records(Path(d.DCD), conv.parse_options(opts)) == 5
+    graphs, rejects = convert("mdanalysis", d.DCD, opts)
+    u = _universe(d.PSF, d.DCD)
+    assert not rejects and len(graphs) == 5 and u.trajectory.n_frames == 98
+    assert [g.properties["frame"] for g in graphs] == [0, 10, 20, 30, 40]
+    u.trajectory[20]
+    np.testing.assert_allclose(graphs[2].positions, u.atoms.positions, atol=1e-4)
+    assert graphs[2].frame_time == pytest.approx(u.trajectory.time) and graphs[0].trajectory_id == "adk"
+    assert all(g.n_atoms == 3341 and g.domain == "md" for g in graphs)
+    _, beyond = convert("mdanalysis", d.DCD, opts, records=range(4, 7))
+    assert [r.record for r in beyond] == [5, 6]
+
+
+def test_gro_xtc_box_select_and_lazy_frames(d) -> None:
+    u = _universe(d.GRO, d.XTC)
+    assert u.atoms.n_atoms == 47681 and u.trajectory.n_frames == 10
+    virtual = int((u.atoms.masses < 0.5).sum())  # TIP4P dummy sites
+    t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    graphs, rejects = convert("mdanalysis", d.XTC, {"topology": d.GRO}, records=range(0, 2))
+    elapsed = time.perf_counter() - t0
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert not rejects and len(graphs) == 2
+    assert graphs[0].n_atoms == 47681 - virtual
+    assert graphs[1].pbc.all()  # triclinic (dodecahedron) box: row lengths are a, b, c
+    np.testing.assert_allclose(np.linalg.norm(graphs[1].cell, axis=1), u.trajectory[1].dimensions[:3], rtol=1e-5)
+    assert graphs[1].frame_time == pytest.approx(u.trajectory[1].time)
+    assert grown_mb < 400 and elapsed < 30  # 2 frames x 47k atoms, not 10 frames materialised
+    (whole,), _ = convert("mdanalysis", d.XTC, {"topology": d.GRO, "drop_virtual": False, "select": "protein"},
+                          records=range(1, 2))
+    assert whole.n_atoms == u.select_atoms("protein").n_atoms == 3341 and whole.index == 1
+
+
+def test_xtc_reader_is_lazy(d, monkeypatch) -> None:
+    from MDAnalysis.coordinates.XTC import XTCReader
+
+    reads: list[int] = []
+    orig = XTCReader._read_frame
+
+    def spy(self, frame):
+        reads.append(frame)
+        return orig(self, frame)
+
+    monkeypatch.setattr(XTCReader, "_read_frame", spy)
+    convert("mdanalysis", d.XTC, {"topology": d.GRO}, records=range(0, 2))
+    assert reads and set(reads) <= {0, 1}
+
+
+def test_trr_forces_in_ev_per_angstrom(d) -> None:
+    graphs, rejects = convert("mdanalysis", d.TRR_xvf, {"topology": d.TPR_xvf}, records=range(0, 2))
+    u = _universe(d.TPR_xvf, d.TRR_xvf)
+    atoms = u.atoms[u.atoms.masses > 0.5]
+    assert not rejects and graphs[0].forces is not None and graphs[0].n_atoms == atoms.n_atoms
+    np.testing.assert_allclose(graphs[0].forces, atoms.forces * KJ_MOL_TO_EV, rtol=1e-5, atol=1e-6)
+    assert np.abs(graphs[0].forces).max() > 0
+
+
+def test_amber_netcdf_and_mismatched_topology(d) -> None:
+    graphs, rejects = convert("mdanalysis", d.NCDF, records=range(0, 3))  # bala.prmtop found by stem
+    assert not rejects and graphs[0].n_atoms == 2661 and graphs[0].pbc.all()
+    bad, (rej,) = convert("mdanalysis", d.NCDF, {"topology": d.PSF})
+    assert not bad and rej.record is None and "topology" in rej.reason
+
+
+def _emt_traj(path: Path, steps: int = 6) -> None:
+    from ase import units
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io.trajectory import Trajectory
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.calc = EMT()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=2 * units.fs)
+    with Trajectory(str(path), "w", atoms) as traj:
+        dyn.attach(traj.write, interval=1)
+        dyn.run(steps)
+
+
+def test_ase_traj_energies_and_forces(tmp_path: Path) -> None:
+    from ase.io.trajectory import Trajectory
+
+    path = tmp_path / "cu.traj"
+    _emt_traj(path)
+    graphs, rejects = convert("ase_traj", path, {"stride": 2, "timestep": 0.002})
+    with Trajectory(str(path)) as traj:
+        ref = [traj[i] for i in range(len(traj))]
+    assert not rejects and len(graphs) == len(range(0, len(ref), 2))
+    g = graphs[1]
+    assert g.energy == pytest.approx(ref[2].get_potential_energy())
+    np.testing.assert_allclose(g.forces, ref[2].get_forces(), atol=1e-5)
+    assert g.pbc.all() and g.n_atoms == 32 and g.frame_time == pytest.approx(0.004)
+
+
+def test_zarr_roundtrip_from_real_trajectory(d, tmp_path: Path) -> None:
+    u = _universe(d.PSF, d.DCD)
+    frames = [u.atoms.positions.copy() for _ in u.trajectory[:6]]
+    store = write_zarr_trajectory(tmp_path / "adk.zarr", np.stack(frames), np.ones(u.atoms.n_atoms, int),
+                                  cell=np.tile(np.eye(3) * 80.0, (6, 1, 1)), energy=np.arange(6.0),
+                                  time=np.arange(6.0) * 0.5)
+    graphs, rejects = convert("zarr_traj", store, {"stride": 2})
+    assert not rejects and [g.properties["frame"] for g in graphs] == [0, 2, 4]
+    np.testing.assert_allclose(graphs[1].positions, frames[2], atol=1e-4)
+    assert graphs[2].energy == 4.0 and graphs[2].frame_time == 2.0 and graphs[0].pbc.all()
+    conv = get_converter("zarr_traj")()
+    assert conv.count_records(store, conv.parse_options({"stride": 2})) == 3
