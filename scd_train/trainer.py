@@ -99,6 +99,7 @@ class Trainer:
         states = all_gather_json(self.sampler_state, self.info)
         path = None
         if self.info.is_main:
+            _write_mix(self.run_dir / "realised_mix.json", states)
             path = save_checkpoint(self.run_dir, self.step, model=self.objective, optimizer=self.optimizer,
                                    scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None,
                                    sampler_states=states, config=to_dict(self.cfg), keep=self.cfg.keep_checkpoints)
@@ -152,3 +153,15 @@ class Trainer:
         if info.is_main and (self.run_dir / "metrics.jsonl").is_file():
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
         return history
+
+
+def _write_mix(path: Path, states: list[Any]) -> None:
+    """The realised mix over all ranks so far (from the sampler states), next to the metrics."""
+    states = [s for s in states if s]
+    if not states:
+        return
+    seen = [sum(s["seen"][i] for s in states) for i in range(len(states[0]["groups"]))]
+    total = max(sum(seen), 1)
+    doc = {"groups": states[0]["groups"], "samples": seen, "share": [c / total for c in seen],
+           "oversize": sum(s["oversize"] for s in states), "step": states[0]["step"]}
+    path.write_text(json.dumps(doc, indent=1))
