@@ -76,9 +76,10 @@ class _Structure(Converter):
         with opener(path, "rt", errors="replace") as fh:
             return fh.read()
 
-    def _has_elements(self, text: str) -> bool:
-        """Does every atom record carry an element? (PDB columns 77-78 may be blank.)"""
-        return True
+    def _elements_column(self, text: str) -> tuple[bool, list[str]]:
+        """(does every atom record carry an element, the unknown element symbols); PDB columns 77-78
+        may be blank, and Biopython silently replaces an unknown symbol by a guess from the atom name."""
+        return True, []
 
     def convert(self, path: Path, options: ProteinOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
@@ -90,10 +91,13 @@ class _Structure(Converter):
             return
         if options.models == "first":
             models = models[:1]
-        has_elements = self._has_elements(text)
+        has_elements, unknown = self._elements_column(text)
         for i in records if records is not None else range(len(models)):
             if i >= len(models):
                 yield self.reject(file_id, i, f"model {i} beyond the {len(models)} selected model(s)")
+                continue
+            if unknown:
+                yield self.reject(file_id, i, f"unknown element symbols {unknown[:5]}")
                 continue
             yield self.build(file_id, i, lambda m=models[i], i=i: self._graph(m, i, options, has_elements,
                                                                             source, file_id))
@@ -139,9 +143,13 @@ class PDBConverter(_Structure):
 
         return PDBParser(QUIET=True)
 
-    def _has_elements(self, text: str) -> bool:
-        return all(len(line) >= 78 and line[76:78].strip()
-                   for line in text.splitlines() if line.startswith(("ATOM  ", "HETATM")))
+    def _elements_column(self, text: str) -> tuple[bool, list[str]]:
+        from ase.data import atomic_numbers
+
+        symbols = {line[76:78].strip().capitalize() for line in text.splitlines()
+                   if line.startswith(("ATOM  ", "HETATM"))}
+        unknown = sorted(s for s in symbols if s and (s not in atomic_numbers or s == "X") and s not in ("D", "T"))
+        return "" not in symbols, unknown
 
     def count_records(self, path: Path, options: ProteinOptions) -> int | None:
         if options.models == "first":

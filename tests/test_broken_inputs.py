@@ -1,0 +1,101 @@
+"""Bad input, nothing lost: every record of every broken file is a sample or a reject with a reason."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingest.plugin import Reject, safe_convert
+from ingest.registry import converter_for, get_converter
+from shards.schema import AtomGraph
+
+BROKEN = Path(__file__).parent / "data" / "broken"
+# file -> (accepted, rejected, rejects with record None, a word every reject reason contains)
+EXPECTED = {
+    "truncated.sdf": (1, 1, 0, ""),
+    "garbage.sdf": (0, 1, None, ""),
+    "flat_2d.sdf": (0, 1, 0, "2D"),
+    "zero_atoms.sdf": (0, 1, 0, "zero atoms"),
+    "garbage.pdb": (0, 1, 1, ""),
+    "wrong_suffix.pdb": (0, 1, 1, ""),
+    "unknown_element.pdb": (0, 1, 0, "element"),
+    "garbage.cif": (0, 1, 1, ""),
+    "empty.cif": (0, 1, 1, ""),
+    "truncated.cif": (0, 1, None, ""),
+    "disordered.cif": (0, 1, 0, "disordered"),
+    "garbage.xyz": (0, 1, 1, ""),
+    "nan_coords.xyz": (1, 2, 0, "positions"),
+    "zero_atoms.xyz": (0, 1, None, ""),
+    "unknown_element.xyz": (0, 1, 1, ""),
+}
+
+
+def _run(conv, path: Path, options=None, records: range | None = None) -> list[AtomGraph | Reject]:
+    opts = conv.parse_options(options or {})
+    return list(safe_convert(conv, path, opts, source="broken", file_id=path.name, records=records))
+
+
+def _check_accounting(conv, path: Path, items: list, options=None) -> None:
+    rejects = [r for r in items if isinstance(r, Reject)]
+    assert all(r.reason and r.converter == conv.name and r.file == path.name for r in rejects)
+    if any(r.record is None for r in rejects):
+        assert len(items) == 1, "an unreadable file is exactly one reject"
+        return
+    indices = [r.record if isinstance(r, Reject) else r.index for r in items]
+    assert sorted(indices) == list(range(len(items))), "each record exactly once"
+    try:
+        n = conv.count_records(path, conv.parse_options(options or {}))
+    except Exception:  # noqa: BLE001 - a file too broken to count is fine; the records are still accounted
+        n = None
+    if n is not None:
+        assert len(items) == n
+
+
+def test_corpus_is_complete() -> None:
+    assert sorted(p.name for p in BROKEN.iterdir()) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_file_accounted(name: str) -> None:
+    path = BROKEN / name
+    conv = converter_for(path)()
+    items = _run(conv, path)
+    accepted, rejected, n_none, word = EXPECTED[name]
+    rejects = [r for r in items if isinstance(r, Reject)]
+    assert (len(items) - len(rejects), len(rejects)) == (accepted, rejected), rejects
+    if n_none is not None:
+        assert sum(r.record is None for r in rejects) == n_none, rejects
+    assert all(word in r.reason for r in rejects), rejects
+    _check_accounting(conv, path, items)
+
+
+@pytest.mark.parametrize("name", ["truncated.sdf", "nan_coords.xyz", "flat_2d.sdf", "disordered.cif"])
+def test_record_ranges_are_accounted(name: str) -> None:
+    path = BROKEN / name
+    conv = converter_for(path)()
+    items = _run(conv, path, records=range(0, 4))
+    assert sorted(r.record if isinstance(r, Reject) else r.index for r in items) == [0, 1, 2, 3]
+
+
+def test_missing_file_and_directory_are_one_reject(tmp_path: Path) -> None:
+    for conv_name, path in (("sdf", tmp_path / "missing.sdf"), ("pdb", tmp_path / "dir.pdb")):
+        if conv_name == "pdb":
+            path.mkdir()
+        conv = get_converter(conv_name)()
+        (rej,) = _run(conv, path)
+        assert rej.record is None and rej.reason and rej.converter == conv_name
+
+
+def test_wrong_suffix_read_by_the_right_converter() -> None:
+    (g,) = _run(get_converter("sdf")(), BROKEN / "wrong_suffix.pdb")
+    assert isinstance(g, AtomGraph) and g.n_atoms > 0
+
+
+def test_trajectory_with_mismatched_topology() -> None:
+    import MDAnalysisTests.datafiles as d
+
+    conv = get_converter("mdanalysis")()
+    (rej,) = _run(conv, Path(d.NCDF), {"topology": d.PSF})
+    assert rej.record is None and "n_atoms" in rej.reason and rej.converter == "mdanalysis"
+    items = _run(conv, Path(d.NCDF), {"topology": d.PSF}, records=range(0, 3))
+    assert len(items) == 1 and items[0].record is None
