@@ -26,14 +26,15 @@ def graph_from_rdkit(mol: Any, *, key: str, source: str, source_file: str, index
     from rdkit import Chem
 
     conf = mol.GetConformer(conf_id)
-    bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()]
-    radicals = sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms())
+    atoms = [mol.GetAtomWithIdx(i) for i in range(mol.GetNumAtoms())]  # GetAtoms() is a slow Python wrapper
+    bonds = [mol.GetBondWithIdx(i) for i in range(mol.GetNumBonds())]
+    radicals = sum(a.GetNumRadicalElectrons() for a in atoms)
     return AtomGraph(
         key=key, domain=domain, source=source, source_file=source_file, index=index,
-        atomic_numbers=np.array([a.GetAtomicNum() for a in mol.GetAtoms()]), positions=conf.GetPositions(),
+        atomic_numbers=np.array([a.GetAtomicNum() for a in atoms]), positions=conf.GetPositions(),
         cell=_NO_CELL, pbc=_NO_PBC, charge=int(Chem.GetFormalCharge(mol)), spin=int(radicals) + 1,
-        bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
-        bond_order=np.array([b.GetBondTypeAsDouble() for b in mol.GetBonds()], dtype=np.float32))
+        bonds=np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in bonds], dtype=np.int64).reshape(-1, 2),
+        bond_order=np.array([b.GetBondTypeAsDouble() for b in bonds], dtype=np.float32))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Converter throughput vs the bare library parse of the same file, per domain (records/s, ratio).
+
+    python benchmarks/bench_converters.py [--repeat 3]
+
+Goal: each converter within 25% of the bare parse (ratio <= 1.25 in time per record).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest.plugin import safe_convert
+from ingest.registry import get_converter
+from scd_train.datakit import package_dir
+
+
+def _ours(name: str, path: Path, options: dict | None = None) -> Callable[[], int]:
+    conv = get_converter(name)()
+    opts = conv.parse_options(options or {})
+    return lambda: sum(1 for _ in safe_convert(conv, path, opts, source="bench", file_id=path.name))
+
+
+def _bare_sdf(path: Path) -> Callable[[], int]:
+    def run() -> int:
+        from rdkit import Chem
+
+        with open(path, "rb") as fh:
+            return sum(1 for m in Chem.ForwardSDMolSupplier(fh, removeHs=False) if m is not None)
+    return run
+
+
+def _bare_bio(path: Path, mmcif: bool) -> Callable[[], int]:
+    def run() -> int:
+        import gzip
+
+        from Bio.PDB import MMCIFParser, PDBParser
+
+        parser = MMCIFParser(QUIET=True) if mmcif else PDBParser(QUIET=True)
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as fh:
+            return len(list(parser.get_structure("x", fh)))
+    return run
+
+
+def _bare_cif(paths: list[Path]) -> Callable[[], int]:
+    def run() -> int:
+        from pymatgen.io.cif import CifParser
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sum(len(CifParser(p).parse_structures(primitive=False)) for p in paths)
+    return run
+
+
+def _bare_mda(top: str, traj: str) -> Callable[[], int]:
+    def run() -> int:
+        import MDAnalysis as mda
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            u = mda.Universe(top, traj)
+        return sum(1 for _ in u.trajectory)
+    return run
+
+
+def _best(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
+    best, n = float("inf"), 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        n = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, n
+
+
+def cases() -> list[tuple[str, Callable[[], int], Callable[[], int]]]:
+    import MDAnalysisTests.datafiles as d
+
+    egfr = package_dir("rdkit") / "Contrib/PBF/testData/egfr.sdf"
+    data = Path(d.PDB_small).parent
+    cifs = sorted((package_dir("ase") / "test/testdata/minerals").glob("cod_*.cif"))
+    ours_cif = [_ours("cif", p) for p in cifs]
+    return [
+        ("molecule sdf egfr (365)", _ours("sdf", egfr), _bare_sdf(egfr)),
+        ("protein pdb nmr (24 models)", _ours("pdb", Path(d.PDB_multiframe), {"models": "all"}),
+         _bare_bio(Path(d.PDB_multiframe), False)),
+        ("protein mmcif 3KPR (13k atoms)", _ours("mmcif", data / "mmcif/3KPR.cif.gz"),
+         _bare_bio(data / "mmcif/3KPR.cif.gz", True)),
+        ("crystal cif COD (8 files)", lambda: sum(f() for f in ours_cif), _bare_cif(cifs)),
+        ("md dcd adk (98 x 3341)", _ours("mdanalysis", Path(d.DCD), {"topology": d.PSF}), _bare_mda(d.PSF, d.DCD)),
+        ("md xtc adk (10 x 47681)", _ours("mdanalysis", Path(d.XTC), {"topology": d.GRO}), _bare_mda(d.GRO, d.XTC)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    print(f"{'case':<32}{'ours rec/s':>12}{'bare rec/s':>12}{'ratio':>8}")
+    worst = 0.0
+    for label, ours, bare in cases():
+        t_bare, n_bare = _best(bare, args.repeat)
+        t_ours, n_ours = _best(ours, args.repeat)
+        ratio = t_ours / t_bare
+        worst = max(worst, ratio)
+        print(f"{label:<32}{n_ours / t_ours:>12.1f}{n_bare / t_bare:>12.1f}{ratio:>8.2f}")
+    print(f"worst ratio {worst:.2f} (goal <= 1.25)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
