@@ -22,9 +22,11 @@ def _coerce(a: Any, dtype: str) -> np.ndarray:
         if want.kind in "iu":
             if arr.dtype.kind not in "iu":
                 raise TypeError(f"expected integers, got dtype {arr.dtype}")
-            info = np.iinfo(want)
-            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            out = arr.astype(want)
+            if not np.array_equal(out, arr):
                 raise ValueError(f"values {arr.min()}..{arr.max()} do not fit {dtype}")
+            out.flags.writeable = False
+            return out
         elif want.kind == "b" and arr.dtype.kind not in "biu":
             raise TypeError(f"expected booleans, got dtype {arr.dtype}")
         elif want.kind == "S" and arr.dtype.kind == "U":
@@ -98,7 +100,7 @@ def check_invariants(g: "AtomGraph", max_atoms: int = MAX_ATOMS_DEFAULT) -> None
         v = getattr(g, name)
         if v is not None and not math.isfinite(np.vdot(v, v)):  # also bounds |x| < ~1e19
             raise SchemaError(key, name, "contains NaN, inf or absurdly large values")
-    if g.cell is not ZERO_CELL and not np.isfinite(g.cell).all():
+    if g.cell is not ZERO_CELL and not math.isfinite(np.vdot(g.cell, g.cell)):
         raise SchemaError(key, "cell", "contains NaN or inf")
     if g.pbc is not NO_PBC and g.pbc.any() and abs(np.linalg.det(g.cell)) < 1e-6:
         raise SchemaError(key, "cell", "pbc is set but the cell is missing or singular")
