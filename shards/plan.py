@@ -89,8 +89,7 @@ class _Group:
     def __init__(self, gid: int, units: np.ndarray, traj: np.ndarray, cap: int | None, seed: int) -> None:
         self.gid, self.units, self.traj, self.cap, self.seed = gid, units, traj, cap, seed
         self.n = self._count()
-        self._pass: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._members_cache = units
+        self._pass: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._window: tuple[int, int, np.ndarray] | None = None
 
     def _count(self) -> int:
@@ -113,22 +112,20 @@ class _Group:
         keep[order[(rank < self.cap) | (t_sorted == 0)]] = True
         return self.units[keep]
 
-    def _pass_layout(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+    def _pass_layout(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(members of pass p, shuffled block order, window start positions)."""
         if self._pass is None or self._pass[0] != p:
             members = self._members(p)
             nb = -(-members.size // UNIT_BLOCK)
             order = keyed_rng(self.seed, "blocks", self.gid, p).permutation(nb)
             sizes = np.minimum(UNIT_BLOCK, members.size - order * UNIT_BLOCK)
             win_sizes = np.add.reduceat(sizes, np.arange(0, nb, WINDOW))
-            starts = np.r_[0, np.cumsum(win_sizes)]
-            self._pass = (p, order, starts)
-            self._members_cache = members
-        return self._pass[1], self._pass[2]
+            self._pass = (p, members, order, np.r_[0, np.cumsum(win_sizes)])
+        return self._pass[1], self._pass[2], self._pass[3]
 
     def _window_units(self, p: int, w: int) -> np.ndarray:
         if self._window is None or self._window[:2] != (p, w):
-            order, _ = self._pass_layout(p)
-            members = self._members_cache
+            members, order, _ = self._pass_layout(p)
             blocks = order[w * WINDOW:(w + 1) * WINDOW]
             ids = np.concatenate([members[b * UNIT_BLOCK:(b + 1) * UNIT_BLOCK] for b in blocks])
             self._window = (p, w, ids[keyed_rng(self.seed, "window", self.gid, p, w).permutation(ids.size)])
@@ -140,7 +137,7 @@ class _Group:
         passes, within = np.divmod(cursors, self.n)
         for p in np.unique(passes):
             sel = passes == p
-            _, starts = self._pass_layout(int(p))
+            _, _, starts = self._pass_layout(int(p))
             wins = np.searchsorted(starts, within[sel], side="right") - 1
             idx = np.flatnonzero(sel)
             for w in np.unique(wins):
