@@ -35,6 +35,15 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
+def global_mean_loss(loss_sum: torch.Tensor, n_atoms: torch.Tensor, world_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to back-propagate so that DDP's gradient average equals the gradient of the mean over
+    all atoms of all ranks (not a mean of rank means); also returns (global atoms, global loss sum)."""
+    counts = all_reduce_sum(torch.stack([n_atoms.detach().double(), loss_sum.detach().double()]))
+    scale = world_size / counts[0].clamp_min(1.0)
+    return loss_sum * scale.to(loss_sum.dtype), counts
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs ``cfg.steps`` steps."""
 
@@ -80,9 +89,8 @@ class Trainer:
         self.model.train()
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss_sum, n_atoms, extra = self.model(batch, generator=gen)
-        counts = all_reduce_sum(torch.stack([n_atoms.detach().float(), loss_sum.detach().float()]))
+        loss, counts = global_mean_loss(loss_sum, n_atoms, info.world_size)
         total_atoms = counts[0].clamp_min(1.0)
-        loss = loss_sum.float() * info.world_size / total_atoms
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.optim.grad_clip)
