@@ -26,15 +26,14 @@ def graph_from_rdkit(mol: Any, *, key: str, source: str, source_file: str, index
     from rdkit import Chem
 
     conf = mol.GetConformer(conf_id)
-    atoms = [mol.GetAtomWithIdx(i) for i in range(mol.GetNumAtoms())]  # GetAtoms() is a slow Python wrapper
-    bonds = [mol.GetBondWithIdx(i) for i in range(mol.GetNumBonds())]
-    radicals = sum(a.GetNumRadicalElectrons() for a in atoms)
+    n = mol.GetNumAtoms()
+    z = np.fromiter((mol.GetAtomWithIdx(i).GetAtomicNum() for i in range(n)), dtype=np.int64, count=n)
+    order = np.triu(Chem.GetAdjacencyMatrix(mol, useBO=True))  # C++; bond orders, aromatic = 1.5
+    i, j = np.nonzero(order)
     return AtomGraph(
-        key=key, domain=domain, source=source, source_file=source_file, index=index,
-        atomic_numbers=np.array([a.GetAtomicNum() for a in atoms]), positions=conf.GetPositions(),
-        cell=_NO_CELL, pbc=_NO_PBC, charge=int(Chem.GetFormalCharge(mol)), spin=int(radicals) + 1,
-        bonds=np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in bonds], dtype=np.int64).reshape(-1, 2),
-        bond_order=np.array([b.GetBondTypeAsDouble() for b in bonds], dtype=np.float32))
+        key=key, domain=domain, source=source, source_file=source_file, index=index, atomic_numbers=z,
+        positions=conf.GetPositions(), cell=_NO_CELL, pbc=_NO_PBC, charge=int(Chem.GetFormalCharge(mol)),
+        bonds=np.stack([i, j], axis=1), bond_order=order[i, j].astype(np.float32))
 
 
 @dataclass(frozen=True)
