@@ -196,3 +196,17 @@ def test_tiny_study_end_to_end(tmp_path, capsys) -> None:
     assert {p.name for p in (out / "configs").iterdir()} >= {"study.yaml", "pretrain_scd.yaml", "pretrain_denoise.yaml"}
     summary = json.loads((out / "results.json").read_text())
     assert summary["seconds"] > 0 and set(summary["summary"]) == {"scratch", "denoise", "scd"}
+
+
+def test_tiny_study_through_ingest_pipeline(tmp_path) -> None:
+    pytest.importorskip("ray")
+    from importlib.metadata import entry_points
+
+    if "qm9csv" not in {ep.name for ep in entry_points(group="scd.converters")}:
+        pytest.skip("qm9csv converter not registered")
+    cfg = {**TINY_STUDY, "ingest": "pipeline", "seeds": [0], "arms": ["scratch", "scd"]}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "study"
+    assert main(["study", "qm9", "--out", str(out), "--config", str(tmp_path / "tiny.yaml")]) == 0
+    assert json.loads((out / "ingest.json").read_text())["mode"] == "pipeline"
+    assert "| scd |" in (out / "results.md").read_text()
