@@ -13,6 +13,18 @@ from shards.schema import AtomGraph, SchemaError
 MAX_FILE_BYTES = 8 * 1024 ** 3
 
 
+def read_head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (decompressed when it ends in .gz); empty when unreadable."""
+    import gzip
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
 @dataclass(frozen=True)
 class Reject:
     """A record that did not become a sample, and why."""

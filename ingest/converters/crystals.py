@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject
+from ingest.plugin import Converter, Reject, read_head
 from shards.schema import AtomGraph, make_key
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
@@ -128,12 +128,7 @@ class PymatgenJSONConverter(_Crystal):
     def can_convert(self, path: Path) -> bool:
         if not super().can_convert(path):
             return False
-        try:
-            opener = gzip.open if path.name.lower().endswith(".gz") else open
-            with opener(path, "rb") as fh:
-                head = fh.read(1 << 16)
-        except OSError:
-            return False
+        head = read_head(path, 1 << 16)
         return b'"lattice"' in head and b'"sites"' in head
 
     def convert(self, path: Path, options: CrystalOptions, *, source: str, file_id: str,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject
+from ingest.plugin import Converter, Reject, read_head
 from shards.schema import AtomGraph, make_key
 
 
@@ -175,10 +175,5 @@ class MMCIFConverter(_Structure):
 
 def _has_atom_site(path: Path) -> bool:
     """mmCIF (macromolecule) or small-molecule/crystal CIF? Sniff the first 256 kB for ``_atom_site.``."""
-    try:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rb") as fh:
-            head = fh.read(1 << 18)
-    except OSError:
-        return False
+    head = read_head(path, 1 << 18)
     return b"_atom_site.group_PDB" in head or b"_atom_site.label_comp_id" in head
