@@ -136,8 +136,7 @@ def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
 def _write_reports(out: Path, units: list[Unit], outcomes: dict[int, dict[str, Any]], result: JobResult) -> None:
     lines = [json.dumps(r, sort_keys=True) for u in units if u.number in outcomes for r in outcomes[u.number]["rejects"]]
     write_atomic(out / REJECTS, ("\n".join(lines) + ("\n" if lines else "")).encode())
-    summary = {"units": result.units, "skipped": result.skipped, "failed": result.failed,
-               "accounting": result.accounting}
+    summary = {"units": result.units, "failed": result.failed, "accounting": result.accounting}
     write_atomic(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
