@@ -36,6 +36,14 @@ class LoaderConfig:
     on_corrupt: Literal["error", "skip"] = "error"
 
 
+def make_planner(cfg: LoaderConfig, table: Any, world_size: int, rank: int) -> Planner:
+    """The planner of a loader config (shared by the loader and ``scd shards preview``)."""
+    v = cfg.views
+    repeat = RepeatSpec(v.crystal_repeat_p, v.crystal_max_repeat, tuple(v.repeat_domains)) if v.noise else None
+    return Planner(table, cfg.mixture, seed=cfg.seed, world_size=world_size, rank=rank,
+                   max_atoms=cfg.max_atoms, repeat=repeat)
+
+
 class BatchStream:
     """An infinite, deterministic stream of collated batches for one (rank, worker)."""
 
@@ -47,10 +55,7 @@ class BatchStream:
         self.worker, self.num_workers = worker, num_workers
         self.datasets = [ShardDataset(d) for d in cfg.datasets]
         self.table = build_table(self.datasets)
-        v = cfg.views
-        repeat = RepeatSpec(v.crystal_repeat_p, v.crystal_max_repeat, tuple(v.repeat_domains)) if v.noise else None
-        self.planner = Planner(self.table, cfg.mixture, seed=cfg.seed, world_size=world_size, rank=rank,
-                               max_atoms=cfg.max_atoms, repeat=repeat)
+        self.planner = make_planner(cfg, self.table, world_size, rank)
         self.fetcher = SampleFetcher(self.datasets, ShardCache(cfg.cache_dir, cfg.cache_bytes))
         self.corrupt_skipped = 0
 

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shards.config import load_yaml
+from shards.loader import LoaderConfig, make_planner
 from shards.mixture import load_mixture
-from shards.plan import Planner, build_table
+from shards.plan import build_table
 from shards.reader import ShardDataset
+from shards.views import ViewConfig
 
 
 def add_parser(sub: Any) -> None:
@@ -22,6 +25,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--max-atoms", type=int, default=4000)
+    p.add_argument("--views", type=Path, help="view config YAML as in the training config's data.views "
+                                              "(cell repeats change the packing; default: the defaults)")
     p.add_argument("--state-in", type=Path, help="continue from a state written by --state-out")
     p.add_argument("--state-out", type=Path, help="write the sampler state after the last step")
     p.add_argument("--json", action="store_true", help="JSON lines (the default output is also JSON lines)")
@@ -31,8 +36,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     datasets = [ShardDataset(d) for d in args.datasets]
     table = build_table(datasets)
-    planner = Planner(table, load_mixture(args.mixture), seed=args.seed, world_size=args.world_size,
-                      rank=args.rank, max_atoms=args.max_atoms)
+    views = load_yaml(ViewConfig, args.views) if args.views else ViewConfig()
+    cfg = LoaderConfig(datasets=tuple(args.datasets), mixture=load_mixture(args.mixture), views=views,
+                       seed=args.seed, max_atoms=args.max_atoms)
+    planner = make_planner(cfg, table, args.world_size, args.rank)
     if args.state_in:
         planner.load_state_dict(json.loads(args.state_in.read_text()))
     keys: dict[tuple[int, int], list[str]] = {}

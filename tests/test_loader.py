@@ -104,3 +104,34 @@ def test_http_stream_equals_local(dataset, http_root, tmp_path):
     remote = list(itertools.islice(BatchStream(_cfg(f"{base}/ds", cache_dir=str(tmp_path / "cache"))), 5))
     assert all(_same(x, y) for x, y in zip(local, remote))
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_every_sample_once_per_pass_over_two_ranks_by_two_workers(real_graphs, tmp_path):
+    molecules = [g for g in real_graphs if g.domain == "molecule"]
+    root = tmp_path / "mol"
+    write_dataset(molecules, root, config=WriterConfig(max_shard_samples=30))
+    cfg = _cfg(root, mixture=MixtureConfig(), max_atoms=60)
+    per_rank = []
+    for rank in range(2):
+        workers = [list(itertools.islice(BatchStream(cfg, world_size=2, rank=rank, worker=w, num_workers=2), 40))
+                   for w in range(2)]
+        merged = sorted((b for w in workers for b in w), key=lambda b: b["step"])
+        assert [b["step"] for b in merged] == list(range(80))
+        keys = [k for b in merged for k in b["keys"]]
+        per_rank.append(keys[: len(molecules) // 2])
+    union = per_rank[0] + per_rank[1]
+    assert sorted(union) == sorted(g.key for g in molecules), "one pass = every sample exactly once"
+
+
+def test_preview_prints_exactly_the_loader_stream(dataset):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "preview", str(dataset), "--steps", "6",
+                          "--seed", "7", "--max-atoms", "400", "--world-size", "2", "--rank", "1", "--json"],
+                         capture_output=True, text=True, check=True)
+    preview = [json.loads(line) for line in out.stdout.splitlines()][:-1]
+    cfg = _cfg(dataset, mixture=MixtureConfig(), views=ViewConfig())
+    stream = list(itertools.islice(BatchStream(cfg, world_size=2, rank=1), 6))
+    assert [p["keys"] for p in preview] == [b["keys"] for b in stream]
+    assert [p["atoms"] for p in preview] == [int(b["z"].shape[0]) for b in stream]
