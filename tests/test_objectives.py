@@ -202,7 +202,7 @@ def _ddp_worker(rank: int, world: int, path: str, out: str) -> None:
 def test_noise_stats_all_reduced_across_ranks(tmp_path):
     out = str(tmp_path / "stats")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
-    s0, s1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    s0, s1 = torch.load(f"{out}.0", weights_only=True), torch.load(f"{out}.1", weights_only=True)
     noise = torch.cat([_batch(10)["noise"], _batch(11)["noise"]]).double()
     for s in (s0, s1):
         assert float(s["noise_count"]) == noise.shape[0]
