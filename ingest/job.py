@@ -145,7 +145,8 @@ def plan_units(cfg: JobConfig) -> list[Unit]:
 
 
 def job_summary_config(cfg: JobConfig) -> dict[str, Any]:
-    """The job configuration as recorded in the manifest (paths as written in the job)."""
+    """The job configuration as recorded in the manifest: sources and writer as written in the job."""
     d = to_dict(cfg)
-    d.pop("base_dir", None)
+    for where in ("base_dir", "output", "workers"):  # where and how it ran does not change the data
+        d.pop(where, None)
     return d

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ingest.job import JobConfig, Unit, job_summary_config, plan_units
-from ingest.unit import UNITS_DIR, completed
+from ingest.unit import UNITS_DIR, clear_leftovers, completed
 from shards.manifest import MANIFEST, finalize_dataset
 from shards.writer import write_atomic
 
@@ -37,9 +39,12 @@ def _init_ray(workers: int | None) -> Any:
     import ray
 
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
-        if not os.environ.get("RAY_ADDRESS") and workers:
-            kwargs["num_cpus"] = workers
+        kwargs: dict[str, Any] = {"logging_level": "WARNING"}
+        if not os.environ.get("RAY_ADDRESS"):
+            # "local": never attach to a cluster someone else started on this machine with `ray start`
+            kwargs.update(address="local", include_dashboard=False)
+            if workers:
+                kwargs["num_cpus"] = workers
         ray.init(**kwargs)
     return ray
 
@@ -52,6 +57,7 @@ def run_job(cfg: JobConfig, *, workers: int | None = None, progress: bool = True
     (out / UNITS_DIR).mkdir(exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     units = plan_units(cfg)
+    _remove_stale(out, {u.prefix for u in units})
     outcomes: dict[int, dict[str, Any]] = {}
     pending: list[Unit] = []
     for u in units:
@@ -104,12 +110,29 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
                 records += res["inputs"]
             except Exception as exc:  # noqa: BLE001 - the unit is recorded as failed, others finish
                 failed.append({"unit": u.prefix, "file": u.file_id, "start": u.start, "stop": u.stop,
-                               "converter": u.converter, "error": str(exc)})
+                               "converter": u.converter, "attempts": cfg.max_retries + 1,
+                               "error": _error_text(exc)})
             bar.update(1)
             rate = records / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(records=records, rec_s=f"{rate:,.0f}", failed=len(failed))
     bar.close()
-    return failed
+    return sorted(failed, key=lambda f: f["unit"])
+
+
+def _error_text(exc: BaseException) -> str:
+    """The worker's full traceback (Ray's own message shortens it), without terminal colours."""
+    text = getattr(exc, "traceback_str", None) or "".join(traceback.format_exception(exc))
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+
+
+def _remove_stale(out: Path, prefixes: set[str]) -> None:
+    """Drop shards and outcomes of units that are no longer in the plan (the job file changed)."""
+    for p in sorted((out / UNITS_DIR).glob("u*.json")):
+        if p.stem not in prefixes:
+            clear_leftovers(out, p.stem)
+    for p in sorted(out.glob("u*-*.tar*")):
+        if p.name.split("-")[0] not in prefixes and p.is_file():
+            p.unlink()
 
 
 def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
