@@ -92,6 +92,12 @@ def _resolve(base: str, path: str) -> Path:
     return p if p.is_absolute() or not base else Path(base) / p
 
 
+def _expand_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Expand $VARS and ~ in string option values (e.g. a trajectory's topology path)."""
+    return {k: os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) and ("$" in v or v.startswith("~"))
+            else v for k, v in options.items()}
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Load a job file; relative paths resolve against the job file's folder."""
     cfg = load_yaml(JobConfig, path, overrides)
@@ -127,7 +133,7 @@ def plan_units(cfg: JobConfig) -> list[Unit]:
                 raise ConfigError(f"source {spec.source!r}: {path} is handled by converter {conv_cls.name!r} "
                                   f"of domain {conv_cls.domain!r}, not {spec.domain!r}")
             conv = conv_cls()
-            options = conv.parse_options(spec.options)
+            options = conv.parse_options(_expand_options(spec.options))
             ranges: list[tuple[int | None, int | None]] = [(None, None)]
             if spec.records_per_unit or spec.max_records:
                 try:
