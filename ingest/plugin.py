@@ -7,10 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from shards.config import ConfigError, from_dict
 from shards.schema import AtomGraph, SchemaError
 
 MAX_FILE_BYTES = 8 * 1024 ** 3
+
+
+def owned(a: Any, dtype: Any) -> np.ndarray:
+    """``a`` as a C-contiguous, read-only array of ``dtype``, which the schema validator keeps without a
+    copy. Only for arrays no one else holds (a fresh parse result, or per-file arrays shared by frames)."""
+    arr = np.ascontiguousarray(a, dtype=dtype)
+    arr.flags.writeable = False
+    return arr
 
 
 def read_head(path: Path, n: int) -> bytes:

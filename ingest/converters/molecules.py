@@ -9,11 +9,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject
-from shards.schema import AtomGraph, make_key
-
-_NO_CELL = np.zeros((3, 3))
-_NO_PBC = np.zeros(3, dtype=bool)
+from ingest.plugin import Converter, Reject, owned
+from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
 def open_maybe_gz(path: Path) -> BinaryIO:
@@ -27,13 +24,19 @@ def graph_from_rdkit(mol: Any, *, key: str, source: str, source_file: str, index
 
     conf = mol.GetConformer(conf_id)
     n = mol.GetNumAtoms()
-    z = np.fromiter((mol.GetAtomWithIdx(i).GetAtomicNum() for i in range(n)), dtype=np.int64, count=n)
-    order = np.triu(Chem.GetAdjacencyMatrix(mol, useBO=True))  # C++; bond orders, aromatic = 1.5
+    z = owned(np.fromiter((mol.GetAtomWithIdx(i).GetAtomicNum() for i in range(n)), dtype=np.uint8, count=n),
+              np.uint8)
+    order = Chem.GetAdjacencyMatrix(mol, useBO=True)  # C++; bond orders, aromatic = 1.5
     i, j = np.nonzero(order)
+    upper = i < j
+    i, j = i[upper], j[upper]
+    bonds = np.empty((i.shape[0], 2), dtype=np.int32)
+    bonds[:, 0], bonds[:, 1] = i, j
+    bonds.flags.writeable = False
     return AtomGraph(
         key=key, domain=domain, source=source, source_file=source_file, index=index, atomic_numbers=z,
-        positions=conf.GetPositions(), cell=_NO_CELL, pbc=_NO_PBC, charge=int(Chem.GetFormalCharge(mol)),
-        bonds=np.stack([i, j], axis=1), bond_order=order[i, j].astype(np.float32))
+        positions=owned(conf.GetPositions(), np.float32), cell=ZERO_CELL, pbc=NO_PBC,
+        charge=int(Chem.GetFormalCharge(mol)), bonds=bonds, bond_order=owned(order[i, j], np.float32))
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject, read_head
-from shards.schema import AtomGraph, make_key
+from ingest.plugin import Converter, Reject, owned, read_head
+from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
 @dataclass(frozen=True)
@@ -105,31 +105,35 @@ class _Structure(Converter):
     def _graph(self, model: Any, i: int, options: ProteinOptions, has_elements: bool, source: str,
                file_id: str) -> AtomGraph:
         z, pos, names, res_idx, res_names, chains, hetero = [], [], [], [], [], [], []
+        element: dict[tuple[str, str, str], int] = {}
         for r_no, residue in enumerate(model.get_residues()):
             flag = residue.id[0]
             if flag == "W" and not options.waters:
                 continue
             if flag.startswith("H_") and not options.hetero:
                 continue
-            resname, chain = residue.get_resname()[:4], str(residue.get_parent().id)[:4]
-            for atom in residue.get_atoms():
-                zi = _element(atom, has_elements, options.infer_elements)
+            resname, chain, is_het = residue.resname[:4], str(residue.get_parent().id)[:4], flag != " "
+            for atom in residue:
+                memo = (atom.element, atom.name, resname)
+                zi = element.get(memo)
+                if zi is None:
+                    zi = element[memo] = _element(atom, has_elements, options.infer_elements)
                 if zi == 1 and not options.hydrogens:
                     continue
                 z.append(zi)
                 pos.append(atom.coord)
-                names.append(atom.get_name()[:4])
+                names.append(atom.name[:4])
                 res_idx.append(r_no)
                 res_names.append(resname)
                 chains.append(chain)
-                hetero.append(flag != " ")
+                hetero.append(is_het)
         if not z:
             raise ValueError("no atoms left after the selection")
         return AtomGraph(key=make_key(source, file_id, i), domain="protein", source=source, source_file=file_id,
-                         index=i, atomic_numbers=np.array(z), positions=np.array(pos, dtype=np.float64),
-                         cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), atom_name=np.array(names, dtype="S4"),
-                         residue_index=np.array(res_idx), residue_name=np.array(res_names, dtype="S4"),
-                         chain=np.array(chains, dtype="S4"), hetero=np.array(hetero))
+                         index=i, atomic_numbers=owned(z, np.uint8), positions=owned(np.vstack(pos), np.float32),
+                         cell=ZERO_CELL, pbc=NO_PBC, atom_name=owned(names, "S4"),
+                         residue_index=owned(res_idx, np.int32), residue_name=owned(res_names, "S4"),
+                         chain=owned(chains, "S4"), hetero=owned(hetero, bool))
 
 
 class PDBConverter(_Structure):

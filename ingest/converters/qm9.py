@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject
-from shards.schema import AtomGraph, make_key
+from ingest.plugin import Converter, Reject, owned
+from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 HARTREE_EV = 27.211386245988
 # CSV column -> (property name, factor to the stored unit, unit)
@@ -81,8 +82,8 @@ class QM9CSVConverter(Converter):
                 yield self.build(file_id, i, lambda row=row, i=i: self._graph(row, i, options, source, file_id))
 
     def _graph(self, row: dict, i: int, options: QM9Options, source: str, file_id: str) -> AtomGraph:
-        symbols = ast.literal_eval(row["Elements"])
-        coords = ast.literal_eval(row["XYZ_Ang"])
+        symbols = json.loads(row["Elements"].replace("'", '"'))  # a Python-literal list of symbols
+        coords = ast.literal_eval(row["XYZ_Ang"])  # not strict JSON: "0." occurs
         unknown = [s for s in symbols if s not in SYMBOLS]
         if unknown:
             raise ValueError(f"unknown element symbols {unknown}")
@@ -92,7 +93,7 @@ class QM9CSVConverter(Converter):
             props[name] = float(row[col]) * factor
             units[name] = unit
         return AtomGraph(key=make_key(source, file_id, i), domain="molecule", source=source, source_file=file_id,
-                         index=i, atomic_numbers=np.array([SYMBOLS[s] for s in symbols]),
-                         positions=np.asarray(coords, dtype=np.float64), cell=np.zeros((3, 3)),
-                         pbc=np.zeros(3, bool), charge=0, spin=1, properties=props, property_units=units)
+                         index=i, atomic_numbers=owned([SYMBOLS[s] for s in symbols], np.uint8),
+                         positions=owned(coords, np.float32), cell=ZERO_CELL,
+                         pbc=NO_PBC, charge=0, spin=1, properties=props, property_units=units)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject
-from shards.schema import AtomGraph, make_key
+from ingest.plugin import Converter, Reject, owned
+from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 KJ_MOL_TO_EV = 0.010364269656262174
 TOPOLOGY_SUFFIXES = (".psf", ".tpr", ".gro", ".prmtop", ".parm7", ".pdb", ".top")
@@ -51,14 +51,16 @@ def frame_time(stored: float | None, frame: int, options: TrajectoryOptions) -> 
 
 
 FRAME_UNITS = {"frame": "-"}
+_ALL_PBC = np.ones(3, dtype=bool)
+_ALL_PBC.flags.writeable = False
 
 
 def _cell(dimensions: Any) -> tuple[np.ndarray, np.ndarray]:
     from MDAnalysis.lib.mdamath import triclinic_vectors
 
     if dimensions is None or not np.all(np.asarray(dimensions[:3]) > 0):
-        return np.zeros((3, 3)), np.zeros(3, bool)
-    return np.asarray(triclinic_vectors(dimensions), dtype=np.float64), np.ones(3, bool)
+        return ZERO_CELL, NO_PBC
+    return owned(triclinic_vectors(dimensions), np.float64), _ALL_PBC
 
 
 class MDAnalysisConverter(Converter):
@@ -106,9 +108,9 @@ class MDAnalysisConverter(Converter):
             yield self.reject(file_id, None, f"selection {options.select!r} matches no atoms")
             return
         z = self._elements(atoms)
-        meta = {"residue_index": np.asarray(atoms.resindices),
-                "atom_name": np.array([n[:4] for n in atoms.names], dtype="S4"),
-                "residue_name": np.array([n[:4] for n in atoms.resnames], dtype="S4")}
+        meta = {"residue_index": owned(atoms.resindices, np.int32),
+                "atom_name": owned([n[:4] for n in atoms.names], "S4"),
+                "residue_name": owned([n[:4] for n in atoms.resnames], "S4")}
         traj_id = options.trajectory_id or Path(file_id).stem
         n = frame_count(u.trajectory.n_frames, options)
         for r in records if records is not None else range(n):
@@ -133,7 +135,7 @@ class MDAnalysisConverter(Converter):
         bad = sorted({s for s in symbols if s not in atomic_numbers or s == "X"})
         if bad:
             raise ValueError(f"unknown element symbols {bad[:5]}")
-        return np.array([atomic_numbers[s] for s in symbols])
+        return owned([atomic_numbers[s] for s in symbols], np.uint8)
 
     @staticmethod
     def _graph(ts: Any, atoms: Any, z: np.ndarray, meta: dict[str, np.ndarray], r: int, f: int, traj_id: str,
@@ -141,9 +143,9 @@ class MDAnalysisConverter(Converter):
         cell, pbc = _cell(ts.dimensions)
         forces = None
         if ts.has_forces:
-            forces = np.asarray(atoms.forces, dtype=np.float64) * KJ_MOL_TO_EV
+            forces = owned(np.multiply(atoms.forces, np.float32(KJ_MOL_TO_EV), dtype=np.float32), np.float32)
         return AtomGraph(key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
-                         atomic_numbers=z, positions=np.asarray(atoms.positions, dtype=np.float64), cell=cell,
+                         atomic_numbers=z, positions=owned(atoms.positions, np.float32), cell=cell,
                          pbc=pbc, forces=forces, trajectory_id=traj_id, frame_time=float(ts.time),
                          properties={"frame": float(f)}, property_units=FRAME_UNITS, **meta)
 
