@@ -99,11 +99,13 @@ class Converter(abc.ABC):
 
 
 def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file_id: str,
-                 records: range | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[AtomGraph | Reject]:
+                 records: range | None = None, max_file_bytes: int = MAX_FILE_BYTES,
+                 max_atoms: int | None = None) -> Iterator[AtomGraph | Reject]:
     """Run a converter so that nothing is lost: a file that cannot be read at all becomes one reject with
     record None; an exception mid-file becomes a reject for every record not yet yielded (the rest of
     ``records``, or of the counted file); records of ``records`` past the end of the file are rejects too.
-    Duplicates and records outside ``records`` are dropped, so each wanted record appears exactly once."""
+    Duplicates and records outside ``records`` are dropped, so each wanted record appears exactly once.
+    Files over ``max_file_bytes`` are one reject; samples over ``max_atoms`` atoms are rejects of their record."""
     try:
         st = path.stat()
         size = st.st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -123,6 +125,8 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
             if idx in done or (records is not None and idx not in records):
                 continue
             done.add(idx)
+            if max_atoms is not None and isinstance(item, AtomGraph) and item.n_atoms > max_atoms:
+                item = conv.reject(file_id, idx, f"{item.n_atoms} atoms exceed the limit of {max_atoms}")
             yield item
     except (ConfigError, KeyboardInterrupt):
         raise

@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterable
-from importlib.metadata import EntryPoint, entry_points
+from importlib import metadata
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 from ingest.plugin import Converter
@@ -40,24 +41,26 @@ def _load(eps: Iterable[EntryPoint]) -> dict[str, type[Converter]]:
 
 @functools.lru_cache(maxsize=1)
 def _installed() -> dict[str, type[Converter]]:
-    return _load(entry_points(group=GROUP))
+    return _load(metadata.entry_points(group=GROUP))
 
 
-def discover(eps: Iterable[EntryPoint] | None = None) -> dict[str, type[Converter]]:
-    """Every converter by name; ``eps`` replaces the installed entry points (tests)."""
-    return _installed() if eps is None else _load(eps)
+def discover(entry_points: Iterable[EntryPoint] | None = None) -> dict[str, type[Converter]]:
+    """Every converter by name (cached per process); ``entry_points`` replaces the installed ones (tests)."""
+    return _installed() if entry_points is None else _load(entry_points)
 
 
-def get_converter(name: str, eps: Iterable[EntryPoint] | None = None) -> type[Converter]:
-    convs = discover(eps)
+def get_converter(name: str, entry_points: Iterable[EntryPoint] | None = None) -> type[Converter]:
+    """The converter class registered as ``name``."""
+    convs = discover(entry_points)
     if name not in convs:
         raise KeyError(f"unknown converter {name!r}; installed: {sorted(convs)}")
     return convs[name]
 
 
-def converter_for(path: Path, domain: str | None = None, eps: Iterable[EntryPoint] | None = None) -> type[Converter]:
+def converter_for(path: Path, domain: str | None = None,
+                  entry_points: Iterable[EntryPoint] | None = None) -> type[Converter]:
     """The one converter (of ``domain``, if given) that claims ``path``."""
-    matches = [c for c in discover(eps).values()
+    matches = [c for c in discover(entry_points).values()
                if (domain is None or c.domain == domain) and c().can_convert(Path(path))]
     if len(matches) == 1:
         return matches[0]

@@ -99,3 +99,15 @@ def test_trajectory_with_mismatched_topology() -> None:
     assert rej.record is None and "n_atoms" in rej.reason and rej.converter == "mdanalysis"
     items = _run(conv, Path(d.NCDF), {"topology": d.PSF}, records=range(0, 3))
     assert len(items) == 1 and items[0].record is None
+
+
+def test_size_bounds_are_rejects() -> None:
+    import MDAnalysisTests.datafiles as d
+
+    path = Path(d.PDB_multiframe)
+    conv = get_converter("pdb")()
+    opts = conv.parse_options({"models": "all"})
+    (big,) = list(safe_convert(conv, path, opts, source="b", file_id=path.name, max_file_bytes=1000))
+    assert big.record is None and "limit" in big.reason
+    items = list(safe_convert(conv, path, opts, source="b", file_id=path.name, records=range(0, 3), max_atoms=10))
+    assert [r.record for r in items] == [0, 1, 2] and all("atoms exceed" in r.reason for r in items)

@@ -113,12 +113,32 @@ def test_qm9_csv_labels_in_ev() -> None:
     import ast
     import csv
 
-    graphs, rejects = convert("qm9csv", qm9_csv(1), records=range(0, 20))
-    assert not rejects and len(graphs) == 20
+    from ingest.converters.qm9 import LABELS
+
+    graphs, rejects = convert("qm9csv", qm9_csv(1), records=range(0, 200))
+    assert not rejects and [g.index for g in graphs] == list(range(200))
     with open(qm9_csv(1), newline="") as fh:
-        rows = [r for _, r in zip(range(20), csv.DictReader(fh))]
+        rows = [r for _, r in zip(range(200), csv.DictReader(fh))]
     for g, row in zip(graphs, rows):
         assert g.n_atoms == int(row["N_atoms"]) == len(ast.literal_eval(row["Elements"]))
-        assert g.properties["homo"] == pytest.approx(float(row["HOMO_au"]) * HARTREE_EV)
-        assert g.property_units["u0"] == "eV" and g.properties["u0"] < -1000  # Hartree -> eV
-    assert graphs[0].atomic_numbers.tolist() == [6, 1, 1, 1, 1]  # methane
+        np.testing.assert_allclose(g.positions, ast.literal_eval(row["XYZ_Ang"]), atol=1e-5)
+        for col, (name, factor, _) in LABELS.items():
+            assert g.properties[name] == pytest.approx(float(row[col]) * factor, rel=1e-12)
+    g = graphs[0]
+    assert g.atomic_numbers.tolist() == [6, 1, 1, 1, 1] and g.charge == 0  # methane
+    assert g.properties["gap"] == pytest.approx(float(rows[0]["HOMO_LUMO_gap_au"]) * 27.211386245988)
+    assert g.properties["u0"] < -1000  # Hartree -> eV
+    assert g.property_units == {"homo": "eV", "lumo": "eV", "gap": "eV", "u0": "eV", "u298": "eV", "h298": "eV",
+                                "g298": "eV", "zpve": "eV", "mu": "D", "alpha": "bohr^3", "r2": "bohr^2",
+                                "cv": "cal/mol/K"}
+
+
+def test_qm9_count_and_ranges_from_another_part() -> None:
+    from ingest.registry import converter_for
+
+    path = qm9_csv(3)
+    conv = converter_for(path)()
+    assert conv.name == "qm9csv"
+    n = conv.count_records(path, conv.parse_options({}))
+    tail, rejects = convert("qm9csv", path, records=range(n - 3, n + 1))
+    assert len(tail) == 3 and [r.record for r in rejects] == [n]

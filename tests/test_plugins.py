@@ -76,8 +76,8 @@ def test_third_party_plugin_ingests_into_shards(tmp_path: Path) -> None:
     path = tmp_path / "pe.poly"
     path.write_text("\n".join(["chain A", *_polyethylene(6), "chain B", *_polyethylene(2), "chain C",
                                "C 0 0 0", "Xx 1 1 1"]) + "\n")
-    cls = converter_for(path, eps=registry_eps)
-    assert cls is get_converter("polymer", eps=registry_eps) and cls.domain == "polymer"
+    cls = converter_for(path, entry_points=registry_eps)
+    assert cls is get_converter("polymer", entry_points=registry_eps) and cls.domain == "polymer"
     conv = cls()
     opts = conv.parse_options({"min_atoms": 3})
     items = list(safe_convert(conv, path, opts, source="pe", file_id=path.name))

@@ -113,14 +113,17 @@ class MDAnalysisConverter(Converter):
                 "residue_name": owned([n[:4] for n in atoms.resnames], "S4")}
         traj_id = options.trajectory_id or Path(file_id).stem
         n = frame_count(u.trajectory.n_frames, options)
-        for r in records if records is not None else range(n):
-            if r >= n:
-                yield self.reject(file_id, r, "frame beyond the end of the trajectory")
-                continue
-            f = r * options.stride
-            ts = u.trajectory[f]
-            yield self.build(file_id, r, lambda ts=ts, r=r, f=f: self._graph(ts, atoms, z, meta, r, f, traj_id,
-                                                                             source, file_id))
+        wanted = records if records is not None else range(n)
+        inside = wanted[:max(0, len(range(wanted.start, min(wanted.stop, n), wanted.step)))]
+        if inside:
+            stride = options.stride
+            frames = u.trajectory[inside.start * stride:inside[-1] * stride + 1:inside.step * stride]  # sequential
+            for r, ts in zip(inside, frames):
+                f = r * stride
+                yield self.build(file_id, r, lambda ts=ts, r=r, f=f: self._graph(ts, atoms, z, meta, r, f, traj_id,
+                                                                                 source, file_id))
+        for r in wanted[len(inside):]:
+            yield self.reject(file_id, r, "frame beyond the end of the trajectory")
 
     @staticmethod
     def _elements(atoms: Any) -> np.ndarray:
@@ -131,7 +134,9 @@ class MDAnalysisConverter(Converter):
             symbols = [e.strip().capitalize() for e in atoms.elements]
         else:
             guesser = DefaultGuesser(None)
-            symbols = [guesser.guess_atom_element(name).capitalize() for name in atoms.names]
+            names, inverse = np.unique(np.asarray(atoms.names, dtype=object).astype(str), return_inverse=True)
+            guessed = [guesser.guess_atom_element(name).capitalize() for name in names]
+            symbols = [guessed[k] for k in inverse.ravel()]
         bad = sorted({s for s in symbols if s not in atomic_numbers or s == "X"})
         if bad:
             raise ValueError(f"unknown element symbols {bad[:5]}")
