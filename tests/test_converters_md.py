@@ -139,3 +139,27 @@ def test_zarr_roundtrip_from_real_trajectory(d, tmp_path: Path) -> None:
     assert graphs[2].energy == 4.0 and graphs[2].frame_time == 2.0 and graphs[0].pbc.all()
     conv = get_converter("zarr_traj")()
     assert conv.count_records(store, conv.parse_options({"stride": 2})) == 3
+
+
+def test_multiframe_extxyz_as_trajectory(tmp_path: Path) -> None:
+    import ase.io
+    from ase.io.trajectory import Trajectory
+
+    traj_path, xyz_path = tmp_path / "cu.traj", tmp_path / "cu.extxyz"
+    _emt_traj(traj_path, steps=8)
+    with Trajectory(str(traj_path)) as traj:
+        ref = [traj[i] for i in range(len(traj))]
+    ase.io.write(xyz_path, ref, format="extxyz")
+    opts = {"stride": 3, "max_frames": 2, "timestep": 0.002}
+    conv = get_converter("ase_traj")()
+    assert conv.count_records(xyz_path, conv.parse_options(opts)) == 2 == conv.count_records(
+        traj_path, conv.parse_options(opts))
+    from_xyz, rejects = convert("ase_traj", xyz_path, opts)
+    from_traj, _ = convert("ase_traj", traj_path, opts)
+    assert not rejects and [g.properties["frame"] for g in from_xyz] == [0, 3]
+    for a, b in zip(from_xyz, from_traj):
+        assert a.energy == pytest.approx(b.energy) and a.frame_time == b.frame_time and a.trajectory_id == "cu"
+        np.testing.assert_allclose(a.forces, b.forces, atol=1e-5)
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-5)
+    tail, beyond = convert("ase_traj", xyz_path, {"stride": 3}, records=range(2, 5))
+    assert [g.properties["frame"] for g in tail] == [6] and [r.record for r in beyond] == [3, 4]

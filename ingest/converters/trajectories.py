@@ -156,7 +156,8 @@ class MDAnalysisConverter(Converter):
 
 
 class ASETrajConverter(Converter):
-    """ASE ``.traj`` files, frame by frame; energies and forces from the stored calculator results."""
+    """ASE ``.traj`` files and, when named explicitly, multi-frame extended XYZ trajectories, frame by
+    frame; energies and forces from the stored calculator results."""
 
     name = "ase_traj"
     domain = "md"
@@ -167,26 +168,69 @@ class ASETrajConverter(Converter):
     def count_records(self, path: Path, options: TrajectoryOptions) -> int | None:
         from ase.io.trajectory import Trajectory
 
+        if not _is_traj(path):
+            return frame_count(_xyz_frame_count(path), options)
         with Trajectory(str(path)) as traj:
             return frame_count(len(traj), options)
 
     def convert(self, path: Path, options: TrajectoryOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        traj_id = options.trajectory_id or Path(file_id).stem
+        wanted = records if records is not None else range(options.max_frames or (1 << 62))
+        if options.max_frames is not None:
+            wanted_in = wanted[:max(0, len(range(wanted.start, min(wanted.stop, options.max_frames), wanted.step)))]
+        else:
+            wanted_in = wanted
+        last = -1
+        for r, atoms in self._frames(path, options, wanted_in):
+            last, f = r, r * options.stride
+            yield self.build(file_id, r, lambda a=atoms, r=r, f=f: AtomGraph.from_ase(
+                a, key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
+                trajectory_id=traj_id, frame_time=frame_time(a.info.get("time"), f, options),
+                properties={"frame": float(f)}, property_units=FRAME_UNITS))
+        if records is not None:
+            for r in records:
+                if r > last:
+                    yield self.reject(file_id, r, "frame beyond the end of the trajectory")
+
+    @staticmethod
+    def _frames(path: Path, options: TrajectoryOptions, wanted: range) -> Iterator[tuple[int, Any]]:
+        """(record, Atoms) for the records of ``wanted`` that exist, one frame in memory at a time."""
+        import ase.io
         from ase.io.trajectory import Trajectory
 
-        traj_id = options.trajectory_id or Path(file_id).stem
-        with Trajectory(str(path)) as traj:
-            n = frame_count(len(traj), options)
-            for r in records if records is not None else range(n):
-                if r >= n:
-                    yield self.reject(file_id, r, "frame beyond the end of the trajectory")
-                    continue
-                f = r * options.stride
-                atoms = traj[f]
-                yield self.build(file_id, r, lambda a=atoms, r=r, f=f: AtomGraph.from_ase(
-                    a, key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
-                    trajectory_id=traj_id, frame_time=frame_time(a.info.get("time"), f, options),
-                    properties={"frame": float(f)}, property_units=FRAME_UNITS))
+        if not wanted:
+            return
+        stride = options.stride
+        if _is_traj(path):
+            with Trajectory(str(path)) as traj:
+                n = frame_count(len(traj), options)
+                for r in wanted:
+                    if r >= n:
+                        return
+                    yield r, traj[r * stride]
+            return
+        frames = slice(wanted.start * stride, None if wanted.stop >= 1 << 62 else (wanted[-1] * stride + 1),
+                       wanted.step * stride)
+        yield from zip(wanted, ase.io.iread(str(path), index=frames, format="extxyz"))
+
+
+def _is_traj(path: Path) -> bool:
+    return path.name.lower().endswith(".traj")
+
+
+def _xyz_frame_count(path: Path) -> int:
+    """Frames of a (extended) XYZ file, from the atom-count lines alone."""
+    n = 0
+    with open(path, "rb") as fh:
+        while line := fh.readline():
+            if not line.strip():
+                continue
+            for _ in range(int(line) + 1):
+                if not fh.readline():
+                    raise ValueError(f"frame {n} of {path.name} is truncated")
+            n += 1
+    return n
 
 
 class ZarrTrajConverter(Converter):
