@@ -91,6 +91,7 @@ class _Structure(Converter):
             return
         if options.models == "first":
             models = models[:1]
+        element: dict[tuple[str, str, str], int] = {}
         has_elements, unknown = self._elements_column(text)
         for i in records if records is not None else range(len(models)):
             if i >= len(models):
@@ -100,12 +101,12 @@ class _Structure(Converter):
                 yield self.reject(file_id, i, f"unknown element symbols {unknown[:5]}")
                 continue
             yield self.build(file_id, i, lambda m=models[i], i=i: self._graph(m, i, options, has_elements,
-                                                                            source, file_id))
+                                                                            source, file_id, element))
 
     def _graph(self, model: Any, i: int, options: ProteinOptions, has_elements: bool, source: str,
-               file_id: str) -> AtomGraph:
+               file_id: str, element: dict[tuple[str, str, str], int]) -> AtomGraph:
+        """One model as a sample; ``element`` memoises atomic numbers by (element, atom name, residue)."""
         z, pos, names, res_idx, res_names, chains, hetero = [], [], [], [], [], [], []
-        element: dict[tuple[str, str, str], int] = {}
         for r_no, residue in enumerate(model.get_residues()):
             flag = residue.id[0]
             if flag == "W" and not options.waters:
@@ -130,7 +131,7 @@ class _Structure(Converter):
         if not z:
             raise ValueError("no atoms left after the selection")
         return AtomGraph(key=make_key(source, file_id, i), domain="protein", source=source, source_file=file_id,
-                         index=i, atomic_numbers=owned(z, np.uint8), positions=owned(np.vstack(pos), np.float32),
+                         index=i, atomic_numbers=owned(z, np.uint8), positions=owned(np.array(pos, dtype=np.float32), np.float32),
                          cell=ZERO_CELL, pbc=NO_PBC, atom_name=owned(names, "S4"),
                          residue_index=owned(res_idx, np.int32), residue_name=owned(res_names, "S4"),
                          chain=owned(chains, "S4"), hetero=owned(hetero, bool))
