@@ -64,7 +64,17 @@ start)
     ;;
 submit)
     [ "${1:-}" = "--" ] && shift
-    RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled ray job submit --address "$(cat "$state/dashboard")" --working-dir . -- "$@"
+    for attempt in $(seq 1 30); do  # the head's job agent can answer a little after the dashboard
+        set +e
+        RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled ray job submit --address "$(cat "$state/dashboard")" \
+            --working-dir . -- "$@" 2>&1 | tee "$state/submit.log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        grep -q "No available agent to submit job" "$state/submit.log" || exit "$rc"
+        echo "local_cluster: job agent not ready (attempt $attempt), retrying" >&2
+        sleep 2
+    done
+    exit 1
     ;;
 stop)
     for node in worker head; do
