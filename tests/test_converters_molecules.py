@@ -106,6 +106,9 @@ def test_xyz_and_extxyz_multiframe(tmp_path: Path) -> None:
     ase.io.write(ext, labelled, format="extxyz")
     graphs, _ = convert("xyz", ext, records=range(1, 3))
     assert [g.index for g in graphs] == [1, 2] and graphs[1].energy == pytest.approx(-3.0)
+    from ingest.registry import get_converter
+
+    assert get_converter("xyz")().count_records(ext, None) == 3
     np.testing.assert_allclose(graphs[1].forces, 0.2, atol=1e-6)
 
 

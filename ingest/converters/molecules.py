@@ -186,15 +186,30 @@ class XYZConverter(Converter):
     default_source = "xyz"
     Options = XYZOptions
 
+    def count_records(self, path: Path, options: XYZOptions) -> int | None:
+        return xyz_frame_count(path)
+
     def convert(self, path: Path, options: XYZOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
         import ase.io
 
-        for i, atoms in enumerate(ase.io.iread(str(path), index=":", format="extxyz")):
-            if records is not None and i not in records:
-                if i >= records.stop:
-                    break
-                continue
+        frames = slice(None) if records is None else slice(records.start, records.stop)
+        start = 0 if records is None else records.start
+        for i, atoms in enumerate(ase.io.iread(str(path), index=frames, format="extxyz"), start):
             yield self.build(file_id, i, lambda a=atoms, i=i: AtomGraph.from_ase(
                 a, key=make_key(source, file_id, i), domain=options.domain, source=source, source_file=file_id,
                 index=i))
+
+
+def xyz_frame_count(path: Path) -> int:
+    """Frames of a (extended) XYZ file, gzipped or not, from the atom-count lines alone."""
+    n = 0
+    with open_maybe_gz(path) as fh:
+        while line := fh.readline():
+            if not line.strip():
+                continue
+            for _ in range(int(line) + 1):
+                if not fh.readline():
+                    raise ValueError(f"frame {n} of {path.name} is truncated")
+            n += 1
+    return n

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ingest.converters.molecules import xyz_frame_count
 from ingest.plugin import Converter, Reject, owned
 from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
@@ -169,7 +170,7 @@ class ASETrajConverter(Converter):
         from ase.io.trajectory import Trajectory
 
         if not _is_traj(path):
-            return frame_count(_xyz_frame_count(path), options)
+            return frame_count(xyz_frame_count(path), options)
         with Trajectory(str(path)) as traj:
             return frame_count(len(traj), options)
 
@@ -217,20 +218,6 @@ class ASETrajConverter(Converter):
 
 def _is_traj(path: Path) -> bool:
     return path.name.lower().endswith(".traj")
-
-
-def _xyz_frame_count(path: Path) -> int:
-    """Frames of a (extended) XYZ file, from the atom-count lines alone."""
-    n = 0
-    with open(path, "rb") as fh:
-        while line := fh.readline():
-            if not line.strip():
-                continue
-            for _ in range(int(line) + 1):
-                if not fh.readline():
-                    raise ValueError(f"frame {n} of {path.name} is truncated")
-            n += 1
-    return n
 
 
 class ZarrTrajConverter(Converter):
