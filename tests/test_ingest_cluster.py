@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ def _free_ports(n: int) -> list[int]:
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_ray_job_submit_on_two_node_cluster_equals_embedded(tmp_path):
-    if shutil.which("ray") is None or shutil.which("setsid") is None:
+    bin_dir = str(Path(sys.executable).parent)  # the venv's ray and scd, also when it is not activated
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    if shutil.which("ray", path=env["PATH"]) is None or shutil.which("setsid") is None:
         pytest.skip("needs the ray CLI and setsid")
     job = write_job(tmp_path, "job", four_domain_sources(400))
-    env = {**os.environ, "RAY_ADDRESS": ""}
     ref = subprocess.run(["scd", "ingest", "run", str(job), "--out", str(tmp_path / "embedded"), "--no-progress"],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
