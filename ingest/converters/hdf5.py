@@ -1,0 +1,261 @@
+"""HDF5 molecule datasets in the SPICE and ANI-1x layouts (h5py), one sample per conformation.
+
+Both layouts have one top-level group per molecule (SPICE) or formula (ANI-1x) holding ``atomic_numbers``
+[N] and per-conformation arrays; the layout is detected from the groups' dataset names. Record ``r`` is
+the r-th conformation counting through the groups in the file's link order. Conformations are read with
+h5py slices of at most ``BLOCK_BYTES`` per dataset, so memory never holds a whole group.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ingest.converters.units import check_units, clip, elements, energy_factor, finite_or_none, length_factor, scaled
+from ingest.plugin import Converter, Reject, read_head
+from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+
+BLOCK_BYTES = 8 * 1024 ** 2
+MAX_SMILES = 10_000
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class H5Layout:
+    """Dataset names of one published layout (``{method}`` is filled from the options) and its units."""
+
+    positions: str
+    energy: str
+    forces: str
+    forces_are_gradient: bool
+    energy_unit: str
+    length_unit: str
+    extra_energies: str  # suffix (or exact name) of per-conformation energies kept as properties, in eV
+
+
+LAYOUTS: Mapping[str, H5Layout] = {
+    # SPICE: conformations [C,N,3] bohr, dft_total_energy [C] Ha, dft_total_gradient [C,N,3] Ha/bohr
+    "spice": H5Layout("conformations", "dft_total_energy", "dft_total_gradient", True, "Ha", "bohr",
+                      "formation_energy"),
+    # ANI-1x: coordinates [C,N,3] Å, <method>.energy [C] Ha, <method>.forces [C,N,3] Ha/Å
+    "ani1x": H5Layout("coordinates", "{method}.energy", "{method}.forces", False, "Ha", "Å", ".energy"),
+}
+
+
+@dataclass(frozen=True)
+class HDF5Options:
+    """``layout``: auto (by content), spice or ani1x. ``method``: the ANI-1x level of theory whose energy
+    and forces become the labels (other ``*.energy`` datasets become properties in eV). ``energy_unit`` /
+    ``length_unit`` override the layout's source units. ``charge_from_smiles``: SPICE total charge from the
+    formal charges of the group's SMILES (RDKit, unsanitised)."""
+
+    layout: Literal["auto", "spice", "ani1x"] = "auto"
+    method: str = "wb97x_dz"
+    energy_unit: str | None = None
+    length_unit: str | None = None
+    charge_from_smiles: bool = True
+
+    def __post_init__(self) -> None:
+        check_units(self.energy_unit or "eV", self.length_unit or "Å")
+
+
+def detect_layout(h5: Any) -> str | None:
+    """The layout of an open file: the first group with ``atomic_numbers`` decides; None when neither."""
+    import h5py
+
+    for name in h5:
+        grp = h5.get(name, getclass=True)
+        if grp is not h5py.Group:
+            continue
+        keys = set(h5[name].keys())
+        if "atomic_numbers" not in keys:
+            continue
+        for layout, lay in LAYOUTS.items():
+            if lay.positions in keys:
+                return layout
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    start: int  # first record of the group
+    count: int  # records of the group (1 for a group without readable conformations: its one reject)
+    problem: str | None
+
+
+class HDF5Converter(Converter):
+    """SPICE / ANI-1x HDF5 files -> one ``molecule`` sample per conformation (eV, eV/Å, Å)."""
+
+    name = "hdf5"
+    domain = "molecule"
+    suffixes = (".h5", ".hdf5", ".hdf")
+    default_source = "hdf5"
+    Options = HDF5Options
+
+    def can_convert(self, path: Path) -> bool:
+        return super().can_convert(path) and read_head(path, 8) == HDF5_MAGIC
+
+    def count_records(self, path: Path, options: HDF5Options) -> int | None:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            layout = options.layout if options.layout != "auto" else detect_layout(h5)
+            if layout is None:
+                return None
+            groups = self._groups(h5, LAYOUTS[layout])
+        return groups[-1].start + groups[-1].count if groups else 0
+
+    @staticmethod
+    def _groups(h5: Any, lay: H5Layout) -> list[_Group]:
+        """Every top-level group with its first record and record count (shapes only, no data read)."""
+        import h5py
+
+        out: list[_Group] = []
+        start = 0
+        for name in h5:
+            if h5.get(name, getclass=True) is not h5py.Group:
+                continue
+            grp = h5[name]
+            ds = grp.get(lay.positions)
+            if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
+                count, problem = 1, f"group {name!r} is a soft or external link, which is not followed"
+            elif not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
+                count, problem = 1, f"group {name!r} has no {lay.positions} dataset"
+            else:
+                count, problem = int(ds.shape[0]), None
+            out.append(_Group(name, start, count, problem))
+            start += count
+        return out
+
+    def convert(self, path: Path, options: HDF5Options, *, source: str, file_id: str,
+                records: range | None = None) -> Iterator[AtomGraph | Reject]:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            layout = options.layout if options.layout != "auto" else detect_layout(h5)
+            if layout is None:
+                yield self.reject(file_id, None, f"{file_id}: HDF5 layout is neither SPICE (groups with "
+                                  "atomic_numbers, conformations) nor ANI-1x (groups with atomic_numbers, "
+                                  "coordinates)")
+                return
+            lay = LAYOUTS[layout]
+            groups = self._groups(h5, lay)
+            n = groups[-1].start + groups[-1].count if groups else 0
+            inside, beyond = clip(records, n)
+            if inside:
+                for g in groups:
+                    lo, hi = max(inside.start, g.start), min(inside.stop, g.start + g.count)
+                    if lo < hi:
+                        yield from self._group(h5[g.name], g, lo, hi, lay, layout, options, source, file_id)
+        for r in beyond:
+            yield self.reject(file_id, r, "conformation beyond the end of the file")
+
+    def _group(self, grp: Any, g: _Group, lo: int, hi: int, lay: H5Layout, layout: str, options: HDF5Options,
+               source: str, file_id: str) -> Iterator[AtomGraph | Reject]:
+        """Records ``[lo, hi)`` of one group, read in slices of at most ``BLOCK_BYTES``."""
+        problem = g.problem
+        z = None
+        if problem is None:
+            try:
+                z = elements(grp["atomic_numbers"][()]) if "atomic_numbers" in grp else None
+                problem = None if z is not None else f"group {g.name!r} has no atomic_numbers"
+            except ValueError as exc:
+                problem = f"group {g.name!r}: {exc}"
+        names = _names(lay, options)
+        if z is not None and problem is None:
+            problem = _shape_problem(grp, g, names, z.shape[0])
+        if problem is not None or z is None:
+            for r in range(lo, hi):
+                yield self.reject(file_id, r, problem or "unreadable group")
+            return
+        e_f = energy_factor(options.energy_unit or lay.energy_unit)
+        l_f = length_factor(options.length_unit or lay.length_unit)
+        f_f = (-1.0 if lay.forces_are_gradient else 1.0) * e_f / l_f
+        extras = _extra_energies(grp, lay, names, g.count)
+        charge = _spice_charge(grp) if layout == "spice" and options.charge_from_smiles else None
+        row_bytes = grp[names["positions"]].dtype.itemsize * 3 * z.shape[0] * (2 if names["forces"] in grp else 1)
+        step = max(1, BLOCK_BYTES // max(1, row_bytes))
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            s = slice(a - g.start, b - g.start)
+            block = {k: grp[v][s] for k, v in names.items() if v in grp}
+            block.update({k: grp[k][s] for k in extras})
+            for r in range(a, b):
+                i = r - a
+                yield self.build(file_id, r, lambda r=r, i=i, blk=block: self._graph(
+                    z, blk, i, r, extras, e_f, l_f, f_f, charge, g.name, source, file_id))
+
+    @staticmethod
+    def _graph(z: np.ndarray, block: dict[str, np.ndarray], i: int, r: int, extras: tuple[str, ...], e_f: float,
+               l_f: float, f_f: float, charge: int | None, group: str, source: str, file_id: str) -> AtomGraph:
+        n = z.shape[0]
+        props: dict[str, float] = {}
+        for k in extras:
+            v = finite_or_none(block[k][i], e_f)
+            if v is not None:
+                props[k] = v
+        energy = finite_or_none(block["energy"][i], e_f) if "energy" in block else None
+        forces = None
+        if "forces" in block and not np.isnan(block["forces"][i]).all():  # ANI-1x: NaN where not computed
+            forces = scaled(block["forces"][i], f_f, (n, 3), "forces")
+        return AtomGraph(key=make_key(source, file_id, r), domain="molecule", source=source, source_file=file_id,
+                         index=r, atomic_numbers=z, positions=scaled(block["positions"][i], l_f, (n, 3), "positions"),
+                         cell=ZERO_CELL, pbc=NO_PBC, charge=charge, energy=energy, forces=forces,
+                         trajectory_id=group, properties=props or None,
+                         property_units=dict.fromkeys(props, "eV") or None)
+
+
+def _names(lay: H5Layout, options: HDF5Options) -> dict[str, str]:
+    return {"positions": lay.positions, "energy": lay.energy.format(method=options.method),
+            "forces": lay.forces.format(method=options.method)}
+
+
+def _shape_problem(grp: Any, g: _Group, names: dict[str, str], n: int) -> str | None:
+    """A shape mismatch of the group's datasets, as the reason every conformation of it is rejected."""
+    import h5py
+
+    for k in grp:
+        if not isinstance(grp.get(k, getlink=True), h5py.HardLink):
+            return f"group {g.name!r}: {k} is a soft or external link, which is not followed"
+        ds = grp[k]
+        if isinstance(ds, h5py.Dataset) and (ds.is_virtual or ds.external):
+            return f"group {g.name!r}: {k} is stored outside the file, which is not read"
+    pos = grp[names["positions"]]
+    if pos.shape != (g.count, n, 3):
+        return f"group {g.name!r}: {names['positions']} {pos.shape} does not match {n} atomic numbers"
+    if names["energy"] in grp and grp[names["energy"]].shape not in ((g.count,), (g.count, 1)):
+        shape = grp[names["energy"]].shape
+        return f"group {g.name!r}: {names['energy']} {shape} does not match {g.count} conformations"
+    if names["forces"] in grp and grp[names["forces"]].shape != (g.count, n, 3):
+        return f"group {g.name!r}: {names['forces']} {grp[names['forces']].shape} does not match {pos.shape}"
+    return None
+
+
+def _extra_energies(grp: Any, lay: H5Layout, names: dict[str, str], count: int) -> tuple[str, ...]:
+    """Per-conformation energy datasets other than the label, kept as properties (converted to eV)."""
+    return tuple(k for k in grp if k != names["energy"] and (k == lay.extra_energies or
+                                                              (lay.extra_energies.startswith(".") and
+                                                               k.endswith(lay.extra_energies)))
+                 and grp[k].shape == (count,) and grp[k].dtype.kind == "f")
+
+
+def _spice_charge(grp: Any) -> int | None:
+    """Total charge from the formal charges of the group's SMILES; None when there is none or it does not parse."""
+    from rdkit import Chem, rdBase
+
+    if "smiles" not in grp:
+        return None
+    raw = grp["smiles"][()]
+    raw = raw.reshape(-1)[0] if isinstance(raw, np.ndarray) and raw.size else raw
+    smiles = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    if not smiles or len(smiles) > MAX_SMILES:
+        return None
+    quiet = rdBase.BlockLogs()
+    mol = Chem.MolFromSmiles(smiles, sanitize=False)
+    del quiet
+    return None if mol is None else sum(a.GetFormalCharge() for a in mol.GetAtoms())
