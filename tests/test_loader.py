@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,34 @@ def _same(a: dict, b: dict) -> bool:
     return a["keys"] == b["keys"] and all(np.array_equal(a[k], b[k]) for k in keys)
 
 
-def test_batches_are_deterministic_and_within_budget(dataset):
-    a = list(itertools.islice(BatchStream(_cfg(dataset)), 12))
-    b = list(itertools.islice(BatchStream(_cfg(dataset)), 12))
-    assert all(_same(x, y) for x, y in zip(a, b))
+def test_batches_are_deterministic_and_within_budget(dataset, real_graphs):
+    """Same config -> same batches; every graph's atoms checked against the structure written (by key):
+    molecules whole, crystals whole or an integer supercell, the 3,341-atom protein cropped to <= 300 of
+    its own atoms; batches never over 400 atoms."""
+    mix = MixtureConfig(strategy="proportions", weights={"molecule": 1, "crystal": 1, "protein": 1},
+                        crop_protein_atoms=300)
+    a = list(itertools.islice(BatchStream(_cfg(dataset, mixture=mix)), 12))
+    b = list(itertools.islice(BatchStream(_cfg(dataset, mixture=mix)), 12))
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+    by_key = {g.key: g for g in real_graphs}
+    seen = {"molecule": 0, "crystal": 0, "protein": 0}
     for batch in a:
-        assert batch["z"].shape[0] <= 400
+        assert batch["z"].shape[0] == batch["n_atoms"].sum() <= 400
         assert batch["pos_noisy"].shape == batch["pos_clean"].shape == batch["noise"].shape
         ei = batch["edge_index_noisy"]
         assert (batch["batch"][ei[0]] == batch["batch"][ei[1]]).all(), "edges never cross graphs"
-    assert any(b["z"].shape[0] == 300 for b in a if len(b["keys"]) == 1) or True
+        for i, key in enumerate(batch["keys"]):
+            g, z = by_key[key], batch["z"][batch["batch"] == i]
+            seen[g.domain] += 1
+            if g.domain == "protein":
+                assert 0 < z.size <= 300
+                assert not Counter(z.tolist()) - Counter(g.atomic_numbers.tolist()), "a crop keeps its own atoms"
+            elif g.domain == "crystal":
+                reps, rest = divmod(z.size, g.n_atoms)
+                assert rest == 0 and reps in (1, 2, 4, 8) and (z == np.tile(g.atomic_numbers, reps)).all()
+            else:
+                assert (z == g.atomic_numbers).all()
+    assert min(seen.values()) > 0, seen
 
 
 def test_resume_is_bitwise_including_noise(dataset):
@@ -55,16 +74,16 @@ def test_resume_is_bitwise_including_noise(dataset):
     resumed = BatchStream(_cfg(dataset))
     resumed.load_state_dict(state)
     tail = list(itertools.islice(resumed, 6))
-    assert all(_same(x, y) for x, y in zip(full[4:], tail))
+    assert all(_same(x, y) for x, y in zip(full[4:], tail, strict=True))
 
 
 def test_worker_count_does_not_change_stream(dataset):
     single = list(itertools.islice(BatchStream(_cfg(dataset)), 8))
     w0 = list(itertools.islice(BatchStream(_cfg(dataset), worker=0, num_workers=2), 4))
     w1 = list(itertools.islice(BatchStream(_cfg(dataset), worker=1, num_workers=2), 4))
-    merged = [b for pair in zip(w0, w1) for b in pair]
+    merged = [b for pair in zip(w0, w1, strict=True) for b in pair]
     assert [b["step"] for b in merged] == list(range(8))
-    assert all(_same(x, y) for x, y in zip(single, merged))
+    assert all(_same(x, y) for x, y in zip(single, merged, strict=True))
 
 
 def test_torch_dataloader_workers_match(dataset):
@@ -74,7 +93,7 @@ def test_torch_dataloader_workers_match(dataset):
     cfg = _cfg(dataset)
     ref = list(itertools.islice(BatchStream(cfg), 6))
     got = list(itertools.islice(iter(make_loader(cfg, 1, 0, num_workers=2)), 6))
-    assert all(_same(x, y) for x, y in zip(ref, got))
+    assert all(_same(x, y) for x, y in zip(ref, got, strict=True))
     assert torch.is_tensor(got[0]["z"]) and got[0]["step"] == 0
 
 
@@ -102,7 +121,7 @@ def test_http_stream_equals_local(dataset, http_root, tmp_path):
     shutil.copytree(dataset, folder / "ds")
     local = list(itertools.islice(BatchStream(_cfg(dataset)), 5))
     remote = list(itertools.islice(BatchStream(_cfg(f"{base}/ds", cache_dir=str(tmp_path / "cache"))), 5))
-    assert all(_same(x, y) for x, y in zip(local, remote))
+    assert all(_same(x, y) for x, y in zip(local, remote, strict=True))
     assert any((tmp_path / "cache").iterdir())
 
 
