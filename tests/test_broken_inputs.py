@@ -27,7 +27,7 @@ EXPECTED = {
     "garbage.xyz": (0, 1, 1, ""),
     "nan_coords.xyz": (1, 2, 0, "positions"),
     "zero_atoms.xyz": (0, 1, None, ""),
-    "unknown_element.xyz": (0, 1, 1, ""),
+    "unknown_element.xyz": (0, 1, 0, "Qq"),
     "mismatch.xtc": (0, 1, 1, "topology"),
     "nan_frame.zarr": (3, 1, 0, "positions"),
 }

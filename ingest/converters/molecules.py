@@ -1,20 +1,21 @@
 """Molecule converters: SDF/MOL (RDKit), SMILES files (RDKit ETKDG + force field), XYZ/extended XYZ (ASE)."""
 from __future__ import annotations
 
-import gzip
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject, owned
+from ingest.plugin import Converter, InputBounds, Reject, open_input, owned
 from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
-def open_maybe_gz(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+def open_maybe_gz(path: Path, bounds: InputBounds | None = None) -> IO[bytes]:
+    """The file's bytes, decompressed when it ends in .gz, within ``bounds`` (defaults when None)."""
+    return open_input(path, bounds)
 
 
 def graph_from_rdkit(mol: Any, *, key: str, source: str, source_file: str, index: int,
@@ -40,7 +41,7 @@ def graph_from_rdkit(mol: Any, *, key: str, source: str, source_file: str, index
 
 
 @dataclass(frozen=True)
-class SDFOptions:
+class SDFOptions(InputBounds):
     """``embed_2d``: give 2D records 3D coordinates (ETKDG, seeded) instead of rejecting them."""
 
     embed_2d: bool = False
@@ -60,7 +61,7 @@ class SDFConverter(Converter):
 
     def count_records(self, path: Path, options: Any) -> int | None:
         n, tail = 0, False
-        with open_maybe_gz(path) as fh:
+        with open_maybe_gz(path, options) as fh:
             for line in fh:
                 if line.startswith(b"$$$$"):
                     n, tail = n + 1, False
@@ -74,7 +75,7 @@ class SDFConverter(Converter):
 
         RDLogger.DisableLog("rdApp.*")
         i = -1
-        with open_maybe_gz(path) as fh:
+        with open_maybe_gz(path, options) as fh:
             supplier = Chem.ForwardSDMolSupplier(fh, removeHs=False, sanitize=options.sanitize)
             for i, mol in enumerate(supplier):
                 if records is not None:
@@ -119,7 +120,7 @@ def _embed(mol: Any, seed: int, n_confs: int = 1) -> Any:
 
 
 @dataclass(frozen=True)
-class SmilesOptions:
+class SmilesOptions(InputBounds):
     """3D by ETKDG + MMFF (UFF fallback); ``conformers`` per molecule, seeded."""
 
     conformers: int = 1
@@ -137,7 +138,7 @@ class SmilesConverter(Converter):
     Options = SmilesOptions
 
     def count_records(self, path: Path, options: SmilesOptions) -> int | None:
-        with open_maybe_gz(path) as fh:
+        with open_maybe_gz(path, options) as fh:
             return sum(1 for line in fh if line.strip()) * options.conformers
 
     def convert(self, path: Path, options: SmilesOptions, *, source: str, file_id: str,
@@ -146,7 +147,7 @@ class SmilesConverter(Converter):
 
         RDLogger.DisableLog("rdApp.*")
         k = options.conformers
-        with open_maybe_gz(path) as fh:
+        with open_maybe_gz(path, options) as fh:
             lines = (line.decode(errors="replace").strip() for line in fh)
             for line_no, line in enumerate(x for x in lines if x):
                 rec0 = line_no * k
@@ -165,20 +166,23 @@ class SmilesConverter(Converter):
                     yield from (self.reject(file_id, r, "ETKDG embedding failed") for r in wanted)
                     continue
                 for r in wanted:
-                    yield self.build(file_id, r, lambda r=r: graph_from_rdkit(
+                    yield self.build(file_id, r, lambda r=r, mol=mol, rec0=rec0: graph_from_rdkit(
                         mol, key=make_key(source, file_id, r), source=source, source_file=file_id, index=r,
                         conf_id=r - rec0))
 
 
 @dataclass(frozen=True)
-class XYZOptions:
+class XYZOptions(InputBounds):
     """Domain of the frames (``molecule``; use ``md`` for trajectories written as multi-frame XYZ)."""
 
     domain: str = "molecule"
 
 
 class XYZConverter(Converter):
-    """XYZ / extended XYZ (ASE), multi-frame; energies, forces and lattices carried when present."""
+    """XYZ / extended XYZ (ASE), multi-frame; energies, forces and lattices carried when present. A record is a
+    frame, or a stretch of lines that is no well-formed frame (a wrong atom-count line, garbage): that stretch is
+    one reject with its record index and the frames around it are still samples. Undecodable bytes in a comment
+    line are replaced; in an atom line they reject the frame."""
 
     name = "xyz"
     domain = "molecule"
@@ -187,29 +191,104 @@ class XYZConverter(Converter):
     Options = XYZOptions
 
     def count_records(self, path: Path, options: XYZOptions) -> int | None:
-        return xyz_frame_count(path)
+        return xyz_frame_count(path, options)
 
     def convert(self, path: Path, options: XYZOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
-        import ase.io
+        from ase.io.extxyz import read_xyz
 
-        frames = slice(None) if records is None else slice(records.start, records.stop)
-        start = 0 if records is None else records.start
-        for i, atoms in enumerate(ase.io.iread(str(path), index=frames, format="extxyz"), start):
-            yield self.build(file_id, i, lambda a=atoms, i=i: AtomGraph.from_ase(
-                a, key=make_key(source, file_id, i), domain=options.domain, source=source, source_file=file_id,
-                index=i))
+        i, pending = -1, None
+        with open_maybe_gz(path, options) as fh:
+            for i, (lines, why) in enumerate(xyz_records(fh)):
+                if records is not None and i >= records.stop:
+                    return
+                if pending is not None:
+                    yield pending
+                    pending = None
+                if records is not None and i not in records:
+                    continue
+                if lines is None:
+                    pending = self.reject(file_id, i, why)  # held back: the whole file may be no XYZ at all
+                    continue
+                yield self.build(file_id, i, lambda lines=lines, i=i: AtomGraph.from_ase(
+                    next(read_xyz(io.StringIO(_frame_text(lines)), 0)), key=make_key(source, file_id, i),
+                    domain=options.domain, source=source, source_file=file_id, index=i))
+        if i == -1 and records is None:
+            yield self.reject(file_id, None, "no XYZ frame in the file (empty)")
+        elif pending is not None:
+            yield self.reject(file_id, None, f"no XYZ frame in the file: {pending.reason}") if i == 0 else pending
 
 
-def xyz_frame_count(path: Path) -> int:
-    """Frames of a (extended) XYZ file, gzipped or not, from the atom-count lines alone."""
-    n = 0
-    with open_maybe_gz(path) as fh:
-        while line := fh.readline():
-            if not line.strip():
-                continue
-            for _ in range(int(line) + 1):
-                if not fh.readline():
-                    raise ValueError(f"frame {n} of {path.name} is truncated")
-            n += 1
-    return n
+def _frame_text(lines: list[bytes]) -> str:
+    """A frame's text: the comment line decoded leniently, count and atom lines strictly (UTF-8)."""
+    try:
+        atoms = b"".join(lines[2:]).decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"undecodable bytes in an atom line: {exc.reason}") from None
+    return lines[0].decode() + lines[1].decode(errors="replace") + atoms
+
+
+def _count_line(line: bytes) -> int | None:
+    parts = line.split()
+    if len(parts) != 1 or not parts[0].isdigit():
+        return None
+    return int(parts[0])
+
+
+def _is_atom_line(line: bytes) -> bool:
+    return len(line.split(maxsplit=4)) >= 4
+
+
+def _fill(buf: list[bytes], fh: IO[bytes], k: int) -> bool:
+    """Read lines into ``buf`` until it holds ``k``; False at the end of the file."""
+    while len(buf) < k:
+        line = fh.readline()
+        if not line:
+            return False
+        buf.append(line)
+    return True
+
+
+def _frame_at(buf: list[bytes], fh: IO[bytes], j: int) -> tuple[int, str]:
+    """(lines, "") of the well-formed frame that starts at ``buf[j]``, or (0, why not)."""
+    n = _count_line(buf[j])
+    if n is None:
+        return 0, f"not an atom-count line: {buf[j][:40].decode(errors='replace').strip()!r}"
+    if not _fill(buf, fh, j + 2):
+        return 0, f"truncated frame: {n} atoms announced, no comment line"
+    for a in range(n):
+        if not _fill(buf, fh, j + 3 + a):
+            return 0, f"truncated frame: {n} atoms announced, {a} atom lines follow"
+        if not _is_atom_line(buf[j + 2 + a]):
+            return 0, f"the atom-count line says {n} atoms but {a} atom lines follow"
+    if _fill(buf, fh, j + n + 3) and _is_atom_line(buf[j + n + 2]):
+        return 0, f"the atom-count line says {n} atoms but more atom lines follow"
+    return n + 2, ""
+
+
+def xyz_records(fh: IO[bytes]) -> Iterator[tuple[list[bytes] | None, str]]:
+    """Split an (extended) XYZ byte stream into records, one frame in memory at a time: ``(lines, "")`` for a
+    well-formed frame (count line, comment line, as many lines of >= 4 fields as announced, not followed by
+    another such line), ``(None, why)`` for the stretch of lines up to the next well-formed frame."""
+    buf: list[bytes] = []
+    while True:
+        while _fill(buf, fh, 1) and not buf[0].strip():
+            del buf[0]
+        if not buf:
+            return
+        length, why = _frame_at(buf, fh, 0)
+        if length:
+            yield buf[:length], ""
+            del buf[:length]
+            continue
+        j = 1
+        while _fill(buf, fh, j + 1) and not (_count_line(buf[j]) is not None and _frame_at(buf, fh, j)[0]):
+            j += 1
+        yield None, why
+        del buf[:j]
+
+
+def xyz_frame_count(path: Path, bounds: InputBounds | None = None) -> int:
+    """Records of a (extended) XYZ file, gzipped or not: frames and the stretches between them that are none."""
+    with open_maybe_gz(path, bounds) as fh:
+        return sum(1 for _ in xyz_records(fh))
