@@ -130,7 +130,8 @@ def main() -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     try:
-        for label, graphs in (("QM9 molecules", qm9_graphs(args.molecules)), ("proteins", protein_graphs(args.proteins))):
+        sets = (("QM9 molecules", qm9_graphs(args.molecules)), ("proteins", protein_graphs(args.proteins)))
+        for label, graphs in sets:
             root = tmp / label.split()[0]
             write_dataset(graphs, root)
             files = sorted(str(p) for p in root.glob("*.tar"))

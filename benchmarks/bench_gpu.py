@@ -140,7 +140,8 @@ def main() -> None:
                 try:
                     r = run(data, backbone, preset, comp == "compile", prec == "bf16", args.steps)
                     print(f"{backbone:6s} {preset:6s} {r['params_M']:5.1f}M {mode:13s} {r['steps_s']:7.2f} steps/s "
-                          f"{r['atoms_s']:10,.0f} atoms/s  peak {r['peak_mem_GB']:.1f} GB  (warm-up {r['warmup_s']:.0f}s)",
+                          f"{r['atoms_s']:10,.0f} atoms/s  peak {r['peak_mem_GB']:.1f} GB  "
+                          f"(warm-up {r['warmup_s']:.0f}s)",
                           flush=True)
                 except Exception as exc:  # noqa: BLE001 - report the failing mode and go on
                     print(f"{backbone:6s} {preset:6s} {mode:13s} FAILED: {type(exc).__name__}: {str(exc)[:200]}",

@@ -10,8 +10,8 @@ import glob
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -85,8 +85,8 @@ def main() -> None:
     ratios = []
     for name, atoms in rows:
         pos, cell, pbc = atoms.positions.astype(np.float32), atoms.cell.array, atoms.pbc
-        ours = per_call(lambda: radius_graph(pos, cell, pbc, args.cutoff))
-        theirs = per_call(lambda: neighbor_list("ijS", atoms, args.cutoff))
+        ours = per_call(lambda pos=pos, cell=cell, pbc=pbc: radius_graph(pos, cell, pbc, args.cutoff))
+        theirs = per_call(lambda atoms=atoms: neighbor_list("ijS", atoms, args.cutoff))
         edges = radius_graph(pos, cell, pbc, args.cutoff)[0].shape[1]
         ratios.append(theirs / ours)
         print(f"{name:24s} {len(atoms):6d} {edges:8d} {ours * 1e6:8.0f}µs {theirs * 1e6:8.0f}µs "

@@ -76,9 +76,9 @@ def speed(qm9_rows: int, per_unit: int, repeat: int) -> None:
                 for mode in ("plain", "ray1", "ray2"):
                     cfg = JobConfig(str(tmp / f"{mode}-{r}-{name.split()[0]}"), sources, WriterConfig())
                     if mode == "plain":
-                        t, n = _timed(lambda: _plain(cfg))
+                        t, n = _timed(lambda cfg=cfg: _plain(cfg))
                     else:
-                        t, _ = _timed(lambda: run_job(cfg, workers=int(mode[-1]), progress=False))
+                        t, _ = _timed(lambda cfg=cfg, w=int(mode[-1]): run_job(cfg, workers=w, progress=False))
                     best[mode] = min(best.get(mode, float("inf")), t)
                     shutil.rmtree(cfg.output_dir())
             units = len(plan_units(JobConfig(str(tmp / "x"), sources)))

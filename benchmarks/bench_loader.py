@@ -121,7 +121,8 @@ def main() -> None:
                                             max_frames_per_trajectory=10))):
         cfg = LoaderConfig(datasets=(str(tmp / root),), mixture=mix, max_atoms=budget, views=ViewConfig(rotate=True))
         pairs, atoms = throughput(cfg, args.steps)
-        print(f"{label}: {pairs:,.0f} SCD pairs/s, {atoms:,.0f} atoms/s per worker (decode + 2 views + 2 graphs + collate)")
+        print(f"{label}: {pairs:,.0f} SCD pairs/s, {atoms:,.0f} atoms/s per worker "
+              "(decode + 2 views + 2 graphs + collate)")
     wds_files = write_wds_npy(qm9, tmp / "wds", per_shard=10_000)
     base = baseline(wds_files, 1500)
     pairs, _ = throughput(LoaderConfig(datasets=(str(tmp / "qm9"),), max_atoms=budget), args.steps)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ def all_gather_json(obj: Any, info: DistInfo) -> list[Any]:
     buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     bufs = [torch.zeros_like(buf) for _ in range(info.world_size)]
     dist.all_gather(bufs, buf)
-    return [json.loads(bytes(b[: int(s.item())].cpu().tolist())) for b, s in zip(bufs, sizes)]
+    return [json.loads(bytes(b[: int(s.item())].cpu().tolist())) for b, s in zip(bufs, sizes, strict=True)]
 
 
 def barrier() -> None:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 def mark_dynamic(batch: dict[str, Any]) -> dict[str, Any]:
     """Mark the batch's leading (edge: second) dimensions dynamic so one graph serves every batch."""

@@ -36,7 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     warm = max(0, min(cfg.warmup_steps, total_steps - 1))
 
@@ -61,7 +62,7 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for s, p in zip(self.shadow.parameters(), model.parameters()):
+        for s, p in zip(self.shadow.parameters(), model.parameters(), strict=True):
             s.lerp_(p.detach(), 1 - self.decay)
-        for s, b in zip(self.shadow.buffers(), model.buffers()):
+        for s, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
             s.copy_(b)

@@ -147,7 +147,8 @@ def _summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, fl
     for arm, runs in results.items():
         maes = np.array([r["test_mae_meV"] for r in runs])
         vals = np.array([r["best_val_mae_meV"] for r in runs])
-        out[arm] = {"test_mean_meV": float(maes.mean()), "test_std_meV": float(maes.std(ddof=1)) if len(maes) > 1 else 0.0,
+        std = float(maes.std(ddof=1)) if len(maes) > 1 else 0.0
+        out[arm] = {"test_mean_meV": float(maes.mean()), "test_std_meV": std,
                     "val_mean_meV": float(vals.mean()), "runs": len(runs),
                     "test_meV": [float(x) for x in maes]}
     return out
@@ -192,7 +193,8 @@ def write_markdown(cfg: StudyConfig, summary: dict[str, dict[str, float]], path:
              "|---|---|---|---|"]
     for arm, r in summary.items():
         per = ", ".join(f"{x:.1f}" for x in r["test_meV"])
-        lines.append(f"| {arm} | {r['test_mean_meV']:.1f} ± {r['test_std_meV']:.1f} | {per} | {r['val_mean_meV']:.1f} |")
+        lines.append(f"| {arm} | {r['test_mean_meV']:.1f} ± {r['test_std_meV']:.1f} | {per} "
+                     f"| {r['val_mean_meV']:.1f} |")
     lines += ["", "Paper (full scale, ~10M parameters, PCQM4Mv2 pretraining): HOMO scratch 20.3, SCD 12.7 meV.", ""]
     path.write_text("\n".join(lines))
 
@@ -234,7 +236,8 @@ def run_study(cfg: StudyConfig, out: Path, *, command: str = "scd study qm9", lo
             ft = dataclasses.replace(cfg.finetune, data=str(dataset), out=str(run), property=cfg.property,
                                      checkpoint=str(ckpts[arm]) if ckpts[arm] else None, model=cfg.model,
                                      split_file=str(split_file), seed=seed, device=cfg.device, save_model=False)
-            (out / "configs" / f"finetune_{arm}_seed{seed}.yaml").write_text(yaml.safe_dump(to_dict(ft), sort_keys=False))
+            cfg_path = out / "configs" / f"finetune_{arm}_seed{seed}.yaml"
+            cfg_path.write_text(yaml.safe_dump(to_dict(ft), sort_keys=False))
             results.setdefault(arm, []).append(finetune(ft, log=log))
         timings[f"finetune_{arm}"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
@@ -256,13 +259,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_study_config(path: str | Path | None, overrides: list[str] | None = None) -> StudyConfig:
     """The defaults, updated key by key from a YAML (unknown keys are errors) and ``--set`` overrides."""
-    from shards.config import ConfigError, apply_overrides
+    from shards.config import ConfigError, apply_overrides, parse_yaml
 
     data = to_dict(StudyConfig())
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"{path}: config file not found")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = parse_yaml(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = _merge(data, loaded)

@@ -46,7 +46,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             out[name] = np.concatenate(vals, axis=0)
         elif isinstance(vals[0], np.ndarray) and vals[0].ndim > 0:
             per_atom = name not in GRAPH_ARRAYS and all(
-                v.shape[0] == n for v, n in zip(vals, n_atoms.tolist()))
+                v.shape[0] == n for v, n in zip(vals, n_atoms.tolist(), strict=True))
             out[name] = np.concatenate(vals, axis=0) if per_atom else np.stack(vals)
         elif isinstance(vals[0], str):
             out[name] = vals

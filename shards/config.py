@@ -1,7 +1,14 @@
-"""Frozen-dataclass configs loaded from YAML / dicts: unknown keys and wrong types are errors."""
+"""Frozen-dataclass configs loaded from YAML / dicts: unknown keys and wrong types are errors.
+
+YAML is read with :func:`parse_yaml`, which reads exponent numbers without a dot (``3e-4``, ``1e5``) as
+numbers, as YAML 1.2 does (PyYAML follows YAML 1.1 and reads them as text). Non-finite numbers (``.inf``,
+``.nan``) are config errors; an integer key accepts a float only when it is a whole number (``1e5``).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +21,20 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value is unknown, missing or of the wrong type; the message names the key path."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader plus YAML 1.2 floats: ``1e5`` and ``3e-4`` are numbers, not text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text safely (no object construction) with YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -47,7 +68,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         return origin(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
@@ -62,8 +83,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
@@ -112,7 +137,7 @@ def to_dict(cfg: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a nested mapping."""
+    """Apply ``a.b=c`` overrides (values parsed as YAML, see :func:`parse_yaml`) to a nested mapping."""
     out = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -124,7 +149,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = node.get(p)
             node[p] = dict(child) if isinstance(child, dict) else {}
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: not a YAML value: {' '.join(str(exc).split())}") from None
     return out
 
 
@@ -134,7 +162,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

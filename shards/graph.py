@@ -22,7 +22,7 @@ __all__ = ["radius_graph", "radius_graph_with_offsets", "image_counts"]
 _DENSE_MAX = 250_000  # dense all-pairs when n_dst * n_src * n_images stays below this
 _SMALL = 96  # non-periodic systems up to this size use the sorted dense path
 _SLACK = 1e-6
-_REDUCE_ABOVE = 343  # reduce skewed cells when they would need more images than 7 x 7 x 7  # candidate search radius slack (Å); the final test is the exact strict one
+_REDUCE_ABOVE = 343  # reduce skewed cells when they would need more images than 7 x 7 x 7
 
 
 def image_counts(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:

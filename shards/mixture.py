@@ -62,4 +62,4 @@ def group_probabilities(cfg: MixtureConfig, sizes: dict[str, int]) -> dict[str, 
     if raw.sum() <= 0:
         raise ConfigError("mixture weights are all zero")
     p = raw / raw.sum()
-    return {g: float(x) for g, x in zip(names, p)}
+    return {g: float(x) for g, x in zip(names, p, strict=True)}

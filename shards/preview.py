@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             d, s = int(table.dataset[row]), int(table.shard[row])
             if (d, s) not in keys:
                 idx = datasets[d].shard_index(datasets[d].shard_names[s])
-                keys[(d, s)] = dict(zip(idx["offset"], idx["key"]))
+                keys[(d, s)] = dict(zip(idx["offset"], idx["key"], strict=True))
             out_keys.append(keys[(d, s)][int(table.offset[row])])
         print(json.dumps({"step": b.step, "keys": out_keys,
                           "domains": [table.domain_names[table.domain[r]] for r in b.rows.tolist()],

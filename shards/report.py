@@ -38,7 +38,7 @@ def _elements(ds: ShardDataset, limit: int) -> Counter:
         i += n
         for g in ds.iter_shard(name, rows=rows):
             zs, cs = np.unique(g.atomic_numbers, return_counts=True)
-            counts.update(dict(zip(zs.tolist(), cs.tolist())))
+            counts.update(dict(zip(zs.tolist(), cs.tolist(), strict=True)))
     return counts
 
 

@@ -25,7 +25,7 @@ def _real_graphs() -> tuple[AtomGraph, ...]:
     import pymatgen.util as pu
 
     sdir = Path(pu.__file__).parent / "structures"
-    for i, path in enumerate(sorted(sdir.glob("*.json"))):
+    for path in sorted(sdir.glob("*.json")):
         s = Structure.from_file(path)
         if s.is_ordered:
             out.append(AtomGraph.from_pymatgen(s, key=make_key("pmg", path.name, 0), domain="crystal",
@@ -40,8 +40,8 @@ def _element(atom) -> str:
 
 
 def _adk_protein(path: str) -> AtomGraph:
-    from Bio.PDB import PDBParser
     from ase.data import atomic_numbers
+    from Bio.PDB import PDBParser
 
     atoms = list(PDBParser(QUIET=True).get_structure("adk", path)[0].get_atoms())
     res = [a.get_parent() for a in atoms]

@@ -37,7 +37,7 @@ def brute_force(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: floa
     for s in itertools.product(*[range(-r, r + 1) for r in reach]):
         shift = np.array(s, dtype=np.float64) @ cell
         d = np.linalg.norm(pos[:, None, :] + shift - pos[None, :, :], axis=-1)  # [src, dst]
-        for src, dst in zip(*np.nonzero(d < cutoff)):
+        for src, dst in zip(*np.nonzero(d < cutoff), strict=True):
             if src == dst and not any(s):
                 continue
             out[(int(src), int(dst), tuple(int(v) for v in s))] = float(d[src, dst])
@@ -47,12 +47,12 @@ def brute_force(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: floa
 def ours(pos, cell, pbc, cutoff=CUTOFF) -> dict:
     ei, off, dist = radius_graph_with_offsets(pos, cell, pbc, cutoff)
     return {(int(a), int(b), tuple(int(v) for v in o)): float(d)
-            for a, b, o, d in zip(ei[0], ei[1], off, dist)}
+            for a, b, o, d in zip(ei[0], ei[1], off, dist, strict=True)}
 
 
 def from_ase(atoms, cutoff=CUTOFF) -> dict:
     i, j, S, d = neighbor_list("ijSd", atoms, cutoff)
-    return {(int(b), int(a), tuple(int(v) for v in s)): float(x) for a, b, s, x in zip(i, j, S, d)}
+    return {(int(b), int(a), tuple(int(v) for v in s)): float(x) for a, b, s, x in zip(i, j, S, d, strict=True)}
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -234,7 +234,7 @@ def test_self_loops_and_determinism():
     cell = np.eye(3) * 3.0
     a = radius_graph_with_offsets(pos, cell, np.ones(3, bool), self_loops=True)
     b = radius_graph_with_offsets(pos, cell, np.ones(3, bool), self_loops=True)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     zero_self = (a[0][0] == a[0][1]) & ~a[1].any(1)
     assert zero_self.sum() == 2
 

@@ -199,7 +199,7 @@ def test_launchers_name_the_example_configs():
 def test_slurm_rendezvous_on_first_node():
     cmds = [c.argv for c in commands_in(INFRA / "slurm/pretrain.sbatch")]
     (tr,) = [c for c in cmds if c[0] == "torchrun"]
-    flags = dict(zip(tr[1::2], tr[2::2]))
+    flags = dict(zip(tr[1::2], tr[2::2], strict=True))
     assert flags["--rdzv-backend"] == "c10d" and flags["--rdzv-endpoint"] == "$head:29500"
     assert flags["--nnodes"] == "$SLURM_NNODES" and flags["--nproc-per-node"] == "$GPUS"
     text = (INFRA / "slurm/pretrain.sbatch").read_text()

@@ -47,11 +47,11 @@ def test_ddp_gradient_is_mean_over_all_atoms(tmp_path):
     mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     model = _model()
-    xs, ys = zip(*(_data(r) for r in range(2)))
+    xs, ys = zip(*(_data(r) for r in range(2)), strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
     ((model(x).squeeze(-1) - y) ** 2).mean().backward()
     assert float(ddp["atoms"]) == sum(SIZES)
     torch.testing.assert_close(ddp["grad"], model.weight.grad, rtol=1e-12, atol=1e-12)
-    rank_means = [((model(a).squeeze(-1) - b) ** 2).mean() for a, b in zip(xs, ys)]
+    rank_means = [((model(a).squeeze(-1) - b) ** 2).mean() for a, b in zip(xs, ys, strict=True)]
     assert abs(float(sum(rank_means) / 2) - float(((model(x).squeeze(-1) - y) ** 2).mean())) > 1e-3, \
         "the test data must distinguish a mean of rank means from the global mean"

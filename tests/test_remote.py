@@ -172,7 +172,7 @@ def test_http_stream_with_bounded_cache(dataset, http_root, tmp_path):
     stream = BatchStream(_cfg(f"{base}/ds", cache_dir=str(cache), cache_bytes=biggest))
     stream.fetcher.cache.max_open = 1
     remote = list(itertools.islice(stream, 6))
-    assert all(_same(a, b) for a, b in zip(local, remote))
+    assert all(_same(a, b) for a, b in zip(local, remote, strict=True))
     assert sum(p.stat().st_size for p in cache.iterdir()) <= biggest
 
 
@@ -255,7 +255,7 @@ def test_s3_dataset_reads_like_local(s3_dataset, dataset):
 def test_s3_batch_stream_equals_local(s3_dataset, dataset, tmp_path):
     local = list(itertools.islice(BatchStream(_cfg(str(dataset))), 5))
     remote = list(itertools.islice(BatchStream(_cfg(s3_dataset, cache_dir=str(tmp_path / "c"))), 5))
-    assert all(_same(a, b) for a, b in zip(local, remote))
+    assert all(_same(a, b) for a, b in zip(local, remote, strict=True))
     assert any((tmp_path / "c").iterdir())
 
 

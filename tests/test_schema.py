@@ -1,6 +1,7 @@
 """Schema: validation names field and sample; interop round trips; version refusal; README table."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_arrays_are_canonical_and_read_only():
     assert g.positions[0, 0] == 0.0
     with pytest.raises(ValueError):
         g.positions[0, 0] = 1.0
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         g.key = "other"
 
 

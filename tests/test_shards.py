@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -64,7 +63,7 @@ def test_dataset_round_trip_and_fetch_by_key(real_graphs, tmp_path):
     assert manifest["n_samples"] == len(graphs) and len(manifest["shards"]) > 2
     ds = ShardDataset(str(tmp_path / "ds"))
     back = list(ds)
-    assert len(back) == len(graphs) and all(a.equals(b) for a, b in zip(graphs, back))
+    assert len(back) == len(graphs) and all(a.equals(b) for a, b in zip(graphs, back, strict=True))
     for g in (graphs[0], graphs[len(graphs) // 2], graphs[-1]):
         assert ds.get(g.key).equals(g)
     with pytest.raises(KeyError):
@@ -103,7 +102,7 @@ def test_plain_tar_and_webdataset_read_our_shards(real_graphs, tmp_path):
     pipeline = wds.WebDataset(shards, shardshuffle=False).map(lambda s: decode(s["scd"]))
     back = list(pipeline)
     assert [g.key for g in back] == [g.key for g in graphs]
-    assert all(a.equals(b) for a, b in zip(graphs, back))
+    assert all(a.equals(b) for a, b in zip(graphs, back, strict=True))
 
 
 def test_http_reading(real_graphs, http_root):
@@ -118,19 +117,17 @@ def test_http_reading(real_graphs, http_root):
 
 
 def test_writer_abort_leaves_no_shard(real_graphs, tmp_path):
-    with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, config=SMALL) as w:
-            for g in real_graphs[:50]:
-                w.add(g)
-            raise RuntimeError("crash mid-shard")
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, config=SMALL) as w:
+        for g in real_graphs[:50]:
+            w.add(g)
+        raise RuntimeError("crash mid-shard")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert not any(".tmp" in n for n in names)
     tars = [n for n in names if n.endswith(".tar")]
     assert all((tmp_path / (t + ".idx.json")).exists() for t in tars)
-    with pytest.raises(ValueError, match="duplicate sample key"):
-        with ShardWriter(tmp_path / "dup") as w:
-            w.add(real_graphs[0])
-            w.add(real_graphs[0])
+    with pytest.raises(ValueError, match="duplicate sample key"), ShardWriter(tmp_path / "dup") as w:
+        w.add(real_graphs[0])
+        w.add(real_graphs[0])
 
 
 @pytest.fixture()

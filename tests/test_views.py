@@ -143,7 +143,7 @@ def test_supercell_graph_is_repeated_cell_graph():
     ei, off, _ = radius_graph_with_offsets(pos, cell, g.pbc)
     spos, _, scell = supercell(pos, g.atomic_numbers, cell, reps)
     sei, soff, _ = radius_graph_with_offsets(spos, scell, g.pbc)
-    got = {(int(a), int(b), tuple(o)) for a, b, o in zip(sei[0], sei[1], soff.tolist())}
+    got = {(int(a), int(b), tuple(o)) for a, b, o in zip(sei[0], sei[1], soff.tolist(), strict=True)}
     images = np.stack(np.meshgrid(*[np.arange(r) for r in reps], indexing="ij"), -1).reshape(-1, 3)
 
     def flat(m):
@@ -151,7 +151,7 @@ def test_supercell_graph_is_repeated_cell_graph():
 
     want = set()
     for m in images:
-        for a, b, o in zip(ei[0], ei[1], off):
+        for a, b, o in zip(ei[0], ei[1], off, strict=True):
             t = m + o
             want.add((flat(t % reps) * n + int(a), flat(m) * n + int(b), tuple((t // reps).tolist())))
     assert got == want

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,23 +10,28 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject, owned, read_head
+from ingest.plugin import Converter, InputBounds, Reject, open_input, owned, read_head
 from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
 @dataclass(frozen=True)
-class ProteinOptions:
+class ProteinOptions(InputBounds):
     """``models``: first model only, or every model as its own sample (NMR ensembles).
     Alternate locations: the highest-occupancy one (Biopython's selection). ``residue_index`` is a running
     residue number per model, so residues with insertion codes (52, 52A) stay distinct. ``hydrogens``, ``waters``
     and ``hetero`` (ligands and ions) are kept or dropped. Atoms without an element column get one
-    inferred from the atom name when ``infer_elements``, else the model is rejected."""
+    inferred from the atom name when ``infer_elements``, else the model is rejected.
+    Biopython keeps one atom per identity (chain, residue, atom name, altloc) and stops reading a PDB file at
+    ``END``: a model of which the parser kept fewer atoms than the file has atom records is rejected with both
+    counts, or, with ``repeated_atoms: split`` (PDB only), each run of records up to a repeated identity (and
+    each model) is its own record and sample."""
 
     models: Literal["first", "all"] = "first"
     hydrogens: bool = True
     waters: bool = False
     hetero: bool = True
     infer_elements: bool = True
+    repeated_atoms: Literal["reject", "split"] = "reject"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -68,12 +72,15 @@ class _Structure(Converter):
     default_source = "pdb"
     Options = ProteinOptions
 
-    def _parser(self) -> Any:
+    def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
+        """(Biopython structure, atom records per model as the file holds them)."""
         raise NotImplementedError
 
-    def _read(self, path: Path) -> str:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt", errors="replace") as fh:
+    def _split(self, text: str, options: ProteinOptions) -> str:
+        raise ValueError(f"repeated_atoms: split is not available for {self.name} files")
+
+    def _read(self, path: Path, options: ProteinOptions) -> str:
+        with open_input(path, options, text=True) as fh:
             return fh.read()
 
     def _elements_column(self, text: str) -> tuple[bool, list[str]]:
@@ -83,13 +90,16 @@ class _Structure(Converter):
 
     def convert(self, path: Path, options: ProteinOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
-        text = self._read(path)
-        structure = self._parser().get_structure(path.stem, io.StringIO(text))
+        text = self._read(path, options)
+        if options.repeated_atoms == "split":
+            text = self._split(text, options)
+        structure, in_file = self._parse(path, text)
         models = list(structure)
+        n_made = len(models)
         if not models or not any(True for _ in models[0].get_atoms()):
             yield self.reject(file_id, None, "no models / atoms in the file")
             return
-        if options.models == "first":
+        if options.models == "first" and options.repeated_atoms == "reject":  # split runs are of the chosen models
             models = models[:1]
         element: dict[tuple[str, str, str], int] = {}
         has_elements, unknown = self._elements_column(text)
@@ -99,6 +109,12 @@ class _Structure(Converter):
                 continue
             if unknown:
                 yield self.reject(file_id, i, f"unknown element symbols {unknown[:5]}")
+                continue
+            kept, n = _unpacked_atoms(models[i]), _records_of(in_file, i, n_made)
+            if kept != n:
+                yield self.reject(file_id, i, f"the parser kept {kept} of the {n} atom records of model {i} "
+                                  "(it discards repeated atom identities and records after END); "
+                                  "set repeated_atoms: split to read each run of distinct atoms as its own sample")
                 continue
             yield self.build(file_id, i, lambda m=models[i], i=i: self._graph(m, i, options, has_elements,
                                                                             source, file_id, element))
@@ -131,7 +147,8 @@ class _Structure(Converter):
         if not z:
             raise ValueError("no atoms left after the selection")
         return AtomGraph(key=make_key(source, file_id, i), domain="protein", source=source, source_file=file_id,
-                         index=i, atomic_numbers=owned(z, np.uint8), positions=owned(np.array(pos, dtype=np.float32), np.float32),
+                         index=i, atomic_numbers=owned(z, np.uint8),
+                         positions=owned(np.array(pos, dtype=np.float32), np.float32),
                          cell=ZERO_CELL, pbc=NO_PBC, atom_name=owned(names, "S4"),
                          residue_index=owned(res_idx, np.int32), residue_name=owned(res_names, "S4"),
                          chain=owned(chains, "S4"), hetero=owned(hetero, bool))
@@ -143,10 +160,13 @@ class PDBConverter(_Structure):
     name = "pdb"
     suffixes = (".pdb", ".pdb.gz", ".ent", ".ent.gz")
 
-    def _parser(self) -> Any:
+    def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
         from Bio.PDB import PDBParser
 
-        return PDBParser(QUIET=True)
+        return PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(text)), _pdb_records(text.splitlines())
+
+    def _split(self, text: str, options: ProteinOptions) -> str:
+        return _split_repeats(text.splitlines(), options.models == "first")
 
     def _elements_column(self, text: str) -> tuple[bool, list[str]]:
         from ase.data import atomic_numbers
@@ -157,10 +177,11 @@ class PDBConverter(_Structure):
         return "" not in symbols, unknown
 
     def count_records(self, path: Path, options: ProteinOptions) -> int | None:
+        if options.repeated_atoms == "split":
+            return len(_pdb_records(self._split(self._read(path, options), options).splitlines()))
         if options.models == "first":
             return 1
-        n = sum(1 for line in self._read(path).splitlines() if line.startswith("MODEL "))
-        return max(n, 1)
+        return max(len(_pdb_records(self._read(path, options).splitlines())), 1)
 
 
 class MMCIFConverter(_Structure):
@@ -172,13 +193,97 @@ class MMCIFConverter(_Structure):
     def can_convert(self, path: Path) -> bool:
         return super().can_convert(path) and _has_atom_site(path)
 
-    def _parser(self) -> Any:
+    def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
         from Bio.PDB import MMCIFParser
 
-        return MMCIFParser(QUIET=True)
+        builder = _counting_builder()()
+        structure = MMCIFParser(structure_builder=builder, QUIET=True, PERMISSIVE=True).get_structure(
+            path.stem, io.StringIO(text))
+        return structure, [builder.records.get(m.id, 0) for m in structure]
 
 
 def _has_atom_site(path: Path) -> bool:
     """mmCIF (macromolecule) or small-molecule/crystal CIF? Sniff the first 256 kB for ``_atom_site.``."""
     head = read_head(path, 1 << 18)
     return b"_atom_site.group_PDB" in head or b"_atom_site.label_comp_id" in head
+
+
+def _pdb_records(lines: list[str]) -> list[int]:
+    """ATOM/HETATM records per model, models numbered as Biopython does (each MODEL record, or an atom record
+    outside an open model, starts one), all records counted, including those after END."""
+    counts: list[int] = []
+    open_model = False
+    for line in lines:
+        rec = line[:6]
+        if rec in ("ATOM  ", "HETATM"):
+            if not open_model:
+                counts.append(0)
+                open_model = True
+            counts[-1] += 1
+        elif rec == "MODEL ":
+            counts.append(0)
+            open_model = True
+        elif rec == "ENDMDL":
+            open_model = False
+    return counts
+
+
+def _split_repeats(lines: list[str], first_model_only: bool) -> str:
+    """The atom records as a PDB text of one MODEL per run of records in which no atom identity (record type,
+    atom name, altloc, residue name, chain, residue number, insertion code) repeats; a new model of the file
+    starts a new run. Other records are left out."""
+    runs: list[list[str]] = []
+    seen: set[str] = set()
+    open_model, models = False, 0
+    for line in lines:
+        rec = line[:6]
+        if rec in ("ATOM  ", "HETATM"):
+            if not open_model:
+                open_model, models = True, models + 1
+                seen = set()
+                runs.append([])
+            if first_model_only and models > 1:
+                break
+            ident = rec + line[12:27]
+            if ident in seen:
+                seen = set()
+                runs.append([])
+            seen.add(ident)
+            runs[-1].append(line)
+        elif rec == "MODEL ":
+            if first_model_only and models:
+                break
+            open_model, models = True, models + 1
+            seen = set()
+            runs.append([])
+        elif rec == "ENDMDL":
+            open_model = False
+    return "".join(f"MODEL {k + 1:8d}\n" + "\n".join(run) + "\nENDMDL\n" for k, run in enumerate(r for r in runs if r))
+
+
+def _unpacked_atoms(model: Any) -> int:
+    """Atoms of a model including every alternate location and every residue of a point mutation."""
+    return sum(len(res.get_unpacked_list()) for chain in model for res in chain.get_unpacked_list())
+
+
+def _records_of(in_file: list[int], i: int, n_models: int) -> int:
+    """Atom records of model ``i`` in the file; records of models the parser never made count to its last."""
+    n = in_file[i] if i < len(in_file) else 0
+    return n + sum(in_file[n_models:]) if i == n_models - 1 else n
+
+
+@functools.cache
+def _counting_builder() -> type:
+    """A Biopython StructureBuilder that counts the atom records it is handed, per model id."""
+    from Bio.PDB.StructureBuilder import StructureBuilder
+
+    class CountingBuilder(StructureBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: dict[int, int] = {}
+
+        def init_atom(self, *args: Any, **kwargs: Any) -> None:
+            self.records[self.model.id] = self.records.get(self.model.id, 0) + 1
+            super().init_atom(*args, **kwargs)
+
+    return CountingBuilder

@@ -119,7 +119,7 @@ class MDAnalysisConverter(Converter):
         if inside:
             stride = options.stride
             frames = u.trajectory[inside.start * stride:inside[-1] * stride + 1:inside.step * stride]  # sequential
-            for r, ts in zip(inside, frames):
+            for r, ts in zip(inside, frames, strict=True):
                 f = r * stride
                 yield self.build(file_id, r, lambda ts=ts, r=r, f=f: self._graph(ts, atoms, z, meta, r, f, traj_id,
                                                                                  source, file_id))
@@ -213,7 +213,8 @@ class ASETrajConverter(Converter):
             return
         frames = slice(wanted.start * stride, None if wanted.stop >= 1 << 62 else (wanted[-1] * stride + 1),
                        wanted.step * stride)
-        yield from zip(wanted, ase.io.iread(str(path), index=frames, format="extxyz"))
+        # wanted may be open-ended (stop >= 2**62): the file's frames end the pairing
+        yield from zip(wanted, ase.io.iread(str(path), index=frames, format="extxyz"), strict=False)
 
 
 def _is_traj(path: Path) -> bool:
