@@ -64,5 +64,5 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         for s, p in zip(self.shadow.parameters(), model.parameters(), strict=True):
             s.lerp_(p.detach(), 1 - self.decay)
-        for s, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
-            s.copy_(b)
+        for sb, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            sb.copy_(b)

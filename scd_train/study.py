@@ -142,7 +142,7 @@ def pretrain(cfg: StudyConfig, kind: str, data: Path, out: Path) -> Path:
     return run_dir
 
 
-def _summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+def _summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     out = {}
     for arm, runs in results.items():
         maes = np.array([r["test_mae_meV"] for r in runs])
@@ -177,7 +177,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path, prop: str)
     plt.close(fig)
 
 
-def write_markdown(cfg: StudyConfig, summary: dict[str, dict[str, float]], path: Path, *, seconds: float,
+def write_markdown(cfg: StudyConfig, summary: dict[str, dict[str, Any]], path: Path, *, seconds: float,
                    mode: str, n_pretrain: int, command: str) -> None:
     p, s = cfg.pretrain, cfg.split
     lines = [f"# QM9 {cfg.property.upper()}: scratch vs coordinate denoising vs SCD", "",

@@ -81,7 +81,8 @@ def graph_to_pymatgen(g: AtomGraph) -> Any:
     species = g.atomic_numbers.astype(int).tolist()
     coords = g.positions.astype(np.float64)
     if g.periodic:
-        return Structure(Lattice(g.cell, pbc=tuple(bool(p) for p in g.pbc)), species, coords,
+        pbc = (bool(g.pbc[0]), bool(g.pbc[1]), bool(g.pbc[2]))
+        return Structure(Lattice(g.cell, pbc=pbc), species, coords,
                          coords_are_cartesian=True, charge=g.charge)
     kwargs: dict[str, Any] = {}
     if g.charge is not None:

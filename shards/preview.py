@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     planner = make_planner(cfg, table, args.world_size, args.rank)
     if args.state_in:
         planner.load_state_dict(json.loads(args.state_in.read_text()))
-    keys: dict[tuple[int, int], list[str]] = {}
+    keys: dict[tuple[int, int], dict[int, str]] = {}
     for _ in range(args.steps):
         b = planner.next_batch()
         out_keys = []

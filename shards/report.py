@@ -88,7 +88,7 @@ def write_report(dataset: str, out: Path, max_samples: int = ELEMENT_SAMPLE_LIMI
     for code, name in enumerate(dom_names):
         sel = n_atoms[dom_codes == code]
         if sel.size:
-            ax.hist(sel, bins=bins, alpha=0.6, label=f"{name} (n={sel.size})")
+            ax.hist(sel, bins=list(bins), alpha=0.6, label=f"{name} (n={sel.size})")
     ax.set_xscale("log")
     ax.set_xlabel("atoms per sample")
     ax.set_ylabel("samples")
