@@ -17,6 +17,8 @@ from shards.writer import write_atomic
 
 REJECTS = "rejects.jsonl"
 SUMMARY = "ingest_summary.json"
+MIN_IN_FLIGHT = 64
+IN_FLIGHT_PER_CPU = 2
 
 
 @dataclass
@@ -90,7 +92,6 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
 
     ray = _init_ray(workers)
     task = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(run_unit)
-    limit = max(1, workers or int(ray.available_resources().get("CPU", 1)))
     in_flight: dict[Any, Unit] = {}
     queue = list(pending)
     failed: list[dict[str, Any]] = []
@@ -98,6 +99,7 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
     bar = tqdm(total=total, initial=skipped, unit="unit", desc="ingest", disable=not progress or None)
     t0 = time.perf_counter()
     while queue or in_flight:
+        limit = in_flight_limit(ray, workers)
         while queue and len(in_flight) < limit:
             u = queue.pop(0)
             in_flight[task.remote(u, str(out), cfg.writer)] = u
@@ -117,6 +119,15 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
             bar.set_postfix(records=records, rec_s=f"{rate:,.0f}", failed=len(failed))
     bar.close()
     return sorted(failed, key=lambda f: f["unit"])
+
+
+def in_flight_limit(ray: Any, workers: int | None) -> int:
+    """Units kept submitted: the job's ``workers`` when set (a cluster launcher passes the cluster's maximum
+    CPUs), else twice the CPUs the cluster has now and at least ``MIN_IN_FLIGHT``, re-read as nodes join. The
+    queued surplus is the demand Ray's autoscaler acts on: a CPU-0 head with no workers still asks for nodes."""
+    if workers:
+        return workers
+    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 0)))
 
 
 def _error_text(exc: BaseException) -> str:
