@@ -23,8 +23,8 @@ class ProteinOptions(InputBounds):
     inferred from the atom name when ``infer_elements``, else the model is rejected.
     Biopython keeps one atom per identity (chain, residue, atom name, altloc) and stops reading a PDB file at
     ``END``: a model of which the parser kept fewer atoms than the file has atom records is rejected with both
-    counts, or, with ``repeated_atoms: split`` (PDB only), each run of records up to a repeated identity (and
-    each model) is its own record and sample."""
+    counts, or, with ``repeated_atoms: split`` (PDB only), each run of records up to a repeated identity or a
+    residue number reused for another residue (and each model) is its own record and sample."""
 
     models: Literal["first", "all"] = "first"
     hydrogens: bool = True
@@ -113,7 +113,7 @@ class _Structure(Converter):
             kept, n = _unpacked_atoms(models[i]), _records_of(in_file, i, n_made)
             if kept != n:
                 yield self.reject(file_id, i, f"the parser kept {kept} of the {n} atom records of model {i} "
-                                  "(it discards repeated atom identities and records after END); "
+                                  "(it discards repeated atom or residue identities and records after END); "
                                   "set repeated_atoms: split to read each run of distinct atoms as its own sample")
                 continue
             yield self.build(file_id, i, lambda m=models[i], i=i: self._graph(m, i, options, has_elements,
@@ -229,32 +229,38 @@ def _pdb_records(lines: list[str]) -> list[int]:
 
 
 def _split_repeats(lines: list[str], first_model_only: bool) -> str:
-    """The atom records as a PDB text of one MODEL per run of records in which no atom identity (record type,
-    atom name, altloc, residue name, chain, residue number, insertion code) repeats; a new model of the file
-    starts a new run. Other records are left out."""
+    """The atom records as a PDB text of one MODEL per run of records in which, as Biopython identifies them, no
+    atom repeats (chain, residue, atom name, altloc) and no residue number is reused for another residue name
+    (outside alternate locations); a new model of the file starts a new run. Other records are left out."""
     runs: list[list[str]] = []
     seen: set[str] = set()
+    residues: dict[str, str] = {}
     open_model, models = False, 0
     for line in lines:
         rec = line[:6]
         if rec in ("ATOM  ", "HETATM"):
             if not open_model:
                 open_model, models = True, models + 1
-                seen = set()
+                seen, residues = set(), {}
                 runs.append([])
             if first_model_only and models > 1:
                 break
-            ident = rec + line[12:27]
-            if ident in seen:
-                seen = set()
+            resname, altloc = line[17:20].strip(), line[16:17]
+            field = " " if rec == "ATOM  " else "W" if resname in ("HOH", "WAT") else "H_" + resname
+            res_key = field + line[21:27]
+            atom_key = res_key + line[12:16] + altloc
+            prior = residues.get(res_key, resname)
+            if atom_key in seen or (prior != resname and altloc in ("", " ")):
+                seen, residues = set(), {}
                 runs.append([])
-            seen.add(ident)
+            seen.add(atom_key)
+            residues.setdefault(res_key, resname)
             runs[-1].append(line)
         elif rec == "MODEL ":
             if first_model_only and models:
                 break
             open_model, models = True, models + 1
-            seen = set()
+            seen, residues = set(), {}
             runs.append([])
         elif rec == "ENDMDL":
             open_model = False
