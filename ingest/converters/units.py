@@ -51,9 +51,9 @@ def elements(z: Any) -> np.ndarray:
     if arr.dtype.kind not in "iu" and (arr.dtype.kind != "f" or not np.all(np.isfinite(arr))
                                        or not np.all(arr == np.round(arr))):
         raise ValueError(f"atomic numbers must be integers, got dtype {arr.dtype}")
-    bad = (arr < 1) | (arr > 118)
-    if bad.any():
-        raise ValueError(f"unknown element: atomic number {arr[bad][0].item()} not in 1..118")
+    lo, hi = arr.min(), arr.max()
+    if lo < 1 or hi > 118:
+        raise ValueError(f"unknown element: atomic number {(lo if lo < 1 else hi).item()} not in 1..118")
     return owned(arr, np.uint8)
 
 
