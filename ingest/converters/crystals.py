@@ -1,8 +1,8 @@
 """Periodic crystal converters (pymatgen): CIF (one sample per data block), POSCAR/CONTCAR, pymatgen JSON."""
 from __future__ import annotations
 
-import gzip
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,20 +10,75 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.plugin import Converter, Reject, read_head
+from ingest.plugin import Converter, InputBounds, Reject, open_input, read_head
 from shards.schema import AtomGraph, make_key
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class CrystalOptions:
+class CrystalOptions(InputBounds):
     """``cell``: as given, primitive or conventional standard cell. Partially occupied (disordered)
-    structures are rejected unless ``order: majority`` (each site takes its majority species)."""
+    structures are rejected unless ``order: majority`` (each site takes its majority species).
+    Physically impossible structures are rejected: a cell length under ``min_cell_length`` (Å), a degenerate
+    (flat) cell, a CIF cell length or angle out of range, or two atoms (or an atom and its own periodic image)
+    closer than ``min_distance`` (Å) after wrapping, by minimum image. The defaults accept every real crystal
+    of the data kit (shortest cell length there 2.1 Å, shortest distance 0.65 Å)."""
 
     cell: Literal["as_is", "primitive", "conventional"] = "as_is"
     order: Literal["reject", "majority"] = "reject"
     symprec: float = 0.01
+    min_cell_length: float = 1.0
+    min_distance: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.min_cell_length >= 0 and self.min_distance >= 0):
+            raise ValueError("min_cell_length and min_distance must be >= 0")
+
+
+FLAT_CELL = 1e-3  # volume / (a b c) below this: the cell vectors are (nearly) coplanar
+
+
+def check_physical(structure: Any, options: CrystalOptions) -> None:
+    """Raise ValueError (the reject reason) when the structure cannot be a real crystal."""
+    lattice = structure.lattice
+    m = np.asarray(lattice.matrix, dtype=float)
+    if not np.isfinite(m).all():
+        raise ValueError("non-finite cell vectors")
+    abc = np.linalg.norm(m, axis=1)
+    if abc.min() < options.min_cell_length:
+        raise ValueError(f"cell length {abc.min():.4g} Å is below min_cell_length {options.min_cell_length} Å")
+    volume = abs(float(np.linalg.det(m)))
+    if volume < FLAT_CELL * float(np.prod(abc)):
+        raise ValueError(f"degenerate cell: volume {volume:.4g} Å^3 for cell lengths {np.round(abc, 4).tolist()} Å")
+    if options.min_distance > 0 and len(structure):
+        centre, other, _, d = structure.get_neighbor_list(r=options.min_distance, exclude_self=True)
+        if len(d):
+            k = int(np.argmin(d))
+            raise ValueError(f"atoms {int(centre[k])} and {int(other[k])} are {float(d[k]):.4g} Å apart (minimum "
+                             f"image, after wrapping), below min_distance {options.min_distance} Å")
+
+
+_NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?:\(\d+\))?\s*$")
+
+
+def check_cif_cell(data: Any) -> None:
+    """Raise ValueError when a CIF block's cell lengths are not positive or its angles not in (0, 180)."""
+    for axis in "abc":
+        value = _cif_number(data.get(f"_cell_length_{axis}"))
+        if value is not None and not value > 0:
+            raise ValueError(f"_cell_length_{axis} is {value}: cell lengths must be positive")
+    for angle in ("alpha", "beta", "gamma"):
+        value = _cif_number(data.get(f"_cell_angle_{angle}"))
+        if value is not None and not 0 < value < 180:
+            raise ValueError(f"_cell_angle_{angle} is {value}: angles must lie in (0, 180) degrees")
+
+
+def _cif_number(value: Any) -> float | None:
+    """A CIF number (standard uncertainty in brackets allowed); None when absent or not a number."""
+    match = _NUMBER.match(value) if isinstance(value, str) else None
+    return float(match.group(1)) if match else None
 
 
 def prepare(structure: Any, options: CrystalOptions) -> Any:
@@ -53,6 +108,7 @@ class _Crystal(Converter):
 
     def _graph(self, structure: Any, i: int, options: CrystalOptions, source: str, file_id: str) -> AtomGraph:
         s = prepare(structure, options)
+        check_physical(s, options)
         return AtomGraph.from_pymatgen(s, key=make_key(source, file_id, i), domain="crystal", source=source,
                                        source_file=file_id, index=i)
 
@@ -75,8 +131,7 @@ class CIFConverter(_Crystal):
 
         from pymatgen.io.cif import CifFile, CifParser
 
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt", errors="replace") as fh:
+        with open_input(path, options, text=True) as fh:
             text = fh.read()
         blocks = list(CifFile.from_str(text).data.values())
         if not blocks:
@@ -87,6 +142,7 @@ class CIFConverter(_Crystal):
                 continue
 
             def make(block: Any = block, i: int = i) -> AtomGraph:
+                check_cif_cell(block.data)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     structures = CifParser.from_str(str(block)).parse_structures(primitive=False, on_error="raise")
@@ -114,8 +170,9 @@ class POSCARConverter(_Crystal):
 
         if records is not None and 0 not in records:
             return
-        yield self.build(file_id, 0, lambda: self._graph(Poscar.from_file(str(path), check_for_potcar=False).structure,
-                                                         0, options, source, file_id))
+        with open_input(path, options, text=True) as fh:
+            text = fh.read()
+        yield self.build(file_id, 0, lambda: self._graph(Poscar.from_str(text).structure, 0, options, source, file_id))
 
 
 class PymatgenJSONConverter(_Crystal):
@@ -138,8 +195,7 @@ class PymatgenJSONConverter(_Crystal):
         if path.stat().st_size > MAX_JSON_BYTES:
             yield self.reject(file_id, None, f"JSON larger than {MAX_JSON_BYTES} bytes")
             return
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt") as fh:
+        with open_input(path, options, text=True) as fh:
             doc = json.load(fh)
         docs = doc if isinstance(doc, list) else [doc]
         for i, d in enumerate(docs):
