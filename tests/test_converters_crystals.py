@@ -75,8 +75,21 @@ def test_disordered_rejected_unless_majority() -> None:
 
 
 def test_every_ordered_pymatgen_json_converts() -> None:
+    """Each of pymatgen's JSON structures: ordered -> exactly one sample with pymatgen's atoms and cell
+    (as_is), disordered -> exactly one reject saying so; pymatgen decides which is which."""
+    from pymatgen.core import Structure
+
+    ordered = 0
     for path in sorted(PMG.glob("*.json")):
+        ref = Structure.from_file(path)
         graphs, rejects = convert("pymatgen_json", path)
-        assert len(graphs) + len(rejects) == 1
-        for g in graphs:
+        if ref.is_ordered:
+            ordered += 1
+            assert not rejects and len(graphs) == 1, (path.name, rejects)
+            (g,) = graphs
+            assert g.n_atoms == len(ref) and g.atomic_numbers.tolist() == [site.specie.Z for site in ref]
+            np.testing.assert_allclose(g.cell, ref.lattice.matrix, atol=1e-5)
             _assert_wrapped(g)
+        else:
+            assert not graphs and len(rejects) == 1 and "disordered" in rejects[0].reason, path.name
+    assert ordered >= 20
