@@ -186,10 +186,13 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
     done: set[int] = set()
     try:
         for item in conv.convert(path, options, source=source, file_id=file_id, records=records):
-            if isinstance(item, Reject) and item.record is None:
-                yield item
-                return
-            idx = item.record if isinstance(item, Reject) else item.index
+            if isinstance(item, Reject):
+                if item.record is None:
+                    yield item
+                    return
+                idx = item.record
+            else:
+                idx = item.index
             if idx in done or (records is not None and idx not in records):
                 continue
             done.add(idx)
@@ -199,8 +202,8 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a broken file must not stop the job; the reason is kept
-        reason = str(exc)[:300] if isinstance(exc, InputTooLarge) else \
-            f"unreadable file: {type(exc).__name__}: {str(exc)[:300]}"
+        too_large = _input_too_large(exc)
+        reason = str(too_large)[:300] if too_large else f"unreadable file: {type(exc).__name__}: {str(exc)[:300]}"
         if records is None and not done:
             yield conv.reject(file_id, None, reason)
             return
@@ -208,6 +211,16 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
         return
     if records is not None:
         yield from _fill(conv, path, options, file_id, records, done, "record beyond the end of the file")
+
+
+def _input_too_large(exc: BaseException) -> InputTooLarge | None:
+    """The :class:`InputTooLarge` behind ``exc``, also when a parser wrapped it (RDKit raises SystemError)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, InputTooLarge):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _fill(conv: Converter, path: Path, options: Any, file_id: str, records: range | None, done: set[int],
