@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from scd_train.build import build_objective
-from scd_train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from scd_train.checkpoint import remove_stale_temp, resume_latest, save_checkpoint
 from scd_train.config import TrainConfig
 from scd_train.data import make_loader, to_torch
 from scd_train.dynamic import mark_dynamic
@@ -60,10 +60,12 @@ class Trainer:
         self.ema = EMA(self.objective, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.step = 0
         sampler_state = None
-        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
-        if ckpt is not None:
-            state = load_training_state(ckpt, model=self.objective, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None)
+        if self.info.is_main:
+            remove_stale_temp(self.run_dir)
+        ckpt, state = resume_latest(self.run_dir, model=self.objective, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None) \
+            if cfg.resume else (None, None)
+        if ckpt is not None and state is not None:
             if len(state["sampler_states"]) != self.info.world_size:
                 raise ValueError(f"{ckpt}: saved with world size {len(state['sampler_states'])}, this run has "
                                  f"{self.info.world_size}; exact resume needs the same world size")

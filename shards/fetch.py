@@ -2,7 +2,10 @@
 
 Local shards are memory-mapped; remote shards (http(s), s3://, any fsspec URL) are downloaded whole into a
 local cache folder (bounded in bytes, least recently used first out), checked against the manifest's sha256
-and then memory-mapped.
+and then memory-mapped. Without a cache folder remote shards are held in memory.
+
+Every sample's bytes are checked against the 64-bit blake2b checksum of its index row before decoding,
+whatever the storage, so a flipped byte never reaches a batch.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from shards import io
 from shards.codec import decode
 from shards.reader import ShardDataset, ShardError
 from shards.schema import AtomGraph
-from shards.writer import write_atomic
+from shards.writer import sample_checksum, write_atomic
 
 
 class ShardCache:
@@ -44,7 +47,7 @@ class ShardCache:
         return buf
 
     def _download(self, ds: ShardDataset, name: str, loc: str) -> Path:
-        meta = ds._shard_meta[name]
+        meta = ds.shard_meta(name)
         assert self.cache_dir is not None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self.cache_dir / f"{meta['sha256'][:32]}-{name}"
@@ -71,20 +74,31 @@ class ShardCache:
 
 
 class SampleFetcher:
-    """Decode samples addressed by (dataset number, shard number, offset, size)."""
+    """Decode samples addressed by (dataset number, shard number, offset, size, checksum).
 
-    def __init__(self, datasets: list[ShardDataset], cache: ShardCache | None = None) -> None:
+    ``check=False`` skips the checksum (only for measuring what the check costs).
+    """
+
+    def __init__(self, datasets: list[ShardDataset], cache: ShardCache | None = None, *, check: bool = True) -> None:
         self.datasets = datasets
         self.cache = cache or ShardCache()
+        self.check = check
         self._names = [ds.shard_names for ds in datasets]
 
-    def get(self, dataset: int, shard: int, offset: int, size: int) -> AtomGraph:
+    def get(self, dataset: int, shard: int, offset: int, size: int, checksum: int) -> AtomGraph:
         ds = self.datasets[dataset]
-        name = self._names[dataset][shard]
+        names = self._names[dataset]
+        if not 0 <= shard < len(names):
+            raise ShardError(f"{ds.root}: shard number {shard} is outside the manifest's {len(names)} shards")
+        name = names[shard]
         buf = self.cache.get(ds, name)
-        if offset + size > len(buf):
+        if offset < 0 or size < 0 or offset + size > len(buf):
             raise ShardError(f"shard {ds.location(name)}: sample at {offset}+{size} lies beyond its end (truncated?)")
+        data = memoryview(buf)[offset:offset + size]
+        if self.check and sample_checksum(data) != checksum:
+            raise ShardError(f"shard {ds.location(name)}: sample at offset {offset}: bytes do not match their "
+                             "checksum (corrupted or replaced)")
         try:
-            return decode(memoryview(buf)[offset:offset + size], validate=ds.validate)
+            return decode(data, validate=ds.validate)
         except ValueError as exc:
             raise ShardError(f"shard {ds.location(name)}: sample at offset {offset}: {exc}") from None

@@ -8,6 +8,11 @@ image offset ``S`` (zero along non-periodic axes). Edges are kept when ``distanc
 ``S != 0``) are real neighbours; only the zero-shift self pair is a self loop (off by default).
 
 Output order is deterministic: by ``dst``, then distance, then ``src``, then the image offset.
+
+``max_edges`` bounds the work per structure: a structure with more pairs within the cutoff (counted
+before any ``max_neighbors`` cut) raises :class:`EdgeBudgetError`. Periodic structures are estimated
+first from their density (``n^2 x ball volume / cell volume``), so a pathological cell (0.2 Å cell
+vectors: ~260,000 pairs for 2 atoms) is refused before its images are built.
 """
 from __future__ import annotations
 
@@ -17,12 +22,36 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-__all__ = ["radius_graph", "radius_graph_with_offsets", "image_counts"]
+__all__ = ["radius_graph", "radius_graph_with_offsets", "image_counts", "EdgeBudgetError", "estimated_pairs"]
 
 _DENSE_MAX = 250_000  # dense all-pairs when n_dst * n_src * n_images stays below this
 _SMALL = 96  # non-periodic systems up to this size use the sorted dense path
 _SLACK = 1e-6
 _REDUCE_ABOVE = 343  # reduce skewed cells when they would need more images than 7 x 7 x 7
+
+
+_ESTIMATE_SLACK = 4  # refuse before building when the density estimate exceeds the budget this many times
+
+
+class EdgeBudgetError(ValueError):
+    """A structure has more neighbour pairs within the cutoff than the per-structure edge budget."""
+
+    def __init__(self, n_pairs: int, max_edges: int, estimated: bool) -> None:
+        about = "about " if estimated else ""
+        super().__init__(f"{about}{n_pairs} neighbour pairs within the cutoff, over the edge budget of {max_edges}")
+        self.n_pairs, self.max_edges = n_pairs, max_edges
+
+
+def estimated_pairs(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
+    """Expected ordered pairs within ``cutoff`` of ``n_atoms`` spread over the periodic cell:
+    ``n^2 x`` (ball volume in the periodic dimensions) ``/`` (cell measure in those dimensions)."""
+    per = np.asarray(cell, dtype=np.float64)[np.asarray(pbc, dtype=bool)]
+    dim = per.shape[0]
+    if dim == 0:
+        return 0.0
+    measure = float(np.sqrt(max(np.linalg.det(per @ per.T), 0.0)))
+    ball = (2.0 * cutoff, np.pi * cutoff ** 2, 4.0 / 3.0 * np.pi * cutoff ** 3)[dim - 1]
+    return float(n_atoms) ** 2 * ball / measure if measure > 0 else float("inf")
 
 
 def image_counts(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
@@ -83,13 +112,15 @@ def _reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def _finish(positions: np.ndarray, cell: np.ndarray, src: np.ndarray, dst: np.ndarray,
             offsets: np.ndarray, cutoff: float, max_neighbors: int | None,
-            self_loops: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            self_loops: bool, max_edges: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Exact distances from the original positions, strict filter, sort, k-nearest, self loops."""
     shift = offsets @ cell if offsets.shape[0] else np.zeros((0, 3))
     vec = positions[src] + shift - positions[dst]
     dist = np.sqrt(np.einsum("ij,ij->i", vec, vec))
     self_pair = (src == dst) & ~offsets.any(axis=1)
     keep = (dist < cutoff) & ~self_pair
+    if max_edges is not None and int(keep.sum()) > max_edges:
+        raise EdgeBudgetError(int(keep.sum()), max_edges, estimated=False)
     src, dst, offsets, dist = src[keep], dst[keep], offsets[keep], dist[keep]
     if self_loops:
         n = positions.shape[0]
@@ -115,7 +146,7 @@ def _finish(positions: np.ndarray, cell: np.ndarray, src: np.ndarray, dst: np.nd
 
 
 def _molecule_dense(pos: np.ndarray, cutoff: float, max_neighbors: int | None,
-                    self_loops: bool) -> tuple[np.ndarray, np.ndarray]:
+                    self_loops: bool, max_edges: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Small non-periodic systems: all pairs, rows sorted by (distance, src)."""
     dist = cdist(pos, pos)
     if not self_loops:
@@ -123,6 +154,10 @@ def _molecule_dense(pos: np.ndarray, cutoff: float, max_neighbors: int | None,
     order = np.argsort(dist, axis=1, kind="stable")
     dsort = dist[np.arange(pos.shape[0])[:, None], order]
     mask = dsort < cutoff
+    if max_edges is not None:
+        pairs = int(mask.sum()) - (pos.shape[0] if self_loops else 0)
+        if pairs > max_edges:
+            raise EdgeBudgetError(pairs, max_edges, estimated=False)
     if max_neighbors is not None:
         mask[:, max_neighbors:] = False
     dst, col = mask.nonzero()
@@ -186,8 +221,8 @@ def _pairs_periodic(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: 
 
 def radius_graph_with_offsets(positions: np.ndarray, cell: np.ndarray | None = None,
                               pbc: np.ndarray | None = None, cutoff: float = 5.0,
-                              max_neighbors: int | None = None, self_loops: bool = False
-                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                              max_neighbors: int | None = None, self_loops: bool = False,
+                              max_edges: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like :func:`radius_graph`, returning ``(edge_index [2,E], offsets int64 [E,3], distance [E])``."""
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     pbc_a = np.zeros(3, dtype=bool) if pbc is None else np.asarray(pbc, dtype=bool).reshape(3)
@@ -195,36 +230,40 @@ def radius_graph_with_offsets(positions: np.ndarray, cell: np.ndarray | None = N
     if cutoff <= 0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
     if not pbc_a.any() and pos.shape[0] <= _SMALL:
-        edge_index, dist = _molecule_dense(pos, float(cutoff), max_neighbors, self_loops)
+        edge_index, dist = _molecule_dense(pos, float(cutoff), max_neighbors, self_loops, max_edges)
         return edge_index, np.zeros((dist.shape[0], 3), dtype=np.int64), dist
     if pbc_a.any():
+        if max_edges is not None:
+            est = estimated_pairs(pos.shape[0], cell_a, pbc_a, float(cutoff))
+            if est > _ESTIMATE_SLACK * max_edges:
+                raise EdgeBudgetError(int(min(est, 2 ** 62)), max_edges, estimated=True)
         src, dst, offsets = _pairs_periodic(pos, cell_a, pbc_a, float(cutoff))
     else:
         src, dst = _pairs_molecule(pos, float(cutoff))
         offsets = np.zeros((src.shape[0], 3), dtype=np.int64)
     src, dst, offsets, dist = _finish(pos, cell_a, src, dst, offsets, float(cutoff),
-                                      max_neighbors, self_loops)
+                                      max_neighbors, self_loops, max_edges)
     return np.stack([src, dst]), offsets, dist
 
 
 def radius_graph(positions: np.ndarray, cell: np.ndarray | None = None,
                  pbc: np.ndarray | None = None, cutoff: float = 5.0,
-                 max_neighbors: int | None = None, self_loops: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 max_neighbors: int | None = None, self_loops: bool = False,
+                 max_edges: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Radius graph ``(edge_index int64 [2,E], edge_shift float32 [E,3])``; see the module docstring.
 
     ``max_neighbors`` keeps the nearest ``k`` sources per ``dst`` atom, ties broken by
-    ``(distance, src, image offset)``.
+    ``(distance, src, image offset)``. ``max_edges`` raises :class:`EdgeBudgetError` beyond that many pairs.
     """
     if pbc is None or not (pbc[0] or pbc[1] or pbc[2]):
         pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
         if pos.shape[0] <= _SMALL and cutoff > 0:
-            edge_index, _ = _molecule_dense(pos, float(cutoff), max_neighbors, self_loops)
+            edge_index, _ = _molecule_dense(pos, float(cutoff), max_neighbors, self_loops, max_edges)
         else:
             edge_index, _, _ = radius_graph_with_offsets(pos, None, None, cutoff, max_neighbors,
-                                                         self_loops)
+                                                         self_loops, max_edges)
         return edge_index, np.zeros((edge_index.shape[1], 3), dtype=np.float32)
     edge_index, offsets, _ = radius_graph_with_offsets(positions, cell, pbc, cutoff,
-                                                       max_neighbors, self_loops)
+                                                       max_neighbors, self_loops, max_edges)
     cell_a = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     return edge_index, (offsets @ cell_a).astype(np.float32)

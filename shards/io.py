@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from shards.jsoncheck import SAFE_NAME
+
 MAX_FILE_BYTES = 8 * 1024 ** 3
 RETRIES = 5
 BACKOFF_S = 0.25
@@ -54,9 +56,11 @@ def is_http(location: str) -> bool:
 
 
 def join(root: str, name: str) -> str:
-    """``root/name`` for a path or a URL; ``name`` must be a plain file name (no traversal)."""
-    if "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise FetchError(f"refusing file name {name!r} from a dataset: not a plain file name")
+    """``root/name`` for a path or a URL; ``name`` must be a plain file name of ``[A-Za-z0-9._-]`` not
+    starting with a dot (no separators, no ``%`` escapes a server could decode into one)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise FetchError(f"refusing file name {name!r} from a dataset: not a plain file name "
+                         "([A-Za-z0-9._-], not starting with '.')")
     return f"{root.rstrip('/')}/{name}" if is_url(root) else str(Path(_local(root)) / name)
 
 

@@ -1,9 +1,14 @@
 """Dataset manifest and columnar zarr index, written by the driver after all shards exist.
 
 ``manifest.json`` is written last: a dataset exists iff its manifest does. It records the schema
-version, every shard's sha256, size and sample count, counts and atom statistics per domain and per
-source, and the writer/ingest configuration. ``index.zarr`` holds one row per sample (n_atoms, domain
-and source codes, shard number, byte offset and size, key hash) for lazy reading at 100M+ rows.
+version, every shard's sha256, size and sample count and the sha256 of its index, counts and atom
+statistics per domain and per source, and the writer/ingest configuration. ``index.zarr`` holds one row
+per sample (n_atoms, domain and source codes, shard number, byte offset and size, key hash, trajectory
+hash, sample checksum) for lazy reading at 100M+ rows; the manifest records the sha256 of every column
+(``index.sha256``) and the code tables, and readers check a column against it before using it.
+
+Both JSON documents are checked structurally when read (:func:`check_manifest`,
+:func:`check_shard_index`): a wrong type, a missing key or deep nesting is one line naming the file.
 """
 from __future__ import annotations
 
@@ -18,13 +23,59 @@ from typing import Any
 import numpy as np
 import zarr
 
+from shards import jsoncheck as jc
 from shards.schema import SCHEMA_VERSION_STR
-from shards.writer import INDEX_KEYS, INDEX_SUFFIX, WriterConfig, write_atomic
+from shards.writer import INDEX_SUFFIX, WriterConfig, write_atomic
 
 MANIFEST = "manifest.json"
 INDEX_DIR = "index.zarr"
 ZARR_CHUNK = 1 << 20
-INDEX_COLUMNS = ("n_atoms", "domain", "source", "shard", "offset", "size", "key_hash", "trajectory")
+INDEX_COLUMNS = ("n_atoms", "domain", "source", "shard", "offset", "size", "key_hash", "trajectory", "checksum")
+
+_SHARD_ENTRY = {"name": jc.safe_name, "sha256": jc.sha256_hex, "n_bytes": jc.count, "n_samples": jc.count,
+                "n_atoms": jc.count, "index_sha256": jc.sha256_hex}
+_INDEX_ENTRY = {"rows": jc.count, "sha256": jc.mapping, "domains": jc.str_list, "sources": jc.str_list}
+_SHARD_INDEX = {"schema_version": jc.text, "key": jc.str_list, "offset": jc.int_list, "size": jc.int_list,
+                "n_atoms": jc.int_list, "domain": jc.str_list, "source": jc.str_list, "trajectory": jc.str_list,
+                "checksum": jc.int_list}
+
+
+def check_manifest(doc: Any, where: str) -> dict[str, Any]:
+    """The manifest's structure: required keys and types, consistent counts, safe unique shard names."""
+    jc.check_fields(doc, where, {"schema_version": jc.text, "n_samples": jc.count, "shards": jc.array,
+                                 "index": jc.mapping}, {"domains": jc.mapping, "sources": jc.mapping},
+                    what="manifest")
+    names: set[str] = set()
+    for i, entry in enumerate(doc["shards"]):
+        jc.check_fields(entry, f"{where}: shards[{i}]", _SHARD_ENTRY, what="shard entry")
+        if entry["name"] in names:
+            raise jc.DocumentError(f"{where}: shard name {entry['name']!r} appears twice")
+        names.add(entry["name"])
+    if sum(e["n_samples"] for e in doc["shards"]) != doc["n_samples"]:
+        raise jc.DocumentError(f"{where}: the shards hold {sum(e['n_samples'] for e in doc['shards'])} samples, "
+                               f"n_samples says {doc['n_samples']}")
+    index = jc.check_fields(doc["index"], f"{where}: index", _INDEX_ENTRY, what="index entry")
+    if index["rows"] != doc["n_samples"]:
+        raise jc.DocumentError(f"{where}: index.rows {index['rows']} differs from n_samples {doc['n_samples']}")
+    jc.check_fields(index["sha256"], f"{where}: index.sha256", dict.fromkeys(INDEX_COLUMNS, jc.sha256_hex),
+                    what="column digest table")
+    return doc
+
+
+def check_shard_index(doc: Any, where: str) -> dict[str, Any]:
+    """A per-shard index: every column present, typed, and of one length."""
+    jc.check_fields(doc, where, _SHARD_INDEX, what="shard index")
+    n = len(doc["key"])
+    for col in _SHARD_INDEX:
+        if col != "schema_version" and len(doc[col]) != n:
+            raise jc.DocumentError(f"{where}: index column {col!r} has {len(doc[col])} rows, expected {n}")
+    return doc
+
+
+def column_bytes(name: str, values: np.ndarray) -> bytes:
+    """The little-endian bytes of an index column (what ``index.sha256`` digests)."""
+    return np.ascontiguousarray(values, dtype=np.dtype(INDEX_DTYPES[name]).newbyteorder("<")).tobytes()
+
 
 
 def key_hash(keys: Iterable[str]) -> np.ndarray:
@@ -33,7 +84,7 @@ def key_hash(keys: Iterable[str]) -> np.ndarray:
                         for k in keys), dtype=np.uint64)
 
 
-def _traj_hash(ids: list[str]) -> np.ndarray:
+def traj_hash(ids: list[str]) -> np.ndarray:
     """Trajectory ids as 64-bit hashes; 0 means 'not a trajectory frame'."""
     out = np.zeros(len(ids), dtype=np.uint64)
     mask = np.array([bool(t) for t in ids], dtype=bool)
@@ -69,22 +120,16 @@ def read_shard_index(path: Path) -> dict[str, Any]:
     ipath = path.with_name(path.name + INDEX_SUFFIX)
     if not ipath.is_file():
         raise FileNotFoundError(f"{ipath}: missing index for shard {path.name}")
-    try:
-        doc = json.loads(ipath.read_bytes())
-    except ValueError as exc:
-        raise ValueError(f"{ipath}: unreadable shard index: {exc}") from None
-    n = len(doc.get("key", []))
-    for col in INDEX_KEYS[1:]:
-        if len(doc.get(col, [])) != n:
-            raise ValueError(f"{ipath}: index column {col!r} has {len(doc.get(col, []))} rows, expected {n}")
-    return doc
+    return check_shard_index(jc.load_json(ipath.read_bytes(), str(ipath)), str(ipath))
 
 
 def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: WriterConfig | None = None,
                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checksum the shards, write ``index.zarr`` and then ``manifest.json``; return the manifest."""
     out = Path(out_dir)
-    shards_meta, domains, sources = [], {}, {}
+    shards_meta: list[dict[str, Any]] = []
+    domains: dict[str, int] = {}
+    sources: dict[str, int] = {}
     per_domain: dict[str, dict[str, Any]] = {}
     per_source: dict[str, dict[str, Any]] = {}
     seen: dict[int, str] = {}
@@ -100,20 +145,22 @@ def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: Wri
         dom = np.array([domains.setdefault(d, len(domains)) for d in idx["domain"]], dtype=np.int16)
         src = np.array([sources.setdefault(s, len(sources)) for s in idx["source"]], dtype=np.int16)
         hashes = key_hash(idx["key"])
-        for h, k in zip(hashes.tolist(), idx["key"]):
+        for h, k in zip(hashes.tolist(), idx["key"], strict=True):
             if h in seen:
                 raise ValueError(f"duplicate sample key {k!r} (shard {name}) also in shard {seen[h]}")
             seen[h] = name
         cols.append(n_atoms=n_atoms, domain=dom, source=src, shard=np.full(n_atoms.size, s_no, np.int32),
                     offset=np.asarray(idx["offset"], np.int64), size=np.asarray(idx["size"], np.int64),
-                    key_hash=hashes, trajectory=_traj_hash(idx["trajectory"]))
+                    key_hash=hashes, trajectory=traj_hash(idx["trajectory"]),
+                    checksum=np.asarray(idx["checksum"], np.uint64))
         for d, code in domains.items():
             _update(per_domain.setdefault(d, _stats()), n_atoms[dom == code])
         for s, code in sources.items():
             _update(per_source.setdefault(s, _stats()), n_atoms[src == code])
         _update(total, n_atoms)
         shards_meta.append({"name": name, "sha256": sha256_file(path), "n_bytes": path.stat().st_size,
-                            "n_samples": int(n_atoms.size), "n_atoms": int(n_atoms.sum())})
+                            "n_samples": int(n_atoms.size), "n_atoms": int(n_atoms.sum()),
+                            "index_sha256": sha256_file(path.with_name(name + INDEX_SUFFIX))})
     cols.close(attrs={"domains": list(domains), "sources": list(sources), "shards": shard_names})
     final_index = out / INDEX_DIR
     if final_index.exists():
@@ -130,6 +177,8 @@ def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: Wri
         "domains": per_domain,
         "sources": per_source,
         "shards": shards_meta,
+        "index": {"rows": total["n_samples"], "sha256": cols.digests(), "domains": list(domains),
+                  "sources": list(sources)},
         "writer": asdict(writer or WriterConfig()),
         **(extra or {}),
     }
@@ -145,6 +194,7 @@ class _IndexWriter:
         self.buf: dict[str, list[np.ndarray]] = {c: [] for c in INDEX_COLUMNS}
         self.buffered = 0
         self.arrays: dict[str, Any] = {}
+        self.hashes = {c: hashlib.sha256() for c in INDEX_COLUMNS}
 
     def append(self, **cols: np.ndarray) -> None:
         for c in INDEX_COLUMNS:
@@ -155,23 +205,28 @@ class _IndexWriter:
 
     def _flush(self) -> None:
         for c in INDEX_COLUMNS:
-            data = np.concatenate(self.buf[c]) if self.buf[c] else np.zeros(0, dtype=_DTYPES[c])
+            data = np.concatenate(self.buf[c]) if self.buf[c] else np.zeros(0, dtype=INDEX_DTYPES[c])
             arr = self.arrays.get(c)
             if arr is None:
                 arr = self.arrays[c] = self.group.create_array(c, shape=(0,), chunks=(ZARR_CHUNK,),
-                                                               dtype=_DTYPES[c])
+                                                               dtype=INDEX_DTYPES[c])
             if data.size:
-                arr.append(data.astype(_DTYPES[c], copy=False))
+                arr.append(data.astype(INDEX_DTYPES[c], copy=False))
+                self.hashes[c].update(column_bytes(c, data))
             self.buf[c] = []
         self.buffered = 0
+
+    def digests(self) -> dict[str, str]:
+        return {c: h.hexdigest() for c, h in self.hashes.items()}
 
     def close(self, attrs: dict[str, Any]) -> None:
         self._flush()
         self.group.attrs.update({"schema_version": SCHEMA_VERSION_STR, **attrs})
 
 
-_DTYPES = {"n_atoms": np.int32, "domain": np.int16, "source": np.int16, "shard": np.int32,
-           "offset": np.int64, "size": np.int64, "key_hash": np.uint64, "trajectory": np.uint64}
+INDEX_DTYPES = {"n_atoms": np.int32, "domain": np.int16, "source": np.int16, "shard": np.int32,
+                "offset": np.int64, "size": np.int64, "key_hash": np.uint64, "trajectory": np.uint64,
+                "checksum": np.uint64}
 
 
 def iter_index_chunks(root: Any, columns: tuple[str, ...] = INDEX_COLUMNS) -> Iterator[dict[str, np.ndarray]]:

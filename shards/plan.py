@@ -50,6 +50,7 @@ class SampleTable:
     trajectory: np.ndarray   # uint64 hash, 0 = not a trajectory frame
     domain_names: list[str]
     source_names: list[str]
+    checksum: np.ndarray | None = None  # uint64 blake2b of each sample's bytes (None: a table never fetched)
 
     def __len__(self) -> int:
         return int(self.n_atoms.size)
@@ -163,7 +164,7 @@ class Planner:
         self.group_names = [names[c] for c in present]
         self.groups = [_Group(i, np.flatnonzero(codes == c), table.trajectory[codes == c],
                               mixture.max_frames_per_trajectory, seed) for i, c in enumerate(present)]
-        probs = group_probabilities(mixture, {g: grp.n for g, grp in zip(self.group_names, self.groups)})
+        probs = group_probabilities(mixture, {g: grp.n for g, grp in zip(self.group_names, self.groups, strict=True)})
         self.probs = np.array([probs[g] for g in self.group_names])
         self.cdf = np.cumsum(self.probs)
         self.cdf[-1] = 1.0
@@ -225,7 +226,10 @@ class Planner:
 
     def next_batch(self) -> Batch:
         """This rank's next batch (never over ``max_atoms``)."""
-        rows, atoms, crop, repeats = [], [], [], []
+        rows: list[int] = []
+        atoms: list[int] = []
+        crop: list[int] = []
+        repeats: list[tuple[int, int, int]] = []
         budget = self.max_atoms
         crop_to = self.mixture.crop_protein_atoms
         skipped = 0
@@ -268,26 +272,28 @@ class Planner:
         rng = keyed_rng(self.seed, "repeat", self.pos)
         hit = rng.random(3) < self.repeat.p
         reps = np.where(hit, rng.integers(2, self.repeat.max_repeat + 1, size=3), 1)
-        return tuple(int(r) for r in reps) if n * int(np.prod(reps)) <= self.max_atoms else (1, 1, 1)
+        if n * int(np.prod(reps)) > self.max_atoms:
+            return (1, 1, 1)
+        return int(reps[0]), int(reps[1]), int(reps[2])
 
     def realised_mix(self) -> dict[str, float]:
         total = max(int(self.seen.sum()), 1)
-        return {g: float(c) / total for g, c in zip(self.group_names, self.seen)}
+        return {g: float(c) / total for g, c in zip(self.group_names, self.seen, strict=True)}
 
     def target_mix(self) -> dict[str, float]:
-        return {g: float(p) for g, p in zip(self.group_names, self.probs)}
+        return {g: float(p) for g, p in zip(self.group_names, self.probs, strict=True)}
 
 
 def build_table(datasets: list[Any]) -> SampleTable:
-    """Concatenate the indices of several :class:`~shards.reader.ShardDataset` (zarr when local)."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("dataset", "shard", "offset", "size", "n_atoms",
-                                                         "domain", "source", "trajectory")}
+    """Concatenate the index columns of several :class:`~shards.reader.ShardDataset`, each checked against
+    its manifest (:meth:`~shards.reader.ShardDataset.columns`): the plan never rests on unverified rows."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in _TABLE_COLUMNS + ("dataset",)}
     domain_names: list[str] = []
     source_names: list[str] = []
     for d_no, ds in enumerate(datasets):
-        part = _dataset_columns(ds)
-        dmap = np.array([_code(domain_names, n) for n in part.pop("domain_names")], dtype=np.int16)
-        smap = np.array([_code(source_names, n) for n in part.pop("source_names")], dtype=np.int16)
+        part = ds.columns(_TABLE_COLUMNS)
+        dmap = np.array([_code(domain_names, n) for n in ds.domain_names], dtype=np.int16)
+        smap = np.array([_code(source_names, n) for n in ds.source_names], dtype=np.int16)
         part["domain"] = dmap[part["domain"]] if dmap.size else part["domain"]
         part["source"] = smap[part["source"]] if smap.size else part["source"]
         part["dataset"] = np.full(part["n_atoms"].size, d_no, dtype=np.int16)
@@ -297,37 +303,10 @@ def build_table(datasets: list[Any]) -> SampleTable:
     return SampleTable(domain_names=domain_names, source_names=source_names, **arrays)
 
 
+_TABLE_COLUMNS = ("shard", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
+
+
 def _code(names: list[str], name: str) -> int:
     if name not in names:
         names.append(name)
     return names.index(name)
-
-
-def _dataset_columns(ds: Any) -> dict[str, Any]:
-    from shards import io
-
-    if not io.is_url(ds.root):
-        z = ds.index
-        return {"shard": z["shard"][:], "offset": z["offset"][:], "size": z["size"][:],
-                "n_atoms": z["n_atoms"][:], "domain": z["domain"][:].astype(np.int64),
-                "source": z["source"][:].astype(np.int64), "trajectory": z["trajectory"][:],
-                "domain_names": list(z.attrs["domains"]), "source_names": list(z.attrs["sources"])}
-    from shards.manifest import _traj_hash
-
-    out: dict[str, list[Any]] = {k: [] for k in ("shard", "offset", "size", "n_atoms", "domain", "source",
-                                                 "trajectory")}
-    dn: list[str] = []
-    sn: list[str] = []
-    for s_no, name in enumerate(ds.shard_names):
-        idx = ds.shard_index(name)
-        n = len(idx["key"])
-        out["shard"].append(np.full(n, s_no, np.int32))
-        out["offset"].append(np.asarray(idx["offset"], np.int64))
-        out["size"].append(np.asarray(idx["size"], np.int64))
-        out["n_atoms"].append(np.asarray(idx["n_atoms"], np.int32))
-        out["domain"].append(np.array([_code(dn, d) for d in idx["domain"]], np.int64))
-        out["source"].append(np.array([_code(sn, d) for d in idx["source"]], np.int64))
-        out["trajectory"].append(_traj_hash(idx["trajectory"]))
-    res: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
-    res["domain_names"], res["source_names"] = dn, sn
-    return res

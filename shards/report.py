@@ -63,8 +63,9 @@ def write_report(dataset: str, out: Path, max_samples: int = ELEMENT_SAMPLE_LIMI
     out.mkdir(parents=True, exist_ok=True)
     ds = ShardDataset(dataset)
     info = inspect_dataset(dataset)
-    n_atoms = ds.index["n_atoms"][:]
-    dom_codes, dom_names = ds.index["domain"][:], list(ds.index.attrs["domains"])
+    cols = ds.columns(("n_atoms", "domain"))
+    n_atoms = cols["n_atoms"]
+    dom_codes, dom_names = cols["domain"], ds.domain_names
     figs: list[tuple[str, str]] = []
 
     def save(fig: Any, name: str, title: str) -> None:

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zarr
 
+from shards import io
 from shards.codec import SUFFIX
-from shards.manifest import INDEX_DIR
+from shards.manifest import INDEX_COLUMNS, INDEX_DIR, INDEX_DTYPES, ZARR_CHUNK, key_hash, traj_hash
 from shards.reader import ShardDataset, ShardError
 
 
@@ -43,60 +45,156 @@ def _tar_members(name: str, data: bytes) -> list[tuple[str, int, int]]:
 
 
 def verify_dataset(root: str, *, progress: Any = None) -> VerifyReport:
-    """Check sha256s, sizes, tar vs index agreement, that every sample decodes and validates,
-    per-shard counts vs the manifest and the zarr index vs the shard indices."""
+    """Check sha256s and sizes of shards and shard indices, tar vs index agreement, that every sample's
+    checksum matches and it decodes and validates, per-shard counts vs the manifest, and (local datasets)
+    every column of ``index.zarr`` row by row against the shard indices and against the manifest's digests.
+    Over URLs the zarr index is not read: loaders plan from the shard indices there."""
     rep = VerifyReport()
     ds = ShardDataset(root)
+    zarr_rows = None if io.is_url(ds.root) else _ZarrRows(ds, rep)
     seen: set[str] = set()
-    index_rows = 0
-    for meta in ds.manifest["shards"]:
+    for s_no, meta in enumerate(ds.manifest["shards"]):
         name = meta["name"]
         rep.n_shards += 1
+        idx: dict[str, Any] | None = None
         try:
             data = ds.shard_bytes(name)
             if hashlib.sha256(data).hexdigest() != meta["sha256"]:
                 raise ShardError(f"shard {name}: sha256 does not match the manifest (corrupted or replaced)")
             idx = ds.shard_index(name)
-            members = _tar_members(name, data)
-            expect = [(f"{k}.{SUFFIX}", o, s) for k, o, s in zip(idx["key"], idx["offset"], idx["size"])]
-            if members != expect:
-                bad = next((i for i, (a, b) in enumerate(zip(members, expect)) if a != b), min(len(members), len(expect)))
-                raise ShardError(f"shard {name}: tar and index disagree at member {bad} "
-                                 f"({members[bad] if bad < len(members) else 'missing'} vs "
-                                 f"{expect[bad] if bad < len(expect) else 'missing'})")
-            if len(members) != meta["n_samples"]:
-                raise ShardError(f"shard {name}: {len(members)} samples, manifest says {meta['n_samples']}")
-            for row, g in enumerate(ds.iter_shard(name, data=data)):
-                if g.n_atoms != idx["n_atoms"][row] or g.domain != idx["domain"][row] or g.source != idx["source"][row]:
-                    raise ShardError(f"shard {name}: sample {g.key!r}: n_atoms/domain/source differ from the index")
-                if g.key in seen:
-                    raise ShardError(f"shard {name}: sample {g.key!r}: duplicate key")
-                seen.add(g.key)
-                rep.n_samples += 1
-            index_rows += len(members)
+            _check_shard(ds, name, data, idx, meta, seen, rep)
         except (ShardError, OSError, ValueError) as exc:
             rep.errors.append(str(exc))
+        if zarr_rows is not None:
+            zarr_rows.compare(s_no, name, meta["n_samples"], idx)
         if progress is not None:
             progress.update(1)
-    try:
-        zrows = ds.index["n_atoms"].shape[0]
-        if zrows != index_rows and not rep.errors:
-            rep.errors.append(f"{INDEX_DIR}: {zrows} rows, shard indices have {index_rows}")
-    except Exception as exc:  # noqa: BLE001 - any failure to open the index is reported, not raised
-        rep.errors.append(f"{INDEX_DIR}: unreadable: {exc}")
+    if zarr_rows is not None:
+        zarr_rows.finish()
     if rep.n_samples != ds.manifest["n_samples"] and not rep.errors:
         rep.errors.append(f"manifest: n_samples {ds.manifest['n_samples']} but {rep.n_samples} samples found")
     return rep
 
 
+def _check_shard(ds: ShardDataset, name: str, data: Any, idx: dict[str, Any], meta: dict[str, Any],
+                 seen: set[str], rep: VerifyReport) -> None:
+    members = _tar_members(name, data)
+    expect = [(f"{k}.{SUFFIX}", o, s) for k, o, s in zip(idx["key"], idx["offset"], idx["size"], strict=True)]
+    if members != expect:
+        # the lists may differ in length: the first difference, else the end of the shorter one
+        pairs = zip(members, expect, strict=False)
+        bad = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(members), len(expect)))
+        raise ShardError(f"shard {name}: tar and index disagree at member {bad} "
+                         f"({members[bad] if bad < len(members) else 'missing'} vs "
+                         f"{expect[bad] if bad < len(expect) else 'missing'})")
+    if len(members) != meta["n_samples"]:
+        raise ShardError(f"shard {name}: {len(members)} samples, manifest says {meta['n_samples']}")
+    if sum(idx["n_atoms"]) != meta["n_atoms"]:
+        raise ShardError(f"shard {name}: index holds {sum(idx['n_atoms'])} atoms, manifest says {meta['n_atoms']}")
+    for row, g in enumerate(ds.iter_shard(name, data=data)):
+        if g.n_atoms != idx["n_atoms"][row] or g.domain != idx["domain"][row] or g.source != idx["source"][row]:
+            raise ShardError(f"shard {name}: sample {g.key!r}: n_atoms/domain/source differ from the index")
+        if g.key in seen:
+            raise ShardError(f"shard {name}: sample {g.key!r}: duplicate key")
+        seen.add(g.key)
+        rep.n_samples += 1
+
+
+class _ZarrRows:
+    """Reads ``index.zarr`` sequentially, one chunk at a time, and compares it with each shard's index."""
+
+    def __init__(self, ds: ShardDataset, rep: VerifyReport) -> None:
+        self.ds, self.rep, self.pos = ds, rep, 0
+        self.where = io.join(ds.root, INDEX_DIR)
+        self.failed = False
+        self.buf: dict[str, np.ndarray] = {}
+        self.buf_start = 0
+        try:
+            self.group = zarr.open_group(self.where, mode="r")
+            self.rows = int(self.group["n_atoms"].shape[0])
+            for c in INDEX_COLUMNS:
+                if self.group[c].shape != (self.rows,):
+                    self._fail(f"column {c!r} has shape {self.group[c].shape}, expected ({self.rows},)")
+            attrs = dict(self.group.attrs)
+            for table in ("domains", "sources"):
+                if list(attrs.get(table, [])) != ds.manifest["index"][table]:
+                    self._fail(f"code table {table!r} differs from the manifest's")
+        except Exception as exc:  # noqa: BLE001 - any failure to open the index is reported, not raised
+            self._fail(f"unreadable: {' '.join(str(exc).split())[:200]}")
+
+    def _fail(self, msg: str) -> None:
+        if not self.failed:
+            self.rep.errors.append(f"{self.where}: {msg}")
+        self.failed = True
+
+    def _take(self, n: int) -> dict[str, np.ndarray]:
+        """The next ``n`` rows of every column."""
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in INDEX_COLUMNS}
+        need, at = n, self.pos
+        while need > 0 and at < self.rows:
+            end = self.buf_start + len(self.buf.get("n_atoms", ()))
+            if not self.buf or not self.buf_start <= at < end:
+                self.buf_start = at - at % ZARR_CHUNK
+                self.buf = {c: self.group[c][self.buf_start:self.buf_start + ZARR_CHUNK] for c in INDEX_COLUMNS}
+                end = self.buf_start + len(self.buf["n_atoms"])
+            k = min(need, end - at)
+            for c in INDEX_COLUMNS:
+                parts[c].append(self.buf[c][at - self.buf_start:at - self.buf_start + k])
+            need, at = need - k, at + k
+        self.pos += n
+        return {c: np.concatenate(v) if v else np.zeros(0, INDEX_DTYPES[c]) for c, v in parts.items()}
+
+    def compare(self, s_no: int, name: str, n: int, idx: dict[str, Any] | None) -> None:
+        """Rows of shard ``s_no`` (``n`` of them, per the manifest) against its index, column by column."""
+        if self.failed:
+            return
+        first = self.pos
+        try:
+            got = self._take(n)
+        except Exception as exc:  # noqa: BLE001 - an unreadable chunk is reported, not raised
+            self._fail(f"rows {first}..{first + n - 1} unreadable: {' '.join(str(exc).split())[:200]}")
+            return
+        if idx is None or len(idx["key"]) != n:
+            return
+        if got["n_atoms"].size != n:
+            self._fail(f"{self.rows} rows, the manifest's shards hold more (shard {name} starts at row {first})")
+            return
+        dcode = {d: i for i, d in enumerate(self.ds.domain_names)}
+        scode = {x: i for i, x in enumerate(self.ds.source_names)}
+        expect = {"n_atoms": idx["n_atoms"], "domain": [dcode.get(d, -1) for d in idx["domain"]],
+                  "source": [scode.get(x, -1) for x in idx["source"]], "shard": [s_no] * n,
+                  "offset": idx["offset"], "size": idx["size"], "key_hash": key_hash(idx["key"]),
+                  "trajectory": traj_hash(idx["trajectory"]), "checksum": idx["checksum"]}
+        for c in INDEX_COLUMNS:
+            want = np.asarray(expect[c], dtype=np.int64 if c in ("domain", "source") else INDEX_DTYPES[c])
+            diff = np.flatnonzero(got[c].astype(want.dtype) != want)
+            if diff.size:
+                r = int(diff[0])
+                self._fail(f"column {c!r} row {first + r} (shard {name}, sample {idx['key'][r]!r}) holds "
+                           f"{got[c][r]}, the shard index gives {want[r]}")
+                return
+
+    def finish(self) -> None:
+        """Rows left over, and every column's digest against the manifest."""
+        if self.failed:
+            return
+        if self.pos != self.rows:
+            self._fail(f"{self.rows} rows, the shard indices hold {self.pos}")
+            return
+        try:
+            self.ds.columns()
+        except ShardError as exc:
+            self._fail(str(exc).split(": ", 1)[-1])
+
+
 def inspect_dataset(root: str) -> dict[str, Any]:
-    """Counts per domain and source, atoms per sample (min/median/max), bytes; from the zarr index."""
+    """Counts per domain and source, atoms per sample (min/median/max), bytes; from the index columns
+    (the zarr index when local, the shard indices over URLs; both checked against the manifest)."""
     ds = ShardDataset(root)
     m = ds.manifest
-    group = ds.index
-    n_atoms = group["n_atoms"][:]
-    dom, src = group["domain"][:], group["source"][:]
-    domains, sources = group.attrs["domains"], group.attrs["sources"]
+    cols = ds.columns(("n_atoms", "domain", "source"))
+    n_atoms, dom, src = cols["n_atoms"], cols["domain"], cols["source"]
+    domains, sources = ds.domain_names, ds.source_names
 
     def summary(mask: np.ndarray) -> dict[str, Any]:
         a = n_atoms[mask]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,9 @@ class ViewConfig:
     is in ``repeat_domains``. ``max_neighbors`` caps non-periodic graphs, ``max_neighbors_periodic``
     periodic ones. ``crop_atoms`` crops larger structures: whole residues nearest to a random centre
     atom when ``residue_index`` exists, otherwise (non-periodic only) the nearest atoms.
+    ``max_edges_per_atom`` is the edge budget of a view's graph (times its atom count, pairs within the
+    cutoff before the neighbour cap): a structure over it raises :class:`~shards.graph.EdgeBudgetError`,
+    which the loader counts as oversize.
     """
 
     clean_sigma: float = 0.005
@@ -46,6 +50,7 @@ class ViewConfig:
     self_loops: bool = False
     crop_atoms: int | None = None
     noise: bool = True
+    max_edges_per_atom: int | None = 512
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -107,12 +112,13 @@ def _graph(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cfg: ViewConfig
            ) -> tuple[np.ndarray, np.ndarray]:
     periodic = bool(pbc[0] or pbc[1] or pbc[2])
     k = cfg.max_neighbors_periodic if periodic else cfg.max_neighbors
+    budget = None if cfg.max_edges_per_atom is None else cfg.max_edges_per_atom * max(pos.shape[0], 1)
     return radius_graph(pos, cell if periodic else None, pbc if periodic else None,
-                        cfg.cutoff, k, cfg.self_loops)
+                        cfg.cutoff, k, cfg.self_loops, budget)
 
 
 def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int,
-               repeats: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               repeats: np.ndarray | None = None) -> dict[str, Any]:
     """Views of one structure as numpy arrays, graphs built per view after noising.
 
     SCD (``cfg.noise``): ``z, pos_clean, pos_noisy, noise, edge_index_clean, edge_shift_clean,
@@ -152,7 +158,7 @@ def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int,
         rot = random_rotation(augment_rng())
         pos, cell = pos @ rot.T, cell @ rot.T
     n = z.shape[0]
-    out: dict[str, np.ndarray] = {"z": z}
+    out: dict[str, Any] = {"z": z}
     if cfg.noise:
         draws = noise_rng(seed, g.key, step, "noise").standard_normal((2, n, 3))
         jitter = draws[0] * cfg.clean_sigma

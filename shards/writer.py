@@ -2,7 +2,8 @@
 
 One tar member per sample (``<key>.scd``), fixed tar metadata (mtime 0, uid/gid 0, mode 0644, USTAR),
 so the same input always gives byte-identical shards. Beside each shard ``<name>.idx.json`` lists
-key, data offset, size, n_atoms, domain, source and trajectory id of every sample.
+key, data offset, size, n_atoms, domain, source, trajectory id and checksum (64-bit blake2b of the sample's
+bytes, checked whenever the sample is decoded) of every sample.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from shards.codec import SUFFIX, encode
+from shards.jsoncheck import SAFE_NAME
 from shards.schema import SCHEMA_VERSION_STR, AtomGraph
 
 TAR_BLOCK = 512
 INDEX_SUFFIX = ".idx.json"
-INDEX_KEYS = ("key", "offset", "size", "n_atoms", "domain", "source", "trajectory")
+INDEX_KEYS = ("key", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,25 @@ class _Open:
                                                                INDEX_KEYS})
 
 
+def sample_checksum(data: bytes | memoryview) -> int:
+    """The 64-bit blake2b digest of one sample's bytes, as stored in the indices."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and rename (never a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, f"{exc.strerror or exc}: {path}") from exc
+        raise
 
 
 def index_bytes(shard: str, index: dict[str, list[Any]]) -> bytes:
@@ -80,15 +93,16 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, prefix: str = "shard", config: WriterConfig | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if "/" in prefix or prefix.startswith("."):
-            raise ValueError(f"shard prefix {prefix!r} must be a plain file name")
+        if not SAFE_NAME.fullmatch(prefix):
+            raise ValueError(f"shard prefix {prefix!r} must be a plain file name "
+                             "([A-Za-z0-9._-], not starting with '.')")
         self.prefix = prefix
         self.config = config or WriterConfig()
         self.shards: list[ShardInfo] = []
         self._cur: _Open | None = None
         self._keys: set[str] = set()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -101,7 +115,14 @@ class ShardWriter:
         """Encode and append one sample; duplicate keys are an error."""
         if g.key in self._keys:
             raise ValueError(f"duplicate sample key {g.key!r} in shard writer {self.prefix!r}")
-        data = encode(g)
+        self.add_encoded(g.key, encode(g), n_atoms=g.n_atoms, domain=g.domain, source=g.source,
+                         trajectory=g.trajectory_id or "")
+
+    def add_encoded(self, key: str, data: bytes, *, n_atoms: int, domain: str, source: str,
+                    trajectory: str = "") -> None:
+        """Append one already encoded sample with its index fields (compaction copies samples verbatim)."""
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard writer {self.prefix!r}")
         cur = self._cur
         member_bytes = TAR_BLOCK + len(data) + (-len(data)) % TAR_BLOCK
         if cur is not None and (len(cur.index["key"]) >= self.config.max_shard_samples
@@ -110,27 +131,29 @@ class ShardWriter:
             cur = None
         if cur is None:
             cur = self._cur = self._open(len(self.shards))
-        info = tarfile.TarInfo(f"{g.key}.{SUFFIX}")
+        info = tarfile.TarInfo(f"{key}.{SUFFIX}")
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         header_at = cur.fileobj.tell()
         cur.tar.addfile(info, io.BytesIO(data))
         idx = cur.index
-        idx["key"].append(g.key)
+        idx["key"].append(key)
         idx["offset"].append(header_at + TAR_BLOCK)
         idx["size"].append(len(data))
-        idx["n_atoms"].append(g.n_atoms)
-        idx["domain"].append(g.domain)
-        idx["source"].append(g.source)
-        idx["trajectory"].append(g.trajectory_id or "")
-        self._keys.add(g.key)
+        idx["n_atoms"].append(int(n_atoms))
+        idx["domain"].append(domain)
+        idx["source"].append(source)
+        idx["trajectory"].append(trajectory)
+        idx["checksum"].append(sample_checksum(data))
+        self._keys.add(key)
 
     def _open(self, number: int) -> _Open:
         path = self.out_dir / f"{self.prefix}-{number:06d}.tar"
         tmp = self.out_dir / f".{path.name}.tmp-{os.getpid()}"
-        fileobj = open(tmp, "wb")
-        tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        # both stay open across add() calls; _finish closes them (a with-block cannot span calls)
+        fileobj = open(tmp, "wb")  # noqa: SIM115
+        tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         return _Open(path, tmp, tar, fileobj)
 
     def _finish(self) -> None:

@@ -252,6 +252,16 @@ def test_s3_dataset_reads_like_local(s3_dataset, dataset):
 
 
 @pytest.mark.slow
+def test_s3_verify_and_inspect_like_local(s3_dataset, dataset):
+    from shards.verify import inspect_dataset, verify_dataset
+
+    rep = verify_dataset(s3_dataset)
+    assert rep.ok and rep.n_samples == 60 and rep.n_shards == 3
+    remote, local = inspect_dataset(s3_dataset), inspect_dataset(str(dataset))
+    assert {k: v for k, v in remote.items() if k != "root"} == {k: v for k, v in local.items() if k != "root"}
+
+
+@pytest.mark.slow
 def test_s3_batch_stream_equals_local(s3_dataset, dataset, tmp_path):
     local = list(itertools.islice(BatchStream(_cfg(str(dataset))), 5))
     remote = list(itertools.islice(BatchStream(_cfg(s3_dataset, cache_dir=str(tmp_path / "c"))), 5))
