@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.converters.units import check_units, clip, elements, energy_factor, finite_or_none, length_factor, scaled
+from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, read_head
 from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
@@ -158,17 +158,17 @@ class HDF5Converter(Converter):
     def _group(self, grp: Any, g: _Group, lo: int, hi: int, lay: H5Layout, layout: str, options: HDF5Options,
                source: str, file_id: str) -> Iterator[AtomGraph | Reject]:
         """Records ``[lo, hi)`` of one group, read in slices of at most ``BLOCK_BYTES``."""
-        problem = g.problem
+        names = _names(lay, options)
+        ds, problem = _datasets(grp, g, lay, names) if g.problem is None else ({}, g.problem)
         z = None
         if problem is None:
             try:
-                z = elements(grp["atomic_numbers"][()]) if "atomic_numbers" in grp else None
+                z = elements(ds["atomic_numbers"][()]) if "atomic_numbers" in ds else None
                 problem = None if z is not None else f"group {g.name!r} has no atomic_numbers"
             except ValueError as exc:
                 problem = f"group {g.name!r}: {exc}"
-        names = _names(lay, options)
         if z is not None and problem is None:
-            problem = _shape_problem(grp, g, names, z.shape[0])
+            problem = _shape_problem(ds, g, names, z.shape[0])
         if problem is not None or z is None:
             for r in range(lo, hi):
                 yield self.reject(file_id, r, problem or "unreadable group")
@@ -176,38 +176,50 @@ class HDF5Converter(Converter):
         e_f = energy_factor(options.energy_unit or lay.energy_unit)
         l_f = length_factor(options.length_unit or lay.length_unit)
         f_f = (-1.0 if lay.forces_are_gradient else 1.0) * e_f / l_f
-        extras = _extra_energies(grp, lay, names, g.count)
-        charge = _spice_charge(grp) if layout == "spice" and options.charge_from_smiles else None
-        row_bytes = grp[names["positions"]].dtype.itemsize * 3 * z.shape[0] * (2 if names["forces"] in grp else 1)
+        extras = _extra_energies(ds, lay, names, g.count)
+        charge = _spice_charge(ds) if layout == "spice" and options.charge_from_smiles else None
+        read = {k: ds[v] for k, v in names.items() if v in ds} | {k: ds[k] for k in extras}
+        row_bytes = sum(d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64)) for d in read.values())
         step = max(1, BLOCK_BYTES // max(1, row_bytes))
         for a in range(lo, hi, step):
             b = min(a + step, hi)
             s = slice(a - g.start, b - g.start)
-            block = {k: grp[v][s] for k, v in names.items() if v in grp}
-            block.update({k: grp[k][s] for k in extras})
+            blk = _Block(scaled_block(read["positions"][s], l_f),
+                         labels(read["energy"][s], e_f) if "energy" in read else None,
+                         scaled_block(read["forces"][s], f_f) if "forces" in read else None,
+                         {k: labels(read[k][s], e_f) for k in extras})
             for r in range(a, b):
-                i = r - a
-                yield self.build(file_id, r, lambda r=r, i=i, blk=block: self._graph(
-                    z, blk, i, r, extras, e_f, l_f, f_f, charge, g.name, source, file_id))
+                yield self.build(file_id, r, lambda r=r, i=r - a, blk=blk: self._graph(
+                    z, blk, i, r, charge, g.name, source, file_id))
 
     @staticmethod
-    def _graph(z: np.ndarray, block: dict[str, np.ndarray], i: int, r: int, extras: tuple[str, ...], e_f: float,
-               l_f: float, f_f: float, charge: int | None, group: str, source: str, file_id: str) -> AtomGraph:
-        n = z.shape[0]
+    def _graph(z: np.ndarray, blk: _Block, i: int, r: int, charge: int | None, group: str, source: str,
+               file_id: str) -> AtomGraph:
         props: dict[str, float] = {}
-        for k in extras:
-            v = finite_or_none(block[k][i], e_f)
+        for k, values in blk.extras.items():
+            v = values[i]
             if v is not None:
                 props[k] = v
-        energy = finite_or_none(block["energy"][i], e_f) if "energy" in block else None
         forces = None
-        if "forces" in block and not np.isnan(block["forces"][i]).all():  # ANI-1x: NaN where not computed
-            forces = scaled(block["forces"][i], f_f, (n, 3), "forces")
+        if blk.forces is not None:
+            forces = blk.forces[i]
+            if np.isnan(forces).all():  # ANI-1x: NaN where a method was not computed
+                forces = None
         return AtomGraph(key=make_key(source, file_id, r), domain="molecule", source=source, source_file=file_id,
-                         index=r, atomic_numbers=z, positions=scaled(block["positions"][i], l_f, (n, 3), "positions"),
-                         cell=ZERO_CELL, pbc=NO_PBC, charge=charge, energy=energy, forces=forces,
+                         index=r, atomic_numbers=z, positions=blk.positions[i], cell=ZERO_CELL, pbc=NO_PBC,
+                         charge=charge, energy=None if blk.energy is None else blk.energy[i], forces=forces,
                          trajectory_id=group, properties=props or None,
                          property_units=dict.fromkeys(props, "eV") or None)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One slice of conformations, converted to schema units."""
+
+    positions: np.ndarray
+    energy: list[float | None] | None
+    forces: np.ndarray | None
+    extras: dict[str, list[float | None]]
 
 
 def _names(lay: H5Layout, options: HDF5Options) -> dict[str, str]:
@@ -215,42 +227,57 @@ def _names(lay: H5Layout, options: HDF5Options) -> dict[str, str]:
             "forces": lay.forces.format(method=options.method)}
 
 
-def _shape_problem(grp: Any, g: _Group, names: dict[str, str], n: int) -> str | None:
-    """A shape mismatch of the group's datasets, as the reason every conformation of it is rejected."""
+def _datasets(grp: Any, g: _Group, lay: H5Layout, names: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+    """The group's datasets this layout reads, each opened once; a link, or data stored outside the file, in
+    one of them is a problem of the group."""
     import h5py
 
+    out: dict[str, Any] = {}
+    wanted = {"atomic_numbers", "smiles", *names.values()}
     for k in grp:
+        if k not in wanted and not _is_extra(k, lay):
+            continue
         if not isinstance(grp.get(k, getlink=True), h5py.HardLink):
-            return f"group {g.name!r}: {k} is a soft or external link, which is not followed"
+            return {}, f"group {g.name!r}: {k} is a soft or external link, which is not followed"
         ds = grp[k]
-        if isinstance(ds, h5py.Dataset) and (ds.is_virtual or ds.external):
-            return f"group {g.name!r}: {k} is stored outside the file, which is not read"
-    pos = grp[names["positions"]]
+        if isinstance(ds, h5py.Dataset):
+            if ds.is_virtual or ds.external:
+                return {}, f"group {g.name!r}: {k} is stored outside the file, which is not read"
+            out[k] = ds
+    return out, None
+
+
+def _shape_problem(ds: dict[str, Any], g: _Group, names: dict[str, str], n: int) -> str | None:
+    """A shape mismatch of the group's datasets, as the reason every conformation of it is rejected."""
+    pos = ds[names["positions"]]
     if pos.shape != (g.count, n, 3):
         return f"group {g.name!r}: {names['positions']} {pos.shape} does not match {n} atomic numbers"
-    if names["energy"] in grp and grp[names["energy"]].shape not in ((g.count,), (g.count, 1)):
-        shape = grp[names["energy"]].shape
-        return f"group {g.name!r}: {names['energy']} {shape} does not match {g.count} conformations"
-    if names["forces"] in grp and grp[names["forces"]].shape != (g.count, n, 3):
-        return f"group {g.name!r}: {names['forces']} {grp[names['forces']].shape} does not match {pos.shape}"
+    energy, forces = ds.get(names["energy"]), ds.get(names["forces"])
+    if energy is not None and energy.shape not in ((g.count,), (g.count, 1)):
+        return f"group {g.name!r}: {names['energy']} {energy.shape} does not match {g.count} conformations"
+    if forces is not None and forces.shape != (g.count, n, 3):
+        return f"group {g.name!r}: {names['forces']} {forces.shape} does not match {pos.shape}"
     return None
 
 
-def _extra_energies(grp: Any, lay: H5Layout, names: dict[str, str], count: int) -> tuple[str, ...]:
+def _extra_energies(ds: dict[str, Any], lay: H5Layout, names: dict[str, str], count: int) -> tuple[str, ...]:
     """Per-conformation energy datasets other than the label, kept as properties (converted to eV)."""
-    return tuple(k for k in grp if k != names["energy"] and (k == lay.extra_energies or
-                                                              (lay.extra_energies.startswith(".") and
-                                                               k.endswith(lay.extra_energies)))
-                 and grp[k].shape == (count,) and grp[k].dtype.kind == "f")
+    return tuple(k for k, d in ds.items() if k != names["energy"] and _is_extra(k, lay)
+                 and d.shape == (count,) and d.dtype.kind == "f")
 
 
-def _spice_charge(grp: Any) -> int | None:
+def _is_extra(name: str, lay: H5Layout) -> bool:
+    suffix = lay.extra_energies
+    return name == suffix or (suffix.startswith(".") and name.endswith(suffix))
+
+
+def _spice_charge(ds: dict[str, Any]) -> int | None:
     """Total charge from the formal charges of the group's SMILES; None when there is none or it does not parse."""
     from rdkit import Chem, rdBase
 
-    if "smiles" not in grp:
+    if "smiles" not in ds:
         return None
-    raw = grp["smiles"][()]
+    raw = ds["smiles"][()]
     raw = raw.reshape(-1)[0] if isinstance(raw, np.ndarray) and raw.size else raw
     smiles = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     if not smiles or len(smiles) > MAX_SMILES:

@@ -15,7 +15,7 @@ from typing import IO, Literal
 
 import numpy as np
 
-from ingest.converters.units import check_units, clip, elements, energy_factor, finite_or_none, length_factor, scaled
+from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, owned
 from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
@@ -223,29 +223,21 @@ class NPZConverter(Converter):
             step = max(1, BLOCK_BYTES // max(1, pos.row_bytes + (m[lay.forces].row_bytes if lay.forces in m else 0)))
             for a in range(inside.start, inside.stop, step):
                 b = min(a + step, inside.stop)
-                block = {k: v.rows(a, b) for k, v in m.items() if k in (lay.positions, lay.energy, lay.forces)}
-                idx_block = idx_member.rows(a, b) if idx_member is not None else None
+                positions = scaled_block(pos.rows(a, b), l_f)
+                energy = labels(m[lay.energy].rows(a, b), e_f) if lay.energy in m else None
+                forces = scaled_block(m[lay.forces].rows(a, b), e_f / l_f) if lay.forces in m else None
+                index = idx_member.rows(a, b).tolist() if idx_member is not None else None
                 for r in range(a, b):
                     i = r - a
-                    yield self.build(file_id, r, lambda r=r, i=i, blk=block, ib=idx_block: self._graph(
-                        z, blk, ib, i, r, lay, e_f, l_f, cell, pbc, traj, source, file_id))
+                    props = None if index is None or lay.index_property is None else \
+                        {lay.index_property[1]: float(index[i])}
+                    yield self.build(file_id, r, lambda r=r, i=i, p=positions, e=energy, f=forces, pr=props: AtomGraph(
+                        key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
+                        atomic_numbers=z, positions=p[i], cell=cell, pbc=pbc, energy=None if e is None else e[i],
+                        forces=None if f is None else f[i], trajectory_id=traj, properties=pr,
+                        property_units=None if pr is None else dict.fromkeys(pr, "-")))
         for r in beyond:
             yield self.reject(file_id, r, "frame beyond the end of the trajectory")
-
-    @staticmethod
-    def _graph(z: np.ndarray, block: dict[str, np.ndarray], idx_block: np.ndarray | None, i: int, r: int,
-               lay: NPZLayout, e_f: float, l_f: float, cell: np.ndarray, pbc: np.ndarray, traj: str, source: str,
-               file_id: str) -> AtomGraph:
-        n = z.shape[0]
-        energy = finite_or_none(block[lay.energy][i], e_f) if lay.energy in block else None
-        forces = scaled(block[lay.forces][i], e_f / l_f, (n, 3), "forces") if lay.forces in block else None
-        props, units = None, None
-        if idx_block is not None and lay.index_property is not None:
-            props, units = {lay.index_property[1]: float(idx_block[i])}, {lay.index_property[1]: "-"}
-        return AtomGraph(key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
-                         atomic_numbers=z, positions=scaled(block[lay.positions][i], l_f, (n, 3), "positions"),
-                         cell=cell, pbc=pbc, energy=energy, forces=forces, trajectory_id=traj,
-                         properties=props, property_units=units)
 
 
 def _file_problem(m: dict[str, NpyMember], lay: NPZLayout, z: np.ndarray, n_frames: int) -> str | None:

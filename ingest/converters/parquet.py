@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ingest.converters.units import check_units, clip, elements, energy_factor, length_factor, scaled
+from ingest.converters.units import check_units, clip, elements, energy_factor, length_factor, scaled, scaled_block
 from ingest.plugin import Converter, Reject, owned
 from shards.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, make_key
 
@@ -63,7 +63,7 @@ class ParquetOptions:
 class ListColumn:
     """A (nested) list column of one record batch as flat numpy values plus per-row value ranges."""
 
-    def __init__(self, arr: Any, name: str) -> None:
+    def __init__(self, arr: Any, name: str, factor: float | None = None) -> None:
         self.name = name
         self.null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         if not _is_list(arr.type):
@@ -80,7 +80,8 @@ class ListColumn:
             starts, stops = edges[starts], edges[stops]
             inner = inner.values
         self.starts, self.stops = starts, stops
-        self.values = inner.to_numpy(zero_copy_only=False)
+        values = inner.to_numpy(zero_copy_only=False)
+        self.values = values if factor is None else scaled_block(values, factor)  # float32, read-only, once
 
     def row(self, i: int) -> np.ndarray | None:
         """Row ``i``'s values (flat), or None when the row is null."""
@@ -143,8 +144,8 @@ class ParquetConverter(Converter):
             columns = sorted(set(wanted_cols.values()))
             for first, batch in self._batches(pf, inside, columns):
                 view = {field: batch.column(col) for field, col in wanted_cols.items()}
-                lists = {f: ListColumn(view[f], wanted_cols[f]) for f in ("atomic_numbers", "positions", "cell",
-                                                                         "pbc", "forces") if f in view}
+                factors = {"atomic_numbers": None, "positions": l_f, "cell": None, "pbc": None, "forces": e_f / l_f}
+                lists = {f: ListColumn(view[f], wanted_cols[f], factor) for f, factor in factors.items() if f in view}
                 scalars = {f: _scalar(view[f]) for f in view if f not in lists}
                 for i in range(batch.num_rows):
                     r = first + i
@@ -184,7 +185,7 @@ class ParquetConverter(Converter):
                options: ParquetOptions, e_f: float, l_f: float, source: str, file_id: str) -> AtomGraph:
         z = elements(_required(lists, "atomic_numbers", i))
         n = z.shape[0]
-        pos = scaled(_required(lists, "positions", i), l_f, (n, 3), "positions")
+        pos = _atoms3(_required(lists, "positions", i), n, "positions")
         cell, pbc = ZERO_CELL, NO_PBC
         cell_row, pbc_row, forces_row = (lists[k].row(i) if k in lists else None for k in ("cell", "pbc", "forces"))
         if cell_row is not None:
@@ -194,7 +195,7 @@ class ParquetConverter(Converter):
             pbc = owned(pbc_row, bool)
             if pbc.shape != (3,):
                 raise ValueError(f"pbc has shape {pbc.shape}, expected (3,)")
-        forces = None if forces_row is None else scaled(forces_row, e_f / l_f, (n, 3), "forces")
+        forces = None if forces_row is None else _atoms3(forces_row, n, "forces")
         energy = _value(scalars, "energy", i)
         charge, spin = _value(scalars, "charge", i), _value(scalars, "spin", i)
         props = {k.split(":", 1)[1]: v for k in scalars if k.startswith("property:")
@@ -206,6 +207,13 @@ class ParquetConverter(Converter):
                          energy=None if energy is None else energy * e_f, forces=forces,
                          charge=_int(charge, "charge"), spin=_int(spin, "spin"),
                          properties=props or None, property_units=units or None)
+
+
+def _atoms3(values: np.ndarray, n: int, what: str) -> np.ndarray:
+    """Flat per-atom values (already in schema units) as an (n, 3) view."""
+    if values.shape != (3 * n,):
+        raise ValueError(f"{what} has {values.shape[0]} values, expected {3 * n} for {n} atoms")
+    return values.reshape(n, 3)
 
 
 def _required(lists: dict[str, ListColumn], field: str, i: int) -> np.ndarray:

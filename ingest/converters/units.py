@@ -68,13 +68,24 @@ def scaled(values: Any, factor: float, shape: tuple[int, ...], what: str) -> np.
     return owned(np.multiply(arr, factor, dtype=np.float64) if factor != 1.0 else arr, np.float32)
 
 
-def finite_or_none(value: Any, factor: float = 1.0) -> float | None:
-    """A one-element label times ``factor``, or None when it is NaN (a label the source did not compute)."""
-    arr = np.asarray(value)
-    if arr.size != 1:
-        raise ValueError(f"a scalar label has shape {arr.shape}")
-    v = float(arr.reshape(()))
-    return None if math.isnan(v) else v * factor
+def scaled_block(values: Any, factor: float) -> np.ndarray:
+    """A block of per-record arrays times ``factor`` as one read-only float32 array: its rows are handed to
+    records as they are (C-contiguous, read-only views the schema keeps without copying)."""
+    arr = np.asarray(values)
+    out = np.multiply(arr, factor, dtype=np.float64).astype(np.float32) if factor != 1.0 else \
+        np.array(arr, dtype=np.float32, order="C")
+    out.flags.writeable = False
+    return out
+
+
+def labels(values: Any, factor: float) -> list[float | None]:
+    """A block of scalar labels (shape [B] or [B, 1]) times ``factor``; NaN (not computed) becomes None."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"scalar labels have shape {arr.shape}")
+    return [None if math.isnan(v) else v * factor for v in arr.tolist()]
 
 
 def clip(records: range | None, n: int) -> tuple[range, range]:
