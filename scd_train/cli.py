@@ -64,10 +64,14 @@ def register_downstream(sub: Any) -> None:
                                    "conditioned on the mask token) and OUT.keys.txt for a shard dataset or "
                                    "structure files ASE reads. --probe PROP prints the k-fold cross-validated "
                                    "MAE of ridge regression on the embeddings.")
-    e.add_argument("checkpoint", type=Path, help="checkpoint folder, run folder (newest checkpoint) or fine-tune folder")
+    e.add_argument("checkpoint", type=Path,
+                   help="checkpoint folder, run folder (newest checkpoint) or fine-tune folder")
     e.add_argument("inputs", nargs="+", help="a shard dataset folder, or structure files (xyz, extxyz, cif, pdb, ...)")
     e.add_argument("--out", type=Path, required=True, help="output stem: writes OUT.npy and OUT.keys.txt")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-atoms", type=int, default=4000, help="atoms per batch (memory bound)")
+    e.add_argument("--max-edges", type=int, default=120_000,
+                   help="radius-graph edges per batch (memory bound); a structure over a budget goes alone")
+    e.add_argument("--batch-size", type=int, default=None, help="also at most this many structures per batch")
     e.add_argument("--device", default="auto")
     e.add_argument("--probe", metavar="PROPERTY", help="ridge-regression probe of this property (k-fold CV MAE)")
     e.add_argument("--folds", type=int, default=5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from scd_train.budget import Budget, budget_batches
 from scd_train.data import to_torch
 from scd_train.objectives import ObjectiveConfig, build_objective
 from shards.collate import collate
 from shards.config import from_dict
+from shards.progress import Progress
 from shards.schema import AtomGraph
 from shards.views import ViewConfig, make_views
 
-__all__ = ["embed_graphs", "load_objective", "read_inputs", "ridge_cv"]
+__all__ = ["DEFAULT_BUDGET", "count_inputs", "embed_graphs", "iter_inputs", "load_objective", "read_inputs",
+           "ridge_cv"]
 
 _PREFIX = "objective."
+DEFAULT_BUDGET = Budget()
 
 
 def load_objective(checkpoint: str | Path) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -51,42 +56,64 @@ def load_objective(checkpoint: str | Path) -> tuple[torch.nn.Module, ObjectiveCo
     return objective.eval(), cfg
 
 
-def read_inputs(inputs: list[str]) -> list[AtomGraph]:
-    """A shard dataset folder, or structure files ASE reads (every frame; key ``<stem>-<frame>``)."""
+def iter_inputs(inputs: list[str]) -> Iterator[AtomGraph]:
+    """Stream a shard dataset folder, or structure files ASE reads (every frame; key ``<stem>-<frame>``)."""
     if len(inputs) == 1 and (Path(inputs[0]) / "manifest.json").is_file():
         from shards.reader import ShardDataset
 
-        return list(ShardDataset(inputs[0]))
+        yield from ShardDataset(inputs[0])
+        return
     import ase.io
 
-    graphs = []
     for path in inputs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: not a shard dataset (no manifest.json) nor a structure file")
+    found = False
+    for path in inputs:
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
-        for i, atoms in enumerate(ase.io.read(path, index=":")):
+        for i, atoms in enumerate(ase.io.iread(path, index=":")):
+            found = True
             domain = "crystal" if atoms.pbc.any() else "molecule"
-            graphs.append(AtomGraph.from_ase(atoms, key=f"{stem}-{i}", domain=domain, source="files",
-                                             source_file=str(path), index=i))
-    if not graphs:
+            yield AtomGraph.from_ase(atoms, key=f"{stem}-{i}", domain=domain, source="files",
+                                     source_file=str(path), index=i)
+    if not found:
         raise ValueError(f"no structures in {inputs}")
-    return graphs
+
+
+def read_inputs(inputs: list[str]) -> list[AtomGraph]:
+    """:func:`iter_inputs` as a list."""
+    return list(iter_inputs(inputs))
+
+
+def count_inputs(inputs: list[str]) -> int | None:
+    """The number of structures when known without reading them (a shard dataset's manifest)."""
+    if len(inputs) == 1 and (Path(inputs[0]) / "manifest.json").is_file():
+        return int(json.loads((Path(inputs[0]) / "manifest.json").read_text())["n_samples"])
+    return None
 
 
 @torch.no_grad()
-def embed_graphs(objective: torch.nn.Module, graphs: list[AtomGraph], *, batch_size: int = 64,
-                 device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
-    """float32 ``[G, F]``: the pooled embedding c of each graph, in order (one mask-token pass)."""
-    from tqdm import tqdm
+def embed_graphs(objective: Any, graphs: Iterable[AtomGraph], *, budget: Budget = DEFAULT_BUDGET,
+                 device: str | torch.device = "cpu", progress: bool = True, total: int | None = None) -> np.ndarray:
+    """float32 ``[G, F]``: the pooled embedding c of each graph, in order (one mask-token pass).
 
+    ``objective`` is a denoising objective (:func:`load_objective`): it has ``backbone`` and ``embed``.
+
+    Graphs are streamed and packed into batches within ``budget`` (atoms and edges of the radius graph),
+    so memory is bounded by the budget, not by the sizes of the structures.
+    """
     device = torch.device(device)
     objective = objective.to(device).eval()
     vc = ViewConfig(noise=False, rotate=False, cutoff=objective.backbone.cfg.cutoff)
+    views = (make_views(g, vc, 0, 0) for g in graphs)
     out = []
-    for i in tqdm(range(0, len(graphs), batch_size), desc="embed", unit="batch", disable=not progress):
-        batch = collate([make_views(g, vc, 0, 0) for g in graphs[i:i + batch_size]])
-        c, _, _ = objective.embed(to_torch(batch, device))
-        out.append(c.float().cpu().numpy())
+    with Progress(total, "embed", "structure", enabled=progress) as bar:
+        for items in budget_batches(views, budget):
+            c, _, _ = objective.embed(to_torch(collate(items), device))
+            out.append(c.float().cpu().numpy())
+            bar.update(len(items))
+    if not out:
+        raise ValueError("nothing to embed: no structures")
     return np.concatenate(out).astype(np.float32)
 
 
@@ -114,20 +141,32 @@ def embed_command(args: argparse.Namespace) -> int:
     from scd_train.finetune import select_device
 
     objective, _ = load_objective(args.checkpoint)
-    graphs = read_inputs(list(args.inputs))
-    emb = embed_graphs(objective, graphs, batch_size=args.batch_size, device=select_device(args.device))
+    inputs = list(args.inputs)
+    budget = Budget(max_atoms=args.max_atoms, max_edges=args.max_edges, max_graphs=args.batch_size)
+    keys: list[str] = []
+    labels: dict[int, tuple[float, str]] = {}
+
+    def record(graphs: Iterable[AtomGraph]) -> Iterator[AtomGraph]:
+        for g in graphs:
+            if args.probe and g.properties and args.probe in g.properties:
+                labels[len(keys)] = (float(g.properties[args.probe]), (g.property_units or {}).get(args.probe, ""))
+            keys.append(g.key)
+            yield g
+
+    emb = embed_graphs(objective, record(iter_inputs(inputs)), budget=budget, device=select_device(args.device),
+                       total=count_inputs(inputs))
     stem = Path(str(args.out).removesuffix(".npy"))
     stem.parent.mkdir(parents=True, exist_ok=True)
     np.save(f"{stem}.npy", emb)
-    Path(f"{stem}.keys.txt").write_text("".join(g.key + "\n" for g in graphs))
+    Path(f"{stem}.keys.txt").write_text("".join(k + "\n" for k in keys))
     print(f"{emb.shape[0]} embeddings of width {emb.shape[1]} -> {stem}.npy, {stem}.keys.txt")
     if args.probe:
-        has = [i for i, g in enumerate(graphs) if g.properties and args.probe in g.properties]
-        if not has:
+        if not labels:
             raise ValueError(f"property {args.probe!r} is not in the inputs")
-        y = np.array([graphs[i].properties[args.probe] for i in has])
+        has = sorted(labels)
+        y = np.array([labels[i][0] for i in has])
         r = ridge_cv(emb[has].astype(np.float64), y, alpha=args.alpha, folds=args.folds)
-        unit = (graphs[has[0]].property_units or {}).get(args.probe, "")
+        unit = labels[has[0]][1]
         print(f"linear probe {args.probe}: {r['folds']}-fold CV MAE {r['mae']:.4g} {unit} "
               f"(predict-the-mean {r['baseline_mae']:.4g} {unit}, n={r['n']}, alpha={r['alpha']})")
     return 0
