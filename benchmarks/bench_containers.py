@@ -328,7 +328,7 @@ def _hwm(pid: int) -> tuple[int, str] | None:
         with open(f"/proc/{pid}/status") as fh:
             hwm = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+            cmd = " ".join(fh.read().replace(b"\0", b" ").decode(errors="replace").split())[:70]
         return hwm, cmd
     except (OSError, StopIteration, ValueError):
         return None

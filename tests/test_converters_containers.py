@@ -516,3 +516,31 @@ def test_every_record_is_one_item(tmp_path) -> None:
         graphs, rejects = convert(name, path, opts)
         idx = [g.index for g in graphs] + [r.record for r in rejects if isinstance(r, Reject)]
         assert sorted(idx) == list(range(_count(name, path, opts))), name
+
+
+def test_documented_job_sources_are_valid() -> None:
+    """The job sources in docs/converters.md's container section name real converters and valid options."""
+    import re
+
+    import yaml
+
+    from ingest.job import SourceSpec
+    from ingest.registry import discover
+    from shards.config import from_dict
+
+    text = (Path(__file__).parent.parent / "docs" / "converters.md").read_text()
+    section = text[text.index("## Container formats"):]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    seen = set()
+    for block in blocks:
+        for raw in yaml.safe_load(block)["sources"]:
+            spec = from_dict(SourceSpec, raw, where="docs")
+            if spec.converter == "auto":
+                claim = [c for c in discover().values() if any(spec.paths[0].lower().endswith(s) for s in c.suffixes)]
+                assert len(claim) == 1, spec.paths
+                conv = claim[0]()
+            else:
+                conv = get_converter(spec.converter)()
+            conv.parse_options(spec.options)
+            seen.add(conv.name)
+    assert seen == {"ase_db", "hdf5", "npz", "parquet"}
