@@ -1,9 +1,11 @@
-"""Fine-tuning a pretrained backbone (or one from scratch) on a labelled per-structure property.
+"""Fine-tuning a pretrained backbone (or one from scratch): ``task: property`` or ``task: energy_forces``.
 
-The downstream model is the objective's backbone run once, conditioned on the mask token
-(``objective.embed``), plus a per-atom scalar MLP head with a sum or mean readout. Targets are
-standardised with the train split's mean/std; early stopping watches the validation MAE; the test MAE of
-the best-validation weights is written to ``out/result.json`` together with the exact split keys.
+``property``: the objective's backbone run once, conditioned on the mask token (``objective.embed``),
+plus a per-atom scalar MLP head with a sum or mean readout. Targets are standardised with the train
+split's mean/std; early stopping watches the validation MAE; the test MAE of the best-validation weights
+is written to ``out/result.json`` together with the exact split keys. ``energy_forces`` is
+:mod:`scd_train.finetune_forces`. The backbone configuration is read from the checkpoint unless the
+config names one (then it is checked against the checkpoint).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,25 +30,31 @@ from scd_train.models import backbone_config
 from scd_train.models.base import scatter_sum
 from scd_train.objectives import ObjectiveConfig, build_objective
 from shards.collate import collate
-from shards.config import ConfigError, load_yaml, to_dict
+from shards.config import ConfigError, from_dict, load_yaml, to_dict
 from shards.reader import ShardDataset
 from shards.schema import AtomGraph
 from shards.views import ViewConfig, make_views
 
-__all__ = ["FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "labelled_graphs", "load_finetune_config",
-           "make_splits", "resolve_checkpoint"]
+__all__ = ["TASKS", "TASK_DEFAULTS", "FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "labelled_graphs",
+           "load_finetune_config", "make_splits", "model_config_from_checkpoint", "resolve_checkpoint",
+           "resolve_model_config", "setting"]
 
 _BACKBONE_FIELDS = ("backbone", "hidden", "layers", "heads", "num_rbf", "cutoff")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Sizes of the train/val/test splits, drawn by ``seed`` from the sorted labelled keys."""
+    """Sizes of the train/val/test splits, drawn by ``seed`` from the sorted labelled keys.
+
+    ``by: trajectory`` keeps every trajectory (``trajectory_id``) in one split: whole trajectories, in a
+    seeded order, fill train, then val, then test until each holds at least its size.
+    """
 
     train: int = 2000
     val: int = 500
     test: int = 2000
     seed: int = 0
+    by: Literal["frames", "trajectory"] = "frames"
 
     def __post_init__(self) -> None:
         if min(self.train, self.val, self.test) < 1:
@@ -56,27 +65,34 @@ class SplitConfig:
 class FinetuneConfig:
     """One fine-tuning run. ``checkpoint: null`` trains the same model from scratch.
 
-    ``model`` must describe the checkpoint's backbone; ``split_file`` (JSON with train/val/test key
-    lists) overrides the seeded split. ``drop_path`` and ``train_embeddings`` apply to fine-tuning.
+    ``model`` (optional with a checkpoint: read from it, else checked against it) describes the backbone;
+    ``split_file`` (JSON with train/val/test key lists) overrides the seeded split. ``drop_path`` and
+    ``train_embeddings`` apply to fine-tuning. ``loss``, ``batch_size``, ``lr`` and ``grad_clip`` left
+    null take the task's defaults (:data:`TASK_DEFAULTS`). ``energy_weight``/``force_weight`` weigh
+    the ``energy_forces`` loss; ``eval_max_atoms`` is the atom budget of evaluation batches.
     """
 
     data: str = ""
     out: str = ""
+    task: Literal["property", "energy_forces"] = "property"
     property: str = "homo"
     checkpoint: str | None = None
-    model: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    model: ObjectiveConfig | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     split_file: str | None = None
     readout: Literal["sum", "mean"] = "sum"
-    loss: Literal["l1", "mse"] = "l1"
+    loss: Literal["l1", "mse"] | None = None
+    energy_weight: float = 0.2
+    force_weight: float = 0.8
     epochs: int = 100
     patience: int = 10
-    batch_size: int = 32
-    lr: float = 5e-4
+    batch_size: int | None = None
+    eval_max_atoms: int = 4096
+    lr: float | None = None
     head_lr: float | None = None
     weight_decay: float = 0.0
     warmup_epochs: int = 1
-    grad_clip: float = 10.0
+    grad_clip: float | None = None
     drop_path: float = 0.0
     train_embeddings: bool = True
     seed: int = 0
@@ -85,8 +101,23 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+        if self.epochs < 1 or self.patience < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ConfigError("epochs, patience and batch_size must be >= 1")
+        if self.eval_max_atoms < 1 or self.energy_weight < 0 or self.force_weight < 0:
+            raise ConfigError("eval_max_atoms must be >= 1 and the loss weights >= 0")
+
+
+# The authors' recipes: lr 5e-4 / clip 10 for properties; lr 1e-3, clip 40, MSE, batch 8 for energy + forces.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "property": {"loss": "l1", "batch_size": 32, "lr": 5e-4, "grad_clip": 10.0},
+    "energy_forces": {"loss": "mse", "batch_size": 8, "lr": 1e-3, "grad_clip": 40.0},
+}
+
+
+def setting(cfg: FinetuneConfig, name: str) -> Any:
+    """``cfg.<name>``, or the task's default when it is null."""
+    value = getattr(cfg, name)
+    return TASK_DEFAULTS[cfg.task][name] if value is None else value
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -97,8 +128,14 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     return cfg
 
 
-def make_splits(keys: list[str], split: SplitConfig) -> dict[str, list[str]]:
-    """A seeded permutation of the sorted keys cut into train/val/test (disjoint, deterministic)."""
+def make_splits(keys: list[str], split: SplitConfig, groups: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """A seeded permutation of the sorted keys cut into train/val/test (disjoint, deterministic).
+
+    With ``split.by == "trajectory"``, ``groups`` maps each key to its trajectory id and whole
+    trajectories are dealt instead of frames.
+    """
+    if split.by == "trajectory":
+        return _split_by_group(keys, split, groups or {})
     need = split.train + split.val + split.test
     if len(keys) < need:
         raise ValueError(f"too few labelled samples: {len(keys)} available, the split needs {need} "
@@ -108,6 +145,34 @@ def make_splits(keys: list[str], split: SplitConfig) -> dict[str, list[str]]:
     picked = [ordered[i] for i in perm[:need]]
     a, b = split.train, split.train + split.val
     return {"train": picked[:a], "val": picked[a:b], "test": picked[b:]}
+
+
+def _split_by_group(keys: list[str], split: SplitConfig, groups: dict[str, str]) -> dict[str, list[str]]:
+    missing = [k for k in keys if not groups.get(k)]
+    if missing:
+        raise ValueError(f"split by trajectory: {len(missing)} samples have no trajectory_id (first: {missing[0]})")
+    members: dict[str, list[str]] = {}
+    for k in sorted(keys):
+        members.setdefault(groups[k], []).append(k)
+    names = sorted(members)
+    order = [names[i] for i in np.random.default_rng(split.seed).permutation(len(names))]
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    sizes = {"train": split.train, "val": split.val, "test": split.test}
+    parts = iter(out)
+    part = next(parts)
+    for name in order:
+        while len(out[part]) >= sizes[part]:
+            part = next(parts, "")
+            if not part:
+                break
+        if not part:
+            break
+        out[part].extend(members[name])
+    short = [p for p in out if len(out[p]) < sizes[p]]
+    if short:
+        raise ValueError(f"split by trajectory: {len(names)} trajectories ({len(keys)} frames) cannot fill "
+                         f"{short[0]} ({len(out[short[0]])} of {sizes[short[0]]} frames)")
+    return out
 
 
 def labelled_graphs(data: str | Path, prop: str) -> dict[str, AtomGraph]:
@@ -137,13 +202,41 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def check_backbone_matches(ckpt: Path, model: ObjectiveConfig) -> None:
-    """Compare the backbone recorded next to a checkpoint with ``model``; one-line error on mismatch."""
+def _saved_model(ckpt: Path) -> dict[str, Any] | None:
     state = (ckpt if ckpt.is_dir() else ckpt.parent) / "state.json"
     if not state.is_file():
-        return
+        return None
     saved = json.loads(state.read_text()).get("config", {}).get("model")
-    if not saved:
+    return saved if isinstance(saved, dict) and saved else None
+
+
+def model_config_from_checkpoint(ckpt: Path) -> ObjectiveConfig | None:
+    """The model config recorded in the checkpoint's ``state.json`` (None when it has none)."""
+    saved = _saved_model(ckpt)
+    if saved is None:
+        return None
+    names = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    return from_dict(ObjectiveConfig, {k: v for k, v in saved.items() if k in names}, f"{ckpt}/state.json:model")
+
+
+def resolve_model_config(cfg: FinetuneConfig) -> ObjectiveConfig:
+    """``cfg.model`` checked against the checkpoint, or the checkpoint's own config when ``model`` is null."""
+    if not cfg.checkpoint:
+        return cfg.model or ObjectiveConfig()
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    if cfg.model is not None:
+        check_backbone_matches(ckpt, cfg.model)
+        return cfg.model
+    found = model_config_from_checkpoint(ckpt)
+    if found is None:
+        raise ValueError(f"{ckpt}: the checkpoint records no model config (no state.json); give `model:` in the config")
+    return found
+
+
+def check_backbone_matches(ckpt: Path, model: ObjectiveConfig) -> None:
+    """Compare the backbone recorded next to a checkpoint with ``model``; one-line error on mismatch."""
+    saved = _saved_model(ckpt)
+    if saved is None:
         return
     mine = backbone_config(model.backbone, model.preset, **{k: getattr(model, k) for k in _BACKBONE_FIELDS[1:]})
     theirs = backbone_config(saved.get("backbone", "et"), saved.get("preset", "small"),
@@ -174,17 +267,23 @@ class PropertyModel(nn.Module):
         return out / batch["n_atoms"].to(out.dtype) if self.readout == "mean" else out
 
 
-def build_model(cfg: FinetuneConfig) -> PropertyModel:
-    """The downstream model, initialised from ``cfg.seed`` (global RNG untouched) and the checkpoint."""
-    model_cfg = dataclasses.replace(cfg.model, drop_path=cfg.drop_path, freeze_embeddings=not cfg.train_embeddings)
+def build_objective_for(cfg: FinetuneConfig, model_cfg: ObjectiveConfig,
+                        head: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``head(objective)`` initialised from ``cfg.seed`` (global RNG untouched), backbone from the checkpoint."""
+    full = dataclasses.replace(model_cfg, drop_path=cfg.drop_path, freeze_embeddings=not cfg.train_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        objective = build_objective(model_cfg)
-        model = PropertyModel(objective, cfg.readout)
+        objective = build_objective(full)
+        model = head(objective)
     if cfg.checkpoint:
-        ckpt = resolve_checkpoint(cfg.checkpoint)
-        check_backbone_matches(ckpt, cfg.model)
-        load_weights(ckpt, objective)
+        load_weights(resolve_checkpoint(cfg.checkpoint), objective)
+    return model
+
+
+def build_model(cfg: FinetuneConfig) -> PropertyModel:
+    """The downstream property model (see :func:`build_objective_for`)."""
+    model = build_objective_for(cfg, resolve_model_config(cfg), lambda obj: PropertyModel(obj, cfg.readout))
+    assert isinstance(model, PropertyModel)
     return model
 
 
@@ -200,11 +299,13 @@ def _batches(views: list[dict[str, Any]], y: np.ndarray, order: np.ndarray, size
 
 
 @torch.no_grad()
-def predict(model: PropertyModel, views: list[dict[str, Any]], batch_size: int, device: torch.device) -> np.ndarray:
-    """Model outputs (standardised units) for ``views`` in order."""
+def predict(model: PropertyModel, views: list[dict[str, Any]], max_atoms: int, device: torch.device) -> np.ndarray:
+    """Model outputs (standardised units) for ``views`` in order, in batches of at most ``max_atoms`` atoms."""
+    from scd_train.forcefield import atom_batches
+
     model.eval()
-    outs = [model(to_torch(b, device)).double().cpu().numpy()
-            for b, _ in _batches(views, np.zeros(len(views)), np.arange(len(views)), batch_size)]
+    outs = [model(to_torch(collate([views[i] for i in idx]), device)).double().cpu().numpy()
+            for idx in atom_batches([int(v["n_atoms"]) for v in views], max_atoms)]
     return np.concatenate(outs) if outs else np.zeros(0)
 
 
@@ -214,22 +315,39 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
-    """Run one fine-tuning; writes ``out/result.json`` (and ``model.safetensors``) and returns the result."""
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    graphs = labelled_graphs(cfg.data, cfg.property)
+def load_splits(cfg: FinetuneConfig, graphs: dict[str, AtomGraph], what: str) -> dict[str, list[str]]:
+    """``cfg.split_file`` (every key must be in ``graphs``) or the seeded split of ``graphs``."""
     if cfg.split_file:
         splits = {k: list(v) for k, v in json.loads(Path(cfg.split_file).read_text()).items()
                   if k in ("train", "val", "test")}
         missing = [k for part in splits.values() for k in part if k not in graphs]
         if missing:
-            raise ValueError(f"{cfg.split_file}: {len(missing)} split keys have no {cfg.property!r} label "
+            raise ValueError(f"{cfg.split_file}: {len(missing)} split keys have no {what} "
                              f"in {cfg.data} (first: {missing[0]})")
-    else:
-        splits = make_splits(list(graphs), cfg.split)
+        return splits
+    groups = {k: g.trajectory_id or "" for k, g in graphs.items()} if cfg.split.by == "trajectory" else None
+    return make_splits(list(graphs), cfg.split, groups)
+
+
+def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
+    """Run one fine-tuning of ``cfg.task``; writes ``out/result.json`` (and the model) and returns the result."""
+    return TASKS[cfg.task](cfg, log)
+
+
+def _energy_forces(cfg: FinetuneConfig, log: Any) -> dict[str, Any]:
+    from scd_train.finetune_forces import finetune_energy_forces
+
+    return finetune_energy_forces(cfg, log)
+
+
+def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    graphs = labelled_graphs(cfg.data, cfg.property)
+    splits = load_splits(cfg, graphs, f"{cfg.property!r} label")
+    batch_size, lr, clip = setting(cfg, "batch_size"), setting(cfg, "lr"), setting(cfg, "grad_clip")
     device = select_device(cfg.device)
     model = build_model(cfg).to(device)
     cutoff = model.objective.backbone.cfg.cutoff
@@ -240,33 +358,33 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
-                             {"params": head_params, "lr": cfg.head_lr or cfg.lr}], weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
+    opt = torch.optim.AdamW([{"params": body, "lr": lr},
+                             {"params": head_params, "lr": cfg.head_lr or lr}], weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
     total, warm = cfg.epochs * steps_per_epoch, max(1, cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    loss_fn = nn.L1Loss() if cfg.loss == "l1" else nn.MSELoss()
+    loss_fn = nn.L1Loss() if setting(cfg, "loss") == "l1" else nn.MSELoss()
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    val_mae = float(np.abs(predict(model, views["val"], cfg.batch_size * 2, device) * std + mean - y_ev["val"]).mean())
+    val_mae = float(np.abs(predict(model, views["val"], cfg.eval_max_atoms, device) * std + mean - y_ev["val"]).mean())
     curve = [{"epoch": 0, "train_loss": None, "val_mae_eV": val_mae, "lr": 0.0}]
     best, best_epoch, best_state, stale = val_mae, 0, copy.deepcopy(model.state_dict()), 0
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"finetune {cfg.property}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
         model.train()
         losses = []
-        for b, yb in _batches(views["train"], y["train"], rng.permutation(len(views["train"])), cfg.batch_size):
+        for b, yb in _batches(views["train"], y["train"], rng.permutation(len(views["train"])), batch_size):
             pred = model(to_torch(b, device))
             loss = loss_fn(pred.float(), torch.as_tensor(yb, dtype=torch.float32, device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
             losses.append(loss.item())
-        val_mae = float(np.abs(predict(model, views["val"], cfg.batch_size * 2, device) * std + mean
+        val_mae = float(np.abs(predict(model, views["val"], cfg.eval_max_atoms, device) * std + mean
                                - y_ev["val"]).mean())
         curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_mae_eV": val_mae,
                       "lr": float(sched.get_last_lr()[0])})
@@ -279,7 +397,7 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
             if stale >= cfg.patience:
                 break
     model.load_state_dict(best_state)
-    test_pred = predict(model, views["test"], cfg.batch_size * 2, device) * std + mean
+    test_pred = predict(model, views["test"], cfg.eval_max_atoms, device) * std + mean
     test_mae = float(np.abs(test_pred - y_ev["test"]).mean())
     result = {
         "property": cfg.property, "unit": "eV", "test_mae_eV": test_mae, "test_mae_meV": test_mae * 1000,
@@ -297,3 +415,9 @@ def finetune(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     log(f"{cfg.property}: test MAE {test_mae * 1000:.1f} meV (best val {best * 1000:.1f} meV at epoch "
         f"{best_epoch}/{len(curve) - 1}) -> {out / 'result.json'}")
     return result
+
+
+TASKS: dict[str, Callable[[FinetuneConfig, Any], dict[str, Any]]] = {
+    "property": _property,
+    "energy_forces": _energy_forces,
+}

@@ -40,6 +40,7 @@ class Backbone(nn.Module):
     """
 
     hidden: int
+    cfg: BackboneConfig
 
     def element_embeddings(self) -> list[nn.Embedding]:
         """The element embedding tables (frozen during pretraining when asked)."""
@@ -72,6 +73,9 @@ class CosineCutoff(nn.Module):
 class ExpNormalRBF(nn.Module):
     """TorchMD-Net's exp-normal radial basis, multiplied by the cosine cutoff."""
 
+    means: Tensor
+    betas: Tensor
+
     def __init__(self, num_rbf: int, cutoff: float) -> None:
         super().__init__()
         start = math.exp(-cutoff)
@@ -94,11 +98,14 @@ class AdaLN(nn.Module):
 
     Returns the modulated input ``LN(x) (1 + scale) + shift`` and the scalar residual gate
     ``tanh(gate * a)`` with a learnable scalar ``a`` (init 0.2). The gate bias starts at 1, so the
-    residual scale starts near ``tanh(0.2)``, like a layer scale.
+    residual scale starts near ``tanh(0.2)``, like a layer scale. ``stop_gradient`` (default on, as in
+    pretraining) detaches ``LN(x)`` in the modulation MLP; force fields turn it off so that forces are the
+    exact gradient of the energy (:func:`set_stop_gradient`).
     """
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
+        self.stop_gradient = True
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.cond_proj = nn.Linear(hidden, hidden)
         self.x_proj = nn.Linear(hidden, hidden, bias=False)
@@ -110,9 +117,17 @@ class AdaLN(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
         xn = self.norm(x)
-        hid = F.silu(self.cond_proj(cond).index_select(0, batch) + self.x_proj(xn.detach()))
+        xc = xn.detach() if self.stop_gradient else xn
+        hid = F.silu(self.cond_proj(cond).index_select(0, batch) + self.x_proj(xc))
         shift, scale, gate = self.out(hid).chunk(3, dim=-1)
         return torch.addcmul(shift, xn, 1.0 + scale), torch.tanh(gate * self.gate_scale)
+
+
+def set_stop_gradient(module: nn.Module, flag: bool) -> None:
+    """Set :attr:`AdaLN.stop_gradient` in every AdaLN below ``module`` (off for conservative forces)."""
+    for m in module.modules():
+        if isinstance(m, AdaLN):
+            m.stop_gradient = flag
 
 
 def drop_path_mask(n: int, p: float, training: bool, generator: torch.Generator | None,
