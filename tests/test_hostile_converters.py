@@ -455,3 +455,21 @@ def test_real_crystals_of_the_data_kit_are_all_accepted(tmp_path: Path) -> None:
         assert samples and not rejects, (p.name, rejects[:2])
         n_samples += len(samples)
     assert n_samples >= len(files) - 1 + len(aflow)
+
+
+def test_documented_bounds_example_is_valid() -> None:
+    """The job sources of docs/converters.md's hostile-input section name real converters and valid options."""
+    from ingest.job import SourceSpec
+    from shards.config import from_dict
+
+    text = (Path(__file__).parent.parent / "docs" / "converters.md").read_text()
+    section = text[text.index("## Hostile inputs"):text.index("## Container formats")]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    names = []
+    for raw in yaml.safe_load(block)["sources"]:
+        spec = from_dict(SourceSpec, raw, where="docs")
+        get_converter(spec.converter)().parse_options(spec.options)
+        names.append(spec.converter)
+    assert names == ["pdb", "cif"]
+    with pytest.raises(Exception, match="max_compression_ratio"):
+        get_converter("pdb")().parse_options({"max_compression_ratio": 0.5})
