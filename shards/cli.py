@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -38,6 +39,13 @@ def register(sub: Any) -> None:
     e.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="extxyz")
     e.add_argument("--out", type=Path, help="output file (default: KEY.<ext> in the current folder)")
     e.set_defaults(func=_export)
+    k = s.add_parser("keys", help="list sample keys (for export), optionally of one domain",
+                     description="Print the sample keys of a dataset, one per line, in dataset order, read "
+                                 "from the shard indices.")
+    k.add_argument("dataset")
+    k.add_argument("--domain", help="only keys of this domain (molecule, protein, crystal, md, ...)")
+    k.add_argument("--limit", type=int, help="at most this many keys (default: all)")
+    k.set_defaults(func=_keys)
     preview.add_parser(s)
     report.add_parser(s)
 
@@ -73,18 +81,47 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from shards.keys import iter_keys
+
+    try:
+        for key in iter_keys(args.dataset, domain=args.domain, limit=args.limit):
+            print(key)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `scd shards keys DIR | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     out = export_sample(args.dataset, args.key, args.format, args.out)
     print(out)
     return 0
 
 
+class DefaultsParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--help`` states every argument's default (subcommand parsers inherit it).
+
+    ``(default: X)`` is appended to the help of each argument with a default other than None or empty, unless
+    the help already names its default; store_true/store_false flags are left alone.
+    """
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        helptext = action.help or ""
+        flag = action.nargs == 0  # store_true/store_false/store_const: the default is the flag's absence
+        if (action.default not in (None, argparse.SUPPRESS, [], ()) and not flag
+                and helptext != argparse.SUPPRESS and "default" not in helptext):
+            action.help = f"{helptext} (default: %(default)s)".lstrip()
+        return action
+
+
 def build_parser(groups: list[tuple[str, Callable[[Any], None]]] | None = None) -> argparse.ArgumentParser:
     """The parser with every registered command group (``groups`` overrides discovery, for tests)."""
-    parser = argparse.ArgumentParser(
+    parser = DefaultsParser(
         prog="scd", description="Multi-domain data layer and trainer for Self-Conditioned Denoising (SCD) "
                                 "pretraining of atomistic GNNs: ingest, shards, pretrain, fine-tune.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=DefaultsParser)
     if groups is None:
         groups = []
         for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
