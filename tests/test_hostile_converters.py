@@ -473,3 +473,19 @@ def test_documented_bounds_example_is_valid() -> None:
     assert names == ["pdb", "cif"]
     with pytest.raises(Exception, match="max_compression_ratio"):
         get_converter("pdb")().parse_options({"max_compression_ratio": 0.5})
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_xyz_trajectory_bad_frames_are_one_reject_each(tmp_path: Path, stride: int) -> None:
+    """ase_traj reads multi-frame XYZ with the same records: record r is file record r * stride."""
+    data, bad, positions = _hostile_xyz()
+    path = tmp_path / "traj.xyz.gz"
+    path.write_bytes(gzip.compress(data))
+    samples, rejects = convert("ase_traj", path, {"stride": stride})
+    chosen = list(range(0, len(positions), stride))
+    by_index = _accounted(samples, rejects, len(chosen))
+    assert {r.record: r.reason for r in rejects} == {k // stride: why for k, why in bad.items() if k % stride == 0}
+    for r, item in by_index.items():
+        if isinstance(item, AtomGraph):
+            np.testing.assert_allclose(item.positions, positions[chosen[r]], atol=1e-5)
+            assert item.properties["frame"] == chosen[r]

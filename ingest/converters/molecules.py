@@ -195,8 +195,6 @@ class XYZConverter(Converter):
 
     def convert(self, path: Path, options: XYZOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
-        from ase.io.extxyz import read_xyz
-
         i, pending = -1, None
         with open_maybe_gz(path, options) as fh:
             for i, (lines, why) in enumerate(xyz_records(fh)):
@@ -211,12 +209,19 @@ class XYZConverter(Converter):
                     pending = self.reject(file_id, i, why)  # held back: the whole file may be no XYZ at all
                     continue
                 yield self.build(file_id, i, lambda lines=lines, i=i: AtomGraph.from_ase(
-                    next(read_xyz(io.StringIO(_frame_text(lines)), 0)), key=make_key(source, file_id, i),
-                    domain=options.domain, source=source, source_file=file_id, index=i))
+                    xyz_frame_atoms(lines), key=make_key(source, file_id, i), domain=options.domain, source=source,
+                    source_file=file_id, index=i))
         if i == -1 and records is None:
             yield self.reject(file_id, None, "no XYZ frame in the file (empty)")
         elif pending is not None:
             yield self.reject(file_id, None, f"no XYZ frame in the file: {pending.reason}") if i == 0 else pending
+
+
+def xyz_frame_atoms(lines: list[bytes]) -> Any:
+    """ASE Atoms of one well-formed frame from :func:`xyz_records` (extended XYZ properties and labels kept)."""
+    from ase.io.extxyz import read_xyz
+
+    return next(read_xyz(io.StringIO(_frame_text(lines)), 0))
 
 
 def _frame_text(lines: list[bytes]) -> str:

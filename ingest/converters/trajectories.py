@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ingest.converters.molecules import xyz_frame_count
-from ingest.plugin import Converter, Reject, owned
+from ingest.converters.molecules import xyz_frame_atoms, xyz_frame_count, xyz_records
+from ingest.plugin import Converter, Reject, open_input, owned
 from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 KJ_MOL_TO_EV = 0.010364269656262174
@@ -144,7 +144,7 @@ class MDAnalysisConverter(Converter):
         return owned([atomic_numbers[s] for s in symbols], np.uint8)
 
     @staticmethod
-    def _graph(ts: Any, atoms: Any, z: np.ndarray, meta: dict[str, np.ndarray], r: int, f: int, traj_id: str,
+    def _graph(ts: Any, atoms: Any, z: np.ndarray, meta: dict[str, Any], r: int, f: int, traj_id: str,
                source: str, file_id: str) -> AtomGraph:
         cell, pbc = _cell(ts.dimensions)
         forces = None
@@ -185,10 +185,12 @@ class ASETrajConverter(Converter):
         last = -1
         for r, atoms in self._frames(path, options, wanted_in):
             last, f = r, r * options.stride
-            yield self.build(file_id, r, lambda a=atoms, r=r, f=f: AtomGraph.from_ase(
-                a, key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
-                trajectory_id=traj_id, frame_time=frame_time(a.info.get("time"), f, options),
-                properties={"frame": float(f)}, property_units=FRAME_UNITS))
+            if isinstance(atoms, str):  # an XYZ stretch that is no frame
+                yield self.reject(file_id, r, atoms)
+                continue
+            yield self.build(file_id, r, lambda a=atoms, r=r, f=f: _graph(
+                xyz_frame_atoms(a) if isinstance(a, list) else a, key=make_key(source, file_id, r),
+                source=source, file_id=file_id, index=r, traj_id=traj_id, frame=f, options=options))
         if records is not None:
             for r in records:
                 if r > last:
@@ -196,8 +198,8 @@ class ASETrajConverter(Converter):
 
     @staticmethod
     def _frames(path: Path, options: TrajectoryOptions, wanted: range) -> Iterator[tuple[int, Any]]:
-        """(record, Atoms) for the records of ``wanted`` that exist, one frame in memory at a time."""
-        import ase.io
+        """(record, Atoms) for the records of ``wanted`` that exist, one frame in memory at a time; for XYZ files
+        (record, the frame's lines) or (record, why the stretch is no frame)."""
         from ase.io.trajectory import Trajectory
 
         if not wanted:
@@ -211,10 +213,20 @@ class ASETrajConverter(Converter):
                         return
                     yield r, traj[r * stride]
             return
-        frames = slice(wanted.start * stride, None if wanted.stop >= 1 << 62 else (wanted[-1] * stride + 1),
-                       wanted.step * stride)
-        # wanted may be open-ended (stop >= 2**62): the file's frames end the pairing
-        yield from zip(wanted, ase.io.iread(str(path), index=frames, format="extxyz"), strict=False)
+        with open_input(path) as fh:
+            for k, (lines, why) in enumerate(xyz_records(fh)):
+                r, off = divmod(k, stride)
+                if r >= wanted.stop:
+                    return
+                if not off and r in wanted:
+                    yield r, why if lines is None else lines
+
+
+def _graph(atoms: Any, *, key: str, source: str, file_id: str, index: int, traj_id: str, frame: int,
+           options: TrajectoryOptions) -> AtomGraph:
+    return AtomGraph.from_ase(atoms, key=key, domain="md", source=source, source_file=file_id, index=index,
+                              trajectory_id=traj_id, frame_time=frame_time(atoms.info.get("time"), frame, options),
+                              properties={"frame": float(frame)}, property_units=FRAME_UNITS)
 
 
 def _is_traj(path: Path) -> bool:
