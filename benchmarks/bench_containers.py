@@ -1,7 +1,7 @@
 """Container converters vs the bare library read of the same records, and peak memory of a large HDF5 ingest.
 
     python benchmarks/bench_containers.py speed [--records 10000] [--atoms 20] [--repeat 3]
-    python benchmarks/bench_containers.py memory [--gb 0.25] [--atoms 64] [--per-unit 20000] [--ray]
+    python benchmarks/bench_containers.py memory [--gb 0.25] [--atoms 64] [--per-unit 20000] [--ray] [--keep F]
 
 `speed` writes one file per format in a temporary folder (SPICE and ANI-1x HDF5, rMD17 npz stored and
 MD17 npz compressed, Parquet with nested lists, ASE SQLite and aselmdb) and times, alternated and best of
@@ -334,18 +334,19 @@ def _hwm(pid: int) -> tuple[int, str] | None:
         return None
 
 
-def memory(gb: float, atoms: int, per_unit: int, use_ray: bool) -> None:
+def memory(gb: float, atoms: int, per_unit: int, use_ray: bool, keep: Path | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-containers-mem-"))
     try:
-        per_conf = atoms * 3 * 4 * 2 + 16
-        conformations = 500
-        groups = max(1, int(gb * 1024 ** 3 / (per_conf * conformations)))
-        path = tmp / "spice-large.hdf5"
-        t0 = time.perf_counter()
-        write_spice(path, groups, conformations, atoms)
-        size = path.stat().st_size
-        print(f"wrote {path.name}: {size / 1024 ** 3:.2f} GiB, {groups * conformations} conformations of {atoms} "
-              f"atoms in {time.perf_counter() - t0:.0f} s")
+        path = keep if keep is not None else tmp / "spice-large.hdf5"
+        if not path.is_file():
+            per_conf = atoms * 3 * 4 * 2 + 16
+            conformations = 500
+            groups = max(1, int(gb * 1024 ** 3 / (per_conf * conformations)))
+            t0 = time.perf_counter()
+            write_spice(path, groups, conformations, atoms)
+            print(f"wrote {path.name}: {groups * conformations} conformations of {atoms} atoms in "
+                  f"{time.perf_counter() - t0:.0f} s")
+        print(f"input {path}: {path.stat().st_size / 1024 ** 3:.2f} GiB")
         script = INGEST_RAY if use_ray else INGEST_PLAIN
         out = tmp / "out"
         t0 = time.perf_counter()
@@ -395,11 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--atoms", type=int, default=64)
     m.add_argument("--per-unit", type=int, default=20000, help="records per unit")
     m.add_argument("--ray", action="store_true", help="run_job with one Ray worker instead of one plain process")
+    m.add_argument("--keep", type=Path, help="HDF5 file to reuse, or to write and keep (default: a temporary one)")
     args = ap.parse_args(argv)
     if args.cmd == "speed":
         speed(args.records, args.atoms, args.repeat, args.db_rows)
     else:
-        memory(args.gb, args.atoms, args.per_unit, args.ray)
+        memory(args.gb, args.atoms, args.per_unit, args.ray, args.keep)
     return 0
 
 

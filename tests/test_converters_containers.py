@@ -197,6 +197,26 @@ def test_hdf5_bad_records_are_rejects_with_reasons(tmp_path) -> None:
     assert "no conformations" in reasons[7]
 
 
+def test_hdf5_links_to_other_files_are_not_followed(tmp_path) -> None:
+    import h5py
+
+    other = _spice(tmp_path / "other.hdf5")
+    path = _spice(tmp_path / "main.hdf5")
+    with h5py.File(path, "a") as h5:
+        h5["zz_linked"] = h5py.ExternalLink(str(other), "/water")
+        h5["water"]["dft_total_energy_copy"] = h5py.ExternalLink(str(other), "/water/dft_total_energy")
+    graphs, rejects = convert("hdf5", path)
+    assert [g.trajectory_id for g in graphs] == ["ammonium"] * 3 + ["water"] * 2  # unread member: no harm
+    assert len(rejects) == 1 and rejects[0].record == 5 and "external link" in rejects[0].reason
+    with h5py.File(path, "a") as h5:
+        h5["water"]["formation_energy_x"] = h5py.ExternalLink(str(other), "/water/formation_energy")
+        h5["water"].move("formation_energy", "formation_energy_own")
+        h5["water"].move("formation_energy_x", "formation_energy")
+    graphs, rejects = convert("hdf5", path)
+    assert len(graphs) == 3 and sorted(r.record for r in rejects) == [3, 4, 5]
+    assert "formation_energy is a soft or external link" in rejects[0].reason
+
+
 def test_hdf5_record_ranges_split_and_resume(tmp_path) -> None:
     path = _spice(tmp_path / "s.hdf5")
     whole, _ = convert("hdf5", path)
@@ -444,7 +464,8 @@ def _parquet(path: Path) -> Path:
     for i in range(10):
         n = 2 + i % 3
         pos = [[0.1 * i + a, 0.5 * a, 1.0] for a in range(n)]
-        rows.append({"numbers": [6] + [1] * (n - 1), "pos": pos, "pos_flat": [x for p in pos for x in p],
+        rows.append({"numbers": [6] + [1] * (n - 1), "symbols": ["C"] + ["H"] * (n - 1), "pos": pos,
+                     "pos_flat": [x for p in pos for x in p],
                      "energy_kcal": -100.0 + i, "forces": [[2.5, 0.0, -2.5]] * n, "q": i % 2, "mult": 1,
                      "gap_ev": 0.5 + i, "cell": [[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]] if i == 9 else None,
                      "smiles": "C"})
@@ -479,6 +500,9 @@ def test_parquet_column_mapping_units_and_rejects(tmp_path) -> None:
     flat = dict(PARQUET_OPTIONS, columns=dict(PARQUET_OPTIONS["columns"], positions="pos_flat"))
     flat_graphs, _ = convert("parquet", path, flat)
     assert np.array_equal(flat_graphs[1].positions, g1.positions)
+    by_symbol = dict(PARQUET_OPTIONS, columns=dict(PARQUET_OPTIONS["columns"], atomic_numbers="symbols"))
+    symbol_graphs, _ = convert("parquet", path, by_symbol)
+    assert symbol_graphs[1].atomic_numbers.tolist() == [6, 1, 1] and len(symbol_graphs) == 8  # row 5 is fine here
 
 
 def test_parquet_ranges_across_row_groups_and_missing_columns(tmp_path) -> None:

@@ -67,10 +67,12 @@ def detect_layout(h5: Any) -> str | None:
     import h5py
 
     for name in h5:
-        grp = h5.get(name, getclass=True)
-        if grp is not h5py.Group:
+        if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
             continue
-        keys = set(h5[name].keys())
+        grp = h5[name]
+        if not isinstance(grp, h5py.Group):
+            continue
+        keys = set(grp.keys())
         if "atomic_numbers" not in keys:
             continue
         for layout, lay in LAYOUTS.items():
@@ -111,20 +113,25 @@ class HDF5Converter(Converter):
         return groups[-1].start + groups[-1].count if groups else 0
 
     @staticmethod
-    def _groups(h5: Any, lay: H5Layout) -> list[_Group]:
-        """Every top-level group with its first record and record count (shapes only, no data read)."""
+    def _groups(h5: Any, lay: H5Layout, stop: int | None = None) -> list[_Group]:
+        """Top-level groups with their first record and record count (shapes only, no data read), up to the
+        group holding record ``stop - 1`` (all groups when ``stop`` is None). Links are not followed."""
         import h5py
 
         out: list[_Group] = []
         start = 0
         for name in h5:
-            if h5.get(name, getclass=True) is not h5py.Group:
+            if stop is not None and start >= stop:
+                break
+            if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
+                out.append(_Group(name, start, 1, f"group {name!r} is a soft or external link, which is not followed"))
+                start += 1
                 continue
             grp = h5[name]
+            if not isinstance(grp, h5py.Group):
+                continue
             ds = grp.get(lay.positions)
-            if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
-                count, problem = 1, f"group {name!r} is a soft or external link, which is not followed"
-            elif not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
+            if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
                 count, problem = 1, f"group {name!r} has no {lay.positions} dataset"
             else:
                 count, problem = int(ds.shape[0]), None
@@ -144,8 +151,8 @@ class HDF5Converter(Converter):
                                   "coordinates)")
                 return
             lay = LAYOUTS[layout]
-            groups = self._groups(h5, lay)
-            n = groups[-1].start + groups[-1].count if groups else 0
+            groups = self._groups(h5, lay, None if records is None else records.stop)
+            n = groups[-1].start + groups[-1].count if groups else 0  # >= records.stop unless the file ends
             inside, beyond = clip(records, n)
             if inside:
                 for g in groups:

@@ -48,6 +48,8 @@ def elements(z: Any) -> np.ndarray:
         raise ValueError(f"atomic numbers must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError("zero atoms")
+    if arr.dtype.kind in "OUS":
+        arr = _from_symbols(arr)
     if arr.dtype.kind not in "iu" and (arr.dtype.kind != "f" or not np.all(np.isfinite(arr))
                                        or not np.all(arr == np.round(arr))):
         raise ValueError(f"atomic numbers must be integers, got dtype {arr.dtype}")
@@ -55,6 +57,17 @@ def elements(z: Any) -> np.ndarray:
     if lo < 1 or hi > 118:
         raise ValueError(f"unknown element: atomic number {(lo if lo < 1 else hi).item()} not in 1..118")
     return owned(arr, np.uint8)
+
+
+def _from_symbols(arr: np.ndarray) -> np.ndarray:
+    """Element symbols (str or bytes) as atomic numbers; an unknown symbol is a ValueError naming it."""
+    from ase.data import atomic_numbers
+
+    symbols = [s.decode("ascii", "replace") if isinstance(s, bytes) else str(s) for s in arr.tolist()]
+    unknown = sorted({s for s in symbols if s not in atomic_numbers or atomic_numbers[s] == 0})
+    if unknown:
+        raise ValueError(f"unknown element symbols {unknown[:5]}")
+    return np.array([atomic_numbers[s] for s in symbols], dtype=np.int64)
 
 
 def scaled(values: Any, factor: float, shape: tuple[int, ...], what: str) -> np.ndarray:
