@@ -49,6 +49,12 @@ def discover(entry_points: Iterable[EntryPoint] | None = None) -> dict[str, type
     return _installed() if entry_points is None else _load(entry_points)
 
 
+@functools.lru_cache(maxsize=1)
+def _probes() -> tuple[tuple[type[Converter], Converter], ...]:
+    """One instance of every installed converter, for ``can_convert`` (cached: sniffing many small files)."""
+    return tuple((c, c()) for c in _installed().values())
+
+
 def get_converter(name: str, entry_points: Iterable[EntryPoint] | None = None) -> type[Converter]:
     """The converter class registered as ``name``."""
     convs = discover(entry_points)
@@ -60,8 +66,9 @@ def get_converter(name: str, entry_points: Iterable[EntryPoint] | None = None) -
 def converter_for(path: Path, domain: str | None = None,
                   entry_points: Iterable[EntryPoint] | None = None) -> type[Converter]:
     """The one converter (of ``domain``, if given) that claims ``path``."""
-    matches = [c for c in discover(entry_points).values()
-               if (domain is None or c.domain == domain) and c().can_convert(Path(path))]
+    p = Path(path)
+    probes = _probes() if entry_points is None else tuple((c, c()) for c in discover(entry_points).values())
+    matches = [c for c, probe in probes if (domain is None or c.domain == domain) and probe.can_convert(p)]
     if len(matches) == 1:
         return matches[0]
     if not matches:

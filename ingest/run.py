@@ -10,13 +10,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.job import JobConfig, Unit, job_summary_config, plan_units
-from ingest.unit import UNITS_DIR, clear_leftovers, completed
+from ingest.job import JobConfig, Mapper, Unit, job_summary_config, plan_units
+from ingest.lock import output_lock, remove_temp_files
+from ingest.unit import TAILS_DIR, UNITS_DIR, clear_leftovers, completed, shard_intact
 from shards.manifest import MANIFEST, finalize_dataset
-from shards.writer import write_atomic
+from shards.writer import WriterConfig, write_atomic
 
 REJECTS = "rejects.jsonl"
 SUMMARY = "ingest_summary.json"
+PACK_PREFIX = "pack"
+PACK_RECORD = f"{UNITS_DIR}/pack.json"
 MIN_IN_FLIGHT = 64
 IN_FLIGHT_PER_CPU = 2
 
@@ -31,6 +34,8 @@ class JobResult:
     failed: list[dict[str, Any]] = field(default_factory=list)
     accounting: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    plan_seconds: float = 0.0
+    shards: int = 0
 
     @property
     def ok(self) -> bool:
@@ -51,14 +56,42 @@ def _init_ray(workers: int | None) -> Any:
     return ray
 
 
+def ray_mapper(workers: int | None) -> Mapper:
+    """Run planning batches (sniffing, record counting) as Ray tasks; results in batch order."""
+    def mapper(fn: Any, batches: list[list[Any]]) -> list[list[Any]]:
+        if not batches:
+            return []
+        ray = _init_ray(workers)
+        task = ray.remote(num_cpus=1)(fn)
+        return list(ray.get([task.remote(b) for b in batches]))
+    return mapper
+
+
 def run_job(cfg: JobConfig, *, workers: int | None = None, progress: bool = True) -> JobResult:
-    """Plan, run pending units on Ray with bounded work in flight, then write indices and manifest."""
-    t0 = time.perf_counter()
+    """Plan, run pending units on Ray with bounded work in flight, pack the units' short tail shards into
+    target-size shards, then write indices and manifest. One job at a time per output folder (a lock);
+    temporary files are removed before and after."""
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    (out / UNITS_DIR).mkdir(exist_ok=True)
+    folders = (out, out / UNITS_DIR, out / TAILS_DIR)
+    with output_lock(out):
+        remove_temp_files(*folders)
+        try:
+            return _run_locked(cfg, out, workers, progress)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, f"{exc.strerror or exc} (writing {out})") from exc
+        finally:
+            remove_temp_files(*folders)
+
+
+def _run_locked(cfg: JobConfig, out: Path, workers: int | None, progress: bool) -> JobResult:
+    t0 = time.perf_counter()
+    (out / TAILS_DIR).mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    units = plan_units(cfg)
+    units = plan_units(cfg, ray_mapper(workers or cfg.workers))
+    plan_seconds = time.perf_counter() - t0
     _remove_stale(out, {u.prefix for u in units})
     outcomes: dict[int, dict[str, Any]] = {}
     pending: list[Unit] = []
@@ -72,16 +105,43 @@ def run_job(cfg: JobConfig, *, workers: int | None = None, progress: bool = True
     failed: list[dict[str, Any]] = []
     if pending:
         failed = _execute(pending, cfg, out, outcomes, workers or cfg.workers, progress, skipped, len(units))
-    result = JobResult(out, len(units), skipped, failed, seconds=time.perf_counter() - t0)
+    result = JobResult(out, len(units), skipped, failed, plan_seconds=plan_seconds)
     result.accounting = _account([outcomes[u.number] for u in units if u.number in outcomes])
     _write_reports(out, units, outcomes, result)
     if result.ok:
-        shard_names = [s["name"] for u in units for s in outcomes[u.number]["shards"]]
+        packed = _pack_tails(out, [outcomes[u.number] for u in units], cfg.writer)
+        shard_names = [s["name"] for u in units for s in outcomes[u.number]["shards"]] + packed
+        result.shards = len(shard_names)
+        converters = {f"{name} ({version})" for o in outcomes.values() for name, version in o["converters"].items()}
         finalize_dataset(out, shard_names, writer=cfg.writer,
                          extra={"ingest": job_summary_config(cfg), "accounting": result.accounting,
-                                "converters": sorted({f"{o['converter']} ({o['converter_version']})"
-                                                      for o in outcomes.values()})})
+                                "converters": sorted(converters)})
+    result.seconds = time.perf_counter() - t0
     return result
+
+
+def _pack_tails(out: Path, outcomes: list[dict[str, Any]], writer: WriterConfig) -> list[str]:
+    """Copy the units' tail shards, in unit order, into target-size ``pack-NNNNNN.tar`` shards; reuse an
+    intact earlier packing of the very same tails (its record is written after the shards)."""
+    from shards.compact import pack_local
+
+    tails = [o["tail"] for o in outcomes if o.get("tail")]
+    inputs = [[t["name"], t["sha256"]] for t in tails]
+    record_path = out / PACK_RECORD
+    try:
+        record = json.loads(record_path.read_bytes()) if record_path.is_file() else None
+    except ValueError:
+        record = None
+    if (isinstance(record, dict) and record.get("inputs") == inputs
+            and all(shard_intact(out, s) for s in record.get("shards", []))):
+        return [s["name"] for s in record["shards"]]
+    record_path.unlink(missing_ok=True)
+    for p in out.glob(f"{PACK_PREFIX}-*"):
+        p.unlink()
+    shards = pack_local(((out / TAILS_DIR / t["name"], t["sha256"]) for t in tails), out, PACK_PREFIX, writer)
+    record = {"inputs": inputs, "shards": [asdict(s) for s in shards]}
+    write_atomic(record_path, json.dumps(record, sort_keys=True).encode())
+    return [s.name for s in shards]
 
 
 def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int, dict[str, Any]],
@@ -111,9 +171,8 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
                 outcomes[u.number] = res
                 records += res["inputs"]
             except Exception as exc:  # noqa: BLE001 - the unit is recorded as failed, others finish
-                failed.append({"unit": u.prefix, "file": u.file_id, "start": u.start, "stop": u.stop,
-                               "converter": u.converter, "attempts": cfg.max_retries + 1,
-                               "error": _error_text(exc)})
+                failed.append({"unit": u.prefix, "file": u.describe(), "files": len(u.items),
+                               "attempts": cfg.max_retries + 1, "error": _error_text(exc)})
             bar.update(1)
             rate = records / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(records=records, rec_s=f"{rate:,.0f}", failed=len(failed))
@@ -141,24 +200,24 @@ def _remove_stale(out: Path, prefixes: set[str]) -> None:
     for p in sorted((out / UNITS_DIR).glob("u*.json")):
         if p.stem not in prefixes:
             clear_leftovers(out, p.stem)
-    for p in sorted(out.glob("u*-*.tar*")):
-        if p.name.split("-")[0] not in prefixes and p.is_file():
-            p.unlink()
+    for folder in (out, out / TAILS_DIR):
+        for p in sorted(folder.glob("u*-*.tar*")):
+            if p.name.split("-")[0] not in prefixes and p.is_file():
+                p.unlink()
 
 
 def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """inputs = accepted + rejected, per source and per domain (rejects count under the converter's domain)."""
-    from ingest.registry import get_converter
-
+    """inputs = accepted + rejected, per source and per domain, summed over the files of every unit
+    (rejects count under the domain of the file's converter, or the source's declared domain)."""
     per_source: dict[str, dict[str, int]] = {}
     per_domain: dict[str, dict[str, int]] = {}
     reasons: dict[str, int] = {}
     for o in outcomes:
-        domain = get_converter(o["converter"]).domain
-        for table, name in ((per_source, o["source"]), (per_domain, domain)):
-            row = table.setdefault(name, {"inputs": 0, "accepted": 0, "rejected": 0})
-            for k in row:
-                row[k] += o[k]
+        for f in o["files"]:
+            for table, name in ((per_source, o["source"]), (per_domain, f["domain"])):
+                row = table.setdefault(name, {"inputs": 0, "accepted": 0, "rejected": 0})
+                for k in row:
+                    row[k] += f[k]
         for r in o["rejects"]:
             reason = r["reason"].split(":")[0][:80]
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -168,7 +227,8 @@ def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_reports(out: Path, units: list[Unit], outcomes: dict[int, dict[str, Any]], result: JobResult) -> None:
-    lines = [json.dumps(r, sort_keys=True) for u in units if u.number in outcomes for r in outcomes[u.number]["rejects"]]
+    lines = [json.dumps(r, sort_keys=True)
+             for u in units if u.number in outcomes for r in outcomes[u.number]["rejects"]]
     write_atomic(out / REJECTS, ("\n".join(lines) + ("\n" if lines else "")).encode())
     summary = {"units": result.units, "failed": result.failed, "accounting": result.accounting}
     write_atomic(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
@@ -184,9 +244,10 @@ def print_table(result: JobResult) -> None:
     t = acc.get("total", {})
     if t:
         print(f"{'total':<28}{t['inputs']:>10}{t['accepted']:>10}{t['rejected']:>10}")
-    print(f"{result.units} units ({result.skipped} already done) in {result.seconds:.1f}s -> {result.output}")
+    print(f"{result.units} units ({result.skipped} already done), {result.shards} shards in {result.seconds:.1f}s "
+          f"(planning {result.plan_seconds:.1f}s) -> {result.output}")
     for f in result.failed:
-        print(f"FAILED unit {f['unit']} ({f['file']} [{f['start']}, {f['stop']})):\n{f['error']}")
+        print(f"FAILED unit {f['unit']} ({f['file']}):\n{f['error']}")
 
 
 def result_dict(result: JobResult) -> dict[str, Any]:

@@ -6,13 +6,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shards import preview, report
 from shards.export import EXPORT_FORMATS, export_sample
 from shards.verify import inspect_dataset, verify_dataset
+from shards.writer import WriterConfig
 
 COMMAND_GROUP = "scd.commands"
 
@@ -39,6 +41,16 @@ def register(sub: Any) -> None:
     e.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="extxyz")
     e.add_argument("--out", type=Path, help="output file (default: KEY.<ext> in the current folder)")
     e.set_defaults(func=_export)
+    c = s.add_parser("compact", help="rewrite datasets into target-size shards",
+                     description="Copy every sample of one or more datasets, verbatim and in order (sources as "
+                                 "given, shards in manifest order), into one dataset of target-size shards. "
+                                 "Every shard read is checked against its manifest; the sources' accounting and "
+                                 "provenance are kept in the new manifest under compacted_from.")
+    c.add_argument("sources", nargs="+", help="dataset folders or URLs")
+    c.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    c.add_argument("--max-shard-bytes", type=int, default=WriterConfig().max_shard_bytes)
+    c.add_argument("--max-shard-samples", type=int, default=WriterConfig().max_shard_samples)
+    c.set_defaults(func=_compact)
     k = s.add_parser("keys", help="list sample keys (for export), optionally of one domain",
                      description="Print the sample keys of a dataset, one per line, in dataset order, read "
                                  "from the shard indices.")
@@ -78,6 +90,23 @@ def _inspect(args: argparse.Namespace) -> int:
         for name, st in info[kind].items():
             print(f"{kind[:-1]:<10}{name:<24}{st['samples']:>10}{st['atoms']:>12}{st['min_atoms']:>7}"
                   f"{st['median_atoms']:>9.1f}{st['max_atoms']:>8}")
+    sz = info["shard_sizes"]
+    if sz["shards"]:
+        b, n = sz["bytes"], sz["samples"]
+        print(f"shard sizes: {sz['shards']} shards (fewest the targets allow: {sz['minimum']}), "
+              f"MB min/median/max {b['min'] / 1e6:.2f}/{b['median'] / 1e6:.2f}/{b['max'] / 1e6:.2f}, "
+              f"samples {n['min']}/{n['median']}/{n['max']}; target {sz['max_shard_bytes'] / 1e6:.1f} MB or "
+              f"{sz['max_shard_samples']} samples; {sz['under_half_target']} under half the target")
+        print("shard fill: " + ", ".join(f"{k} {v}" for k, v in sz["fill_histogram"].items() if v))
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from shards.compact import compact
+
+    cfg = WriterConfig(max_shard_bytes=args.max_shard_bytes, max_shard_samples=args.max_shard_samples)
+    m = compact(args.sources, args.out, config=cfg)
+    print(f"{args.out}: {m['n_samples']} samples from {len(args.sources)} dataset(s) in {len(m['shards'])} shards")
     return 0
 
 
@@ -153,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        hint = getattr(args, "on_interrupt", None)
+        message = hint(args) if hint is not None else f"scd {args.command}: interrupted"
+        if message:
+            print(f"\n{message}", file=sys.stderr, flush=True)
         return 130
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

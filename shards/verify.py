@@ -13,6 +13,7 @@ import zarr
 
 from shards import io
 from shards.codec import SUFFIX
+from shards.compact import shard_sizes
 from shards.manifest import INDEX_COLUMNS, INDEX_DIR, INDEX_DTYPES, ZARR_CHUNK, key_hash, traj_hash
 from shards.reader import ShardDataset, ShardError
 
@@ -211,5 +212,6 @@ def inspect_dataset(root: str) -> dict[str, Any]:
         "domains": {d: summary(dom == i) for i, d in enumerate(domains) if (dom == i).any()},
         "sources": {s: summary(src == i) for i, s in enumerate(sources) if (src == i).any()},
         "size_histogram": dict(sorted(Counter(int(x).bit_length() for x in n_atoms).items())),
+        "shard_sizes": shard_sizes(m),
     }
 

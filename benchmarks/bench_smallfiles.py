@@ -1,0 +1,175 @@
+"""Small-file corpora: `run_job` (1 and 2 workers) vs a plain single-process loop of the same library parse,
+shards vs the fewest the target size allows, and planning time / driver memory for 100,000 files.
+
+    python benchmarks/bench_smallfiles.py speed [--files 10000] [--formats sdf pdb cif] [--repeat 1]
+    python benchmarks/bench_smallfiles.py plan [--files 100000]
+
+`speed` copies data-kit files under distinct names (SDF: egfr.sdf cut into one-molecule files; PDB: small
+MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split evenly over ``--formats``; per
+format it alternates the plain loop (RDKit ForwardSDMolSupplier / Biopython PDBParser / pymatgen CifParser on
+each file), `run_job` with 1 worker and with 2 workers on one local Ray (started and warmed up beforehand),
+and prints records/s, the ratios and the load average (the machine may be shared). Goals: ray1/plain >= 0.8,
+ray2/ray1 >= 1.6, shards <= 2x the minimum. `plan` hard-links one file under ``--files`` names and plans the
+job in a fresh process: seconds and peak RSS of the driver.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest.job import JobConfig, SourceSpec
+from ingest.run import run_job
+from scd_train.datakit import package_dir
+from shards.compact import shard_sizes
+from shards.writer import WriterConfig
+
+PDBS = ("adk_open_10res.pdb", "A6PA6_alpha.pdb", "1grm_single.pdb")
+
+
+def _make_corpus(fmt: str, folder: Path, n: int) -> list[Path]:
+    """``n`` files of one format under distinct names."""
+    folder.mkdir(parents=True)
+    if fmt == "sdf":
+        text = (package_dir("rdkit") / "Contrib/PBF/testData/egfr.sdf").read_text()
+        seeds = [b.encode() + b"$$$$\n" for b in text.split("$$$$\n") if b.strip()]
+    elif fmt == "pdb":
+        data = package_dir("MDAnalysisTests") / "data"
+        seeds = [(data / name).read_bytes() for name in PDBS]
+    else:
+        seeds = [p.read_bytes() for p in sorted((package_dir("ase") / "test/testdata/minerals").glob("*.cif"))]
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"f{i:06d}.{fmt}")
+        paths[-1].write_bytes(seeds[i % len(seeds)])
+    return paths
+
+
+def _plain(fmt: str, paths: list[Path]) -> int:
+    """The bare library parse of every file, one process, no conversion or writing."""
+    n = 0
+    if fmt == "sdf":
+        from rdkit import Chem, RDLogger
+
+        RDLogger.DisableLog("rdApp.*")
+        for p in paths:
+            with open(p, "rb") as fh:
+                n += sum(1 for m in Chem.ForwardSDMolSupplier(fh, removeHs=False) if m is not None)
+    elif fmt == "pdb":
+        from Bio.PDB import PDBParser
+
+        parser = PDBParser(QUIET=True)
+        for p in paths:
+            n += len(parser.get_structure(p.stem, str(p)))
+    else:
+        from pymatgen.io.cif import CifParser
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for p in paths:
+                n += len(CifParser(p).parse_structures(primitive=False))
+    return n
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    res = fn()
+    return time.perf_counter() - t0, res
+
+
+def speed(files: int, formats: list[str], repeat: int) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-smallfiles-"))
+    try:
+        corpora = {fmt: _make_corpus(fmt, tmp / fmt, files // len(formats)) for fmt in formats}
+        warm = _make_corpus("sdf", tmp / "warm", 200)
+        run_job(JobConfig(str(tmp / "warm-out"), (SourceSpec("w", (str(warm[0].parent / "*"),), files_per_unit=50),)),
+                workers=2, progress=False)
+        print(f"{'format':<7}{'files':>7}{'records':>9}{'units':>7}{'plain rec/s':>12}{'ray1 rec/s':>11}"
+              f"{'ray2 rec/s':>11}{'ray1/plain':>11}{'ray2/ray1':>10}{'shards':>8}{'minimum':>8}  load avg")
+        for fmt, paths in corpora.items():
+            best: dict[str, float] = {}
+            n, res, sizes = 0, None, {}
+            for r in range(repeat):
+                for mode in ("plain", "ray1", "ray2"):
+                    if mode == "plain":
+                        t, n = _timed(lambda fmt=fmt, paths=paths: _plain(fmt, paths))
+                    else:
+                        cfg = JobConfig(str(tmp / f"{fmt}-{mode}-{r}"),
+                                        (SourceSpec(fmt, (str(paths[0].parent / "*"),)),), WriterConfig())
+                        t, res = _timed(lambda cfg=cfg, w=int(mode[-1]): run_job(cfg, workers=w, progress=False))
+                        sizes = shard_sizes(json.loads((cfg.output_dir() / "manifest.json").read_bytes()))
+                        shutil.rmtree(cfg.output_dir())
+                    best[mode] = min(best.get(mode, float("inf")), t)
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            recs = res.accounting["total"]["accepted"] if res else 0
+            print(f"{fmt:<7}{len(paths):>7}{recs:>9}{res.units if res else 0:>7}{n / best['plain']:>12,.0f}"
+                  f"{recs / best['ray1']:>11,.0f}{recs / best['ray2']:>11,.0f}"
+                  f"{(recs / best['ray1']) / (n / best['plain']):>11.2f}{best['ray1'] / best['ray2']:>10.2f}"
+                  f"{sizes.get('shards', 0):>8}{sizes.get('minimum', 0):>8}  {load}")
+        print("goals: ray1/plain >= 0.8, ray2/ray1 >= 1.6 (needs 2 idle cores: compare with the load average), "
+              "shards <= 2x minimum")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.shutdown()
+
+
+def _plan_child(folder: str) -> None:
+    from ingest.job import plan_units
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t, units = _timed(lambda: plan_units(JobConfig(str(Path(folder) / "out"),
+                                                   (SourceSpec("many", (f"{folder}/files/*.cif",)),))))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    files = sum(len(u.items) for u in units)  # type: ignore[attr-defined]
+    print(f"planned {files} files into {len(units)} units in {t:.2f}s; driver peak RSS {rss:.0f} MB "
+          f"({rss - rss0:.0f} MB over the {rss0:.0f} MB after imports)")
+
+
+def plan(files: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-plan-"))
+    try:
+        (tmp / "files").mkdir()
+        seed = sorted((package_dir("ase") / "test/testdata/minerals").glob("*.cif"))[0]
+        for i in range(files):  # hard links, a fresh copy every 50,000 names (file systems cap links)
+            path = tmp / "files" / f"f{i:07d}.cif"
+            if i % 50_000 == 0:
+                first = path
+                shutil.copy(seed, first)
+            else:
+                os.link(first, path)
+        subprocess.run([sys.executable, __file__, "_plan_child", str(tmp)], check=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("what", choices=("speed", "plan", "_plan_child"))
+    ap.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--files", type=int)
+    ap.add_argument("--formats", nargs="+", choices=("sdf", "pdb", "cif"), default=["sdf", "pdb", "cif"])
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.what == "speed":
+        speed(args.files or 10_000, args.formats, args.repeat)
+    elif args.what == "plan":
+        plan(args.files or 100_000)
+    else:
+        _plan_child(args.folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Rewrite shards into target-size shards by copying samples verbatim (``scd shards compact``).
+
+Samples are copied byte for byte (same keys, same encoded bytes) in a deterministic order: sources in
+the order given, shards in manifest order, samples in stored order. Every shard read is checked against
+its source's manifest (sha256) and every sample against its index checksum before it is copied. The
+same function packs the short tail shards of an ingest job's units.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shards.manifest import INDEX_DIR, MANIFEST, finalize_dataset, read_shard_index
+from shards.reader import ShardDataset, ShardError
+from shards.writer import INDEX_SUFFIX, ShardInfo, ShardWriter, WriterConfig, sample_checksum
+
+COMPACT_PREFIX = "c"
+
+
+def copy_samples(writer: ShardWriter, name: str, data: Any, index: Mapping[str, Any]) -> int:
+    """Append every sample of one shard (its bytes and index) to ``writer``; returns the count."""
+    view = memoryview(data)
+    rows = zip(index["key"], index["offset"], index["size"], index["n_atoms"], index["domain"], index["source"],
+               index["trajectory"], index["checksum"], strict=True)
+    n = 0
+    for key, off, size, n_atoms, domain, source, traj, checksum in rows:
+        if off < 0 or off + size > len(view):
+            raise ShardError(f"shard {name}: sample {key!r} at {off}+{size} lies outside the shard")
+        member = bytes(view[off:off + size])
+        if sample_checksum(member) != checksum:
+            raise ShardError(f"shard {name}: sample {key!r}: bytes do not match their checksum (corrupted)")
+        try:
+            writer.add_encoded(key, member, n_atoms=n_atoms, domain=domain, source=source, trajectory=traj)
+        except ValueError as exc:
+            raise ShardError(f"shard {name}: {exc}") from None
+        n += 1
+    return n
+
+
+def pack_local(paths: Iterable[tuple[Path, str]], out_dir: Path, prefix: str,
+               config: WriterConfig) -> list[ShardInfo]:
+    """Copy the samples of local shards ``(path, sha256)`` into target-size shards ``<prefix>-NNNNNN.tar``."""
+    with ShardWriter(out_dir, prefix=prefix, config=config) as writer:
+        for path, sha in paths:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ShardError(f"{path}: sha256 does not match the recorded one (changed since it was written)")
+            copy_samples(writer, path.name, data, read_shard_index(path))
+    return writer.shards
+
+
+def _source_shards(ds: ShardDataset) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    for meta in ds.manifest["shards"]:
+        name = meta["name"]
+        data = ds.shard_bytes(name)
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ShardError(f"{ds.location(name)}: sha256 does not match the manifest (corrupted or replaced)")
+        yield name, data, ds.shard_index(name)
+
+
+def _provenance(src: str, ds: ShardDataset, raw_manifest: bytes) -> dict[str, Any]:
+    m = ds.manifest
+    keep = ("accounting", "ingest", "converters", "compacted_from", "writer")
+    return {"dataset": Path(src.rstrip("/")).name, "manifest_sha256": hashlib.sha256(raw_manifest).hexdigest(),
+            "n_samples": m["n_samples"], "n_shards": len(m["shards"]), **{k: m[k] for k in keep if k in m}}
+
+
+def compact(sources: Sequence[str], out_dir: str | Path, *, config: WriterConfig | None = None) -> dict[str, Any]:
+    """Rewrite the datasets ``sources`` into one dataset of target-size shards in ``out_dir``; returns its
+    manifest. The sources' manifests (accounting, ingest config, converters) are kept under
+    ``compacted_from``. ``out_dir`` must be new, empty or an earlier compaction output."""
+    from shards import io
+
+    out = Path(out_dir)
+    config = config or WriterConfig()
+    _prepare(out, sources)
+    datasets = [ShardDataset(s) for s in sources]
+    provenance = [_provenance(s, ds, io.read_bytes(io.join(ds.root, MANIFEST)))
+                  for s, ds in zip(sources, datasets, strict=True)]
+    with ShardWriter(out, prefix=COMPACT_PREFIX, config=config) as writer:
+        for ds in datasets:
+            for name, data, index in _source_shards(ds):
+                copy_samples(writer, name, data, index)
+    converters = sorted({c for p in provenance for c in p.get("converters", [])})
+    extra: dict[str, Any] = {"compacted_from": provenance}
+    if converters:
+        extra["converters"] = converters
+    return finalize_dataset(out, [s.name for s in writer.shards], writer=config, extra=extra)
+
+
+def _prepare(out: Path, sources: Sequence[str]) -> None:
+    """Refuse to write into a source or a foreign dataset; clear what an earlier compaction left."""
+    if not sources:
+        raise ValueError("compact: give at least one source dataset")
+    for s in sources:
+        if "://" not in s and Path(s).resolve() == out.resolve():
+            raise ValueError(f"compact: the output {out} is one of the sources")
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        doc = json.loads(manifest.read_bytes())
+        if not isinstance(doc, dict) or "compacted_from" not in doc:
+            raise ValueError(f"compact: {out} holds a dataset that compact did not write; choose another --out")
+    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith((f"{COMPACT_PREFIX}-", "."))
+                              and p.name != INDEX_DIR):
+        raise ValueError(f"compact: {out} is not empty; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.unlink(missing_ok=True)  # a dataset exists iff its manifest does
+    for p in list(out.glob(f"{COMPACT_PREFIX}-*.tar")) + list(out.glob(f"{COMPACT_PREFIX}-*.tar{INDEX_SUFFIX}")):
+        p.unlink()
+    for p in out.glob(f".{COMPACT_PREFIX}-*"):
+        p.unlink()
+    if (out / INDEX_DIR).is_dir():
+        shutil.rmtree(out / INDEX_DIR)
+
+
+def shard_sizes(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The shard-size distribution against the writer's targets: fill = max(bytes / max_shard_bytes,
+    samples / max_shard_samples) per shard, in tenths; ``minimum`` is the fewest shards the targets allow."""
+    shards = manifest["shards"]
+    writer = manifest.get("writer") or {}
+    max_bytes = int(writer.get("max_shard_bytes") or WriterConfig().max_shard_bytes)
+    max_samples = int(writer.get("max_shard_samples") or WriterConfig().max_shard_samples)
+    sizes = sorted(int(s["n_bytes"]) for s in shards)
+    counts = sorted(int(s["n_samples"]) for s in shards)
+    fills = [max(s["n_bytes"] / max_bytes, s["n_samples"] / max_samples) for s in shards]
+    histogram = {f"{10 * k}-{10 * k + 10}%": 0 for k in range(10)}
+    for f in fills:
+        k = min(int(f * 10), 9)
+        histogram[f"{10 * k}-{10 * k + 10}%"] += 1
+    total_bytes, total_samples = sum(sizes), sum(counts)
+    minimum = max(-(-total_bytes // max_bytes), -(-total_samples // max_samples), 1 if shards else 0)
+    return {"shards": len(shards), "minimum": minimum, "max_shard_bytes": max_bytes, "max_shard_samples": max_samples,
+            "bytes": _spread(sizes), "samples": _spread(counts),
+            "under_half_target": sum(1 for f in fills if f < 0.5), "fill_histogram": histogram}
+
+
+def _spread(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
