@@ -489,3 +489,13 @@ def test_xyz_trajectory_bad_frames_are_one_reject_each(tmp_path: Path, stride: i
         if isinstance(item, AtomGraph):
             np.testing.assert_allclose(item.positions, positions[chosen[r]], atol=1e-5)
             assert item.properties["frame"] == chosen[r]
+
+
+def test_xyz_absurd_atom_count_is_one_reject(tmp_path: Path) -> None:
+    frames = _g2_frames(3)
+    path = tmp_path / "absurd.xyz"
+    first = frames[0][0].split(b"\n", 1)
+    path.write_bytes(b"9999999999\n" + first[1] + frames[1][0] + frames[2][0])
+    samples, (rej,) = convert("xyz", path)
+    assert [g.index for g in samples] == [1, 2] and rej.record == 0
+    assert rej.reason.startswith("the atom-count line says 9999999999 atoms, more than a sample may hold")

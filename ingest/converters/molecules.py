@@ -10,7 +10,7 @@ from typing import IO, Any
 import numpy as np
 
 from ingest.plugin import Converter, InputBounds, Reject, open_input, owned
-from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.schema import MAX_ATOMS_DEFAULT, NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
 def open_maybe_gz(path: Path, bounds: InputBounds | None = None) -> IO[bytes]:
@@ -259,6 +259,8 @@ def _frame_at(buf: list[bytes], fh: IO[bytes], j: int) -> tuple[int, str]:
     n = _count_line(buf[j])
     if n is None:
         return 0, f"not an atom-count line: {buf[j][:40].decode(errors='replace').strip()!r}"
+    if n > MAX_ATOMS_DEFAULT:  # also bounds the lines held in memory
+        return 0, f"the atom-count line says {n} atoms, more than a sample may hold ({MAX_ATOMS_DEFAULT})"
     if not _fill(buf, fh, j + 2):
         return 0, f"truncated frame: {n} atoms announced, no comment line"
     for a in range(n):
