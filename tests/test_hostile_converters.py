@@ -499,3 +499,17 @@ def test_xyz_absurd_atom_count_is_one_reject(tmp_path: Path) -> None:
     samples, (rej,) = convert("xyz", path)
     assert [g.index for g in samples] == [1, 2] and rej.record == 0
     assert rej.reason.startswith("the atom-count line says 9999999999 atoms, more than a sample may hold")
+
+
+def test_xyz_blank_lines_and_vec_lattices_do_not_end_the_file(tmp_path: Path) -> None:
+    """ASE's own reader stops at the first blank line; every frame after it is still a record here."""
+    frames = _g2_frames(4)
+    vec = b"VEC1 6.0 0.0 0.0\nVEC2 0.0 7.0 0.0\nVEC3 0.0 0.0 8.0\n"
+    path = tmp_path / "gaps.xyz"
+    path.write_bytes(frames[0][0] + vec + b"\n\n" + frames[1][0] + b"\n" + frames[2][0] + b"   \n" + frames[3][0])
+    samples, rejects = convert("xyz", path)
+    by_index = _accounted(samples, rejects, 4)
+    assert not rejects
+    assert np.allclose(by_index[0].cell, np.diag([6.0, 7.0, 8.0])) and by_index[0].pbc.all()
+    for i, g in by_index.items():
+        np.testing.assert_allclose(g.positions, frames[i][1], atol=1e-5)

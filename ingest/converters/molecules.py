@@ -268,9 +268,12 @@ def _frame_at(buf: list[bytes], fh: IO[bytes], j: int) -> tuple[int, str]:
             return 0, f"truncated frame: {n} atoms announced, {a} atom lines follow"
         if not _is_atom_line(buf[j + 2 + a]):
             return 0, f"the atom-count line says {n} atoms but {a} atom lines follow"
-    if _fill(buf, fh, j + n + 3) and _is_atom_line(buf[j + n + 2]):
+    end = j + n + 2
+    while end - (j + n + 2) < 3 and _fill(buf, fh, end + 1) and buf[end].lstrip().startswith(b"VEC"):
+        end += 1  # legacy extended-XYZ lattice vectors (VEC1..VEC3) belong to the frame
+    if _fill(buf, fh, end + 1) and _is_atom_line(buf[end]):
         return 0, f"the atom-count line says {n} atoms but more atom lines follow"
-    return n + 2, ""
+    return end - j, ""
 
 
 def xyz_records(fh: IO[bytes]) -> Iterator[tuple[list[bytes] | None, str]]:
