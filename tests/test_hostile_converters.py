@@ -171,18 +171,18 @@ def test_pdb_split_gives_every_copy(tmp_path: Path) -> None:
     atoms = _adk_atoms()
     ref = np.array([[float(ln[30:38]), float(ln[38:46]), float(ln[46:54])] for ln in atoms])
     path = tmp_path / "copies.pdb.gz"
-    path.write_bytes(gzip.compress(_translated_copies(8, with_end=True).encode()))
+    path.write_bytes(gzip.compress(_translated_copies(4, with_end=True).encode()))
     opts = {"repeated_atoms": "split"}
     samples, rejects = convert("pdb", path, opts)
     assert not rejects
-    by_index = _accounted(samples, [], 8)
+    by_index = _accounted(samples, [], 4)
     for c, g in by_index.items():
         assert isinstance(g, AtomGraph) and g.n_atoms == len(atoms)
         np.testing.assert_allclose(np.sort(g.positions[:, 0]), np.sort(ref[:, 0] + 100.0 * c), atol=2e-3)
     conv = get_converter("pdb")()
-    assert conv.count_records(path, conv.parse_options(opts)) == 8
-    part, _ = convert("pdb", path, opts, records=range(3, 5))
-    assert [g.index for g in part] == [3, 4]
+    assert conv.count_records(path, conv.parse_options(opts)) == 4
+    part, _ = convert("pdb", path, opts, records=range(2, 4))
+    assert [g.index for g in part] == [2, 3]
 
 
 def _mmcif_with_copies(tmp: Path, kinds: tuple[str, ...]) -> tuple[Path, int, int]:
@@ -513,3 +513,19 @@ def test_xyz_blank_lines_and_vec_lattices_do_not_end_the_file(tmp_path: Path) ->
     assert np.allclose(by_index[0].cell, np.diag([6.0, 7.0, 8.0])) and by_index[0].pbc.all()
     for i, g in by_index.items():
         np.testing.assert_allclose(g.positions, frames[i][1], atol=1e-5)
+
+
+def test_real_molecules_as_xyz_are_all_accepted(tmp_path: Path) -> None:
+    import ase.io
+    from ase.collections import g2, s22
+
+    mols = [*g2, *s22]
+    buf = io.StringIO()
+    for atoms in mols:
+        ase.io.write(buf, atoms, format="extxyz")
+    path = tmp_path / "g2_s22.xyz.gz"
+    path.write_bytes(gzip.compress(buf.getvalue().encode()))
+    samples, rejects = convert("xyz", path)
+    assert not rejects and len(samples) == len(mols) == 162 + 22
+    for g, atoms in zip(samples, mols, strict=True):
+        assert g.atomic_numbers.tolist() == atoms.numbers.tolist()
