@@ -1,9 +1,20 @@
-"""Shared fixtures: real structures from the data kit (packages installed with the project)."""
+"""Shared fixtures: real structures from the data kit (packages installed with the project).
+
+CI rule: when the environment variable ``CI`` is set (non-empty), a skip caused by a missing dependency
+of ``pip install -e '.[all]'`` is reported as a failure. A skip counts as dependency-caused when its
+reason is ``pytest.importorskip``'s ``could not import 'M'`` (or an import error ``No module named 'M'``)
+for a module M that ``.[all]`` provides (a distribution it lists, or this project's own packages), or
+when it starts with ``missing dependency: D`` with D such a distribution (for executables: ``moto_server``,
+the ``ray`` CLI) or ``scd-atoms`` itself. Locally such tests still skip.
+"""
 from __future__ import annotations
 
 import functools
 import http.server
+import os
+import re
 import threading
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +90,85 @@ def http_root(tmp_path: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------------- the CI skip rule
+PROJECT = "scd-atoms"
+OWN_PACKAGES = ("shards", "ingest", "scd_train")
+# import name -> distribution, where they differ beyond case and -/_/.
+IMPORT_ALIASES = {"bio": "biopython", "yaml": "pyyaml"}
+_MISSING = re.compile(r"could not import '(?P<module>[\w.]+)'|No module named '(?P<nomod>[\w.]+)'"
+                      r"|^(?:Skipped: )?missing dependency: (?P<dist>[\w.\-]+)")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+@functools.lru_cache(maxsize=1)
+def all_extra_distributions() -> frozenset[str]:
+    """Normalised names of every distribution ``.[all]`` installs (self-referencing extras resolved)."""
+    try:
+        reqs = requires(PROJECT) or []
+    except PackageNotFoundError:  # not installed: everything it would provide is missing
+        reqs = []
+    by_extra: dict[str | None, list[str]] = {}
+    for req in reqs:
+        name = re.match(r"[A-Za-z0-9._-]+", req).group(0)  # type: ignore[union-attr]
+        extras = re.search(r"\[([^\]]*)\]", req.split(";")[0])
+        marker = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        by_extra.setdefault(marker.group(1) if marker else None, []).append(
+            f"{name}[{extras.group(1)}]" if extras and _norm(name) == _norm(PROJECT) else name)
+    names: set[str] = set()
+    todo, done = [None, "all"], set()
+    while todo:
+        extra = todo.pop()
+        if extra in done:
+            continue
+        done.add(extra)
+        for req in by_extra.get(extra, []):
+            if _norm(req.split("[")[0]) == _norm(PROJECT):
+                todo += [e.strip() for e in req.split("[")[1].rstrip("]").split(",")]
+            else:
+                names.add(_norm(req))
+    return frozenset(names | {_norm(PROJECT)})
+
+
+def dependency_of_all(reason: str) -> str | None:
+    """The module or distribution of ``.[all]`` whose absence the skip ``reason`` reports, else None."""
+    m = _MISSING.search(reason)
+    if m is None:
+        return None
+    if m.group("dist"):
+        dist = m.group("dist")
+        return dist if _norm(dist) in all_extra_distributions() else None
+    module = m.group("module") or m.group("nomod")
+    top = module.split(".")[0]
+    if top in OWN_PACKAGES or _norm(IMPORT_ALIASES.get(top.lower(), top)) in all_extra_distributions():
+        return module
+    return None
+
+
+def _fail_dependency_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not os.environ.get("CI") or not report.skipped:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    missing = dependency_of_all(reason)
+    if missing is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"CI is set and a dependency of .[all] is missing ({missing}), so this skip is a "
+                           f"failure: {reason}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    _fail_dependency_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectReport:
+    report = yield
+    _fail_dependency_skip(report)
+    return report

@@ -203,7 +203,7 @@ def test_tiny_study_through_ingest_pipeline(tmp_path) -> None:
     from importlib.metadata import entry_points
 
     if "qm9csv" not in {ep.name for ep in entry_points(group="scd.converters")}:
-        pytest.skip("qm9csv converter not registered")
+        pytest.skip("missing dependency: scd-atoms (the qm9csv entry point; pip install -e .)")
     cfg = {**TINY_STUDY, "ingest": "pipeline", "seeds": [0], "arms": ["scratch", "scd"]}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "study"

@@ -7,13 +7,12 @@ import math
 import os
 import warnings
 
+import ase
 import numpy as np
 import pytest
+from ase.neighborlist import neighbor_list
 
 from shards.graph import image_counts, radius_graph, radius_graph_with_offsets
-
-ase = pytest.importorskip("ase")
-from ase.neighborlist import neighbor_list  # noqa: E402
 
 CUTOFF = 5.0
 

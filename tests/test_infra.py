@@ -196,41 +196,38 @@ def test_launchers_name_the_example_configs():
         assert f"infra/configs/{Path(expected[name]).name}" in text, f"{name}: document the ConfigMap source"
 
 
-def test_slurm_rendezvous_on_first_node():
+def test_slurm_rendezvous_on_first_node_and_preemption():
     cmds = [c.argv for c in commands_in(INFRA / "slurm/pretrain.sbatch")]
     (tr,) = [c for c in cmds if c[0] == "torchrun"]
-    flags = dict(zip(tr[1::2], tr[2::2], strict=True))
-    assert flags["--rdzv-backend"] == "c10d" and flags["--rdzv-endpoint"] == "$head:29500"
-    assert flags["--nnodes"] == "$SLURM_NNODES" and flags["--nproc-per-node"] == "$GPUS"
+    args = __import__("torch.distributed.run", fromlist=["get_args_parser"]).get_args_parser().parse_args(list(tr[1:]))
+    assert args.rdzv_backend == "c10d" and args.rdzv_endpoint == "$head:$port" and args.rdzv_id == "$SLURM_JOB_ID"
+    assert args.nnodes == "$SLURM_NNODES" and args.nproc_per_node == "$GPUS"
+    assert "SIGUSR1" in args.signals_to_handle.split(",") and "SIGTERM" in args.signals_to_handle.split(",")
     text = (INFRA / "slurm/pretrain.sbatch").read_text()
     assert re.search(r"^srun .*\\\n\s+torchrun", text, re.M) and "scontrol show hostnames" in text
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    assert directives["signal"].startswith("B:USR1@") and "requeue" in directives
+    assert directives["open-mode"] == "append"
+    assert re.search(r"^port=\$\(\(.*SLURM_JOB_ID", text, re.M), "the rendezvous port comes from the job id"
+    assert re.search(r"^export SRUN_CPUS_PER_TASK=\$SLURM_CPUS_PER_TASK", text, re.M)
+    assert re.search(r"^GPUS=\$\{SLURM_GPUS_ON_NODE", text, re.M), "GPUs per node from the allocation"
+    assert "scontrol requeue" in text and re.search(r"^trap .*USR1", text, re.M)
 
 
 def test_example_configs_load_into_the_real_config_classes():
+    from ingest.job import JobConfig
+    from scd_train.config import TrainConfig
     from shards.config import load_yaml
 
-    job = pytest.importorskip("ingest.job", reason="ingest not importable")
-    cfg = pytest.importorskip("scd_train.config", reason="scd_train not importable")
-    j = load_yaml(job.JobConfig, INFRA / "configs/ingest.yaml")
-    t = load_yaml(cfg.TrainConfig, INFRA / "configs/pretrain.yaml")
+    j = load_yaml(JobConfig, INFRA / "configs/ingest.yaml")
+    t = load_yaml(TrainConfig, INFRA / "configs/pretrain.yaml")
     assert j.sources and t.data.datasets and t.steps > 0
 
 
 def test_rayjob_entrypoint_and_config_mount():
     (doc,) = yaml.safe_load_all((INFRA / "k8s/rayjob-ingest.yaml").read_text())
-    assert doc["kind"] == "RayJob" and doc["spec"]["entrypoint"] == "scd ingest run /config/ingest.yaml"
+    assert doc["kind"] == "RayJob" and doc["spec"]["entrypoint"].startswith("scd ingest run /config/ingest.yaml")
     head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
     vols = {v["name"]: v for v in head["volumes"]}
     assert "configMap" in vols[mounts["/config"]]
-
-
-def test_ray_cluster_installs_like_the_readme():
-    doc = yaml.safe_load((INFRA / "ray/cluster.yaml").read_text())
-    setup = " ".join(doc["setup_commands"])
-    assert "pip install torch==2.13.0" in setup and 'pip install -e ".[all]"' in setup
-    workers = [t for t in doc["available_node_types"].values() if t.get("max_workers", 0) > t.get("min_workers", 0)]
-    assert workers, "no autoscaling worker type"
-    docker = (INFRA / "docker/Dockerfile").read_text()
-    assert 'pip install torch==2.13.0 && pip install -e ".[all]"' in docker
-    assert "python:3.11-slim" in docker and "nvidia/cuda" in docker and "ARG FLAVOR" in docker

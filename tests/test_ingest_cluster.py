@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,10 @@ def _free_ports(n: int) -> list[int]:
 def test_ray_job_submit_on_two_node_cluster_equals_embedded(tmp_path):
     bin_dir = str(Path(sys.executable).parent)  # the venv's ray and scd, also when it is not activated
     env = {**os.environ, "RAY_ADDRESS": "", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    if shutil.which("ray", path=env["PATH"]) is None or shutil.which("setsid") is None:
-        pytest.skip("needs the ray CLI and setsid")
+    if shutil.which("ray", path=env["PATH"]) is None:
+        pytest.skip("missing dependency: ray[default] (no ray CLI)")
+    if shutil.which("setsid") is None:
+        pytest.skip("needs setsid (util-linux)")
     job = write_job(tmp_path, "job", four_domain_sources(400))
     ref = subprocess.run(["scd", "ingest", "run", str(job), "--out", str(tmp_path / "embedded"), "--no-progress"],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -59,4 +62,77 @@ def test_ray_job_submit_on_two_node_cluster_equals_embedded(tmp_path):
         subprocess.run([str(SCRIPT), "stop", str(state)], env=env, cwd=REPO, timeout=120)
     for node in ("head", "worker"):
         assert not (state / f"{node}.pid").exists()
+    assert digest(tmp_path / "embedded") == digest(tmp_path / "cluster-out")
+
+
+def _unit_tasks(dashboard: str) -> list:
+    """The job's ``run_unit`` tasks as Ray's state API reports them (over HTTP: no driver joins the cluster)."""
+    from ray.util.state import list_tasks
+
+    return list_tasks(address=dashboard, filters=[("func_or_class_name", "=", "run_unit")], detail=True,
+                      limit=10_000, raise_on_missing_output=False)
+
+
+def _peak_concurrency(tasks: list) -> int:
+    edges = sorted([(t.start_time_ms, 1) for t in tasks] + [(t.end_time_ms, -1) for t in tasks],
+                   key=lambda e: (e[0], e[1]))
+    peak = cur = 0
+    for _, d in edges:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
+    """A CPU-0 head alone (infra/ray/cluster.yaml before its autoscaler adds nodes): the driver queues every unit
+    as demand (not one), a worker raylet joins mid-job, runs the units side by side, and the result equals the
+    embedded run byte for byte."""
+    from ingest.job import load_job, plan_units
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    if shutil.which("ray", path=env["PATH"]) is None or shutil.which("setsid") is None:
+        pytest.skip("needs the ray CLI and setsid")
+    job = write_job(tmp_path, "job", four_domain_sources(400))
+    n_units = len(plan_units(load_job(job)))
+    assert n_units >= 4
+    ref = subprocess.run(["scd", "ingest", "run", str(job), "--out", str(tmp_path / "embedded"), "--no-progress"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    state = tmp_path / "cluster"
+    gcs, dashboard = _free_ports(2)
+    env.pop("RAY_ADDRESS")
+    sub = None
+    try:
+        up = subprocess.run([str(SCRIPT), "head", str(state), str(gcs), str(dashboard), "0"],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        url = (state / "dashboard").read_text().strip()
+        sub = subprocess.Popen([str(SCRIPT), "submit", str(state), "--", "scd", "ingest", "run", str(job),
+                                "--out", str(tmp_path / "cluster-out"), "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+        deadline = time.time() + 300
+        pending: list = []
+        while len(pending) < n_units:  # nothing can run on a CPU-0 head: every queued unit waits for a node
+            assert sub.poll() is None, sub.communicate()[0][-3000:]
+            assert time.time() < deadline, f"only {len(pending)} of {n_units} units were queued as demand"
+            time.sleep(1)
+            pending = [t for t in _unit_tasks(url) if t.state == "PENDING_NODE_ASSIGNMENT"]
+        assert {t.required_resources.get("CPU") for t in pending} == {1.0}
+        join = subprocess.run([str(SCRIPT), "join", str(state), "2"], capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=300)
+        assert join.returncode == 0, join.stdout[-2000:] + join.stderr[-2000:]
+        out, _ = sub.communicate(timeout=600)
+        assert sub.returncode == 0 and "succeeded" in out, out[-3000:]
+        tasks = [t for t in _unit_tasks(url) if t.state == "FINISHED"]
+    finally:
+        if sub is not None and sub.poll() is None:
+            sub.kill()
+        subprocess.run([str(SCRIPT), "stop", str(state)], env=env, cwd=REPO, timeout=120)
+    assert not list(state.glob("*.pid"))
+    assert len(tasks) == n_units
+    assert len({t.node_id for t in tasks}) == 1, "units ran on one node: the worker that joined"
+    assert _peak_concurrency(tasks) == 2, "the joining node's 2 CPUs ran units side by side"
     assert digest(tmp_path / "embedded") == digest(tmp_path / "cluster-out")
