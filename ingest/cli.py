@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ingest.run_cli import add_run_parser
@@ -19,21 +18,10 @@ def register(sub: Any) -> None:
     add_run_parser(s)
 
 
-def _dist_version(module: str) -> str:
-    from importlib.metadata import packages_distributions
-
-    for dist in packages_distributions().get(module.split(".")[0], []):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "?"
-
-
 def _converters(args: argparse.Namespace) -> int:
-    from ingest.registry import discover
+    from ingest.registry import converter_version, discover
 
     print(f"{'name':<16}{'domain':<10}{'suffixes':<44}package")
     for name, cls in sorted(discover().items()):
-        print(f"{name:<16}{cls.domain:<10}{' '.join(cls.suffixes):<44}{_dist_version(cls.__module__)}")
+        print(f"{name:<16}{cls.domain:<10}{' '.join(cls.suffixes):<44}{converter_version(name).replace('==', ' ')}")
     return 0

@@ -50,6 +50,21 @@ def discover(entry_points: Iterable[EntryPoint] | None = None) -> dict[str, type
 
 
 @functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    out = {}
+    for ep in metadata.entry_points(group=GROUP):
+        dist = getattr(ep, "dist", None)
+        out[ep.name] = f"{dist.name}=={dist.version}" if dist is not None else "unknown"
+    return out
+
+
+def converter_version(name: str) -> str:
+    """``dist==version`` of the distribution that registers converter ``name`` (from its entry point; cheap,
+    unlike scanning every installed distribution)."""
+    return _versions().get(name, "unknown")
+
+
+@functools.lru_cache(maxsize=1)
 def _probes() -> tuple[tuple[type[Converter], Converter], ...]:
     """One instance of every installed converter, for ``can_convert`` (cached: sniffing many small files)."""
     return tuple((c, c()) for c in _installed().values())

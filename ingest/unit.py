@@ -9,7 +9,6 @@ removed and it runs again, writing the very same bytes.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import asdict
@@ -86,11 +85,11 @@ class _Files:
 
     def converter(self, name: str) -> tuple[Any, Any]:
         if name not in self.convs:
-            from ingest.registry import get_converter
+            from ingest.registry import converter_version, get_converter
 
             conv = get_converter(name)()
             self.convs[name] = (conv, conv.parse_options(self.unit.options))
-            self.versions[name] = _version(type(conv).__module__)
+            self.versions[name] = converter_version(name)
         return self.convs[name]
 
 
@@ -165,16 +164,3 @@ def _run(unit: Any, out: Path, writer: WriterConfig) -> dict[str, Any]:
     (out / UNITS_DIR).mkdir(exist_ok=True)
     write_atomic(outcome_path(out, unit.prefix), json.dumps(outcome, sort_keys=True).encode())
     return outcome
-
-
-@functools.lru_cache(maxsize=64)
-def _version(module_name: str) -> str:
-    """``dist==version`` of the distribution that provides a converter's module (cached per process)."""
-    from importlib.metadata import PackageNotFoundError, packages_distributions, version
-
-    module = module_name.split(".")[0]
-    try:
-        dist = packages_distributions().get(module, [module])[0]
-        return f"{dist}=={version(dist)}"
-    except (PackageNotFoundError, IndexError):
-        return "unknown"
