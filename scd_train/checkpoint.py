@@ -119,6 +119,16 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def saved_model_config(ckpt: Path) -> dict[str, Any] | None:
+    """``config.model`` of the ``state.json`` beside a checkpoint folder or weights file (checked
+    structurally); None when there is no state.json or it records no model."""
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    if not (folder / "state.json").is_file():
+        return None
+    model = read_state(folder).get("config", {}).get("model")
+    return model if isinstance(model, dict) and model else None
+
+
 def load_weights(path: Path, model: torch.nn.Module, *, strict: bool = True, ema: bool = False) -> list[str]:
     """Load weights (no pickle); a shape or name mismatch is a one-line error naming the checkpoint."""
     name = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"

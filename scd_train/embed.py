@@ -34,7 +34,7 @@ DEFAULT_BUDGET = Budget()
 
 def load_objective(checkpoint: str | Path) -> tuple[torch.nn.Module, ObjectiveConfig]:
     """The objective (eval mode) of a pretraining checkpoint/run folder or a ``scd finetune`` output folder."""
-    from scd_train.checkpoint import load_weights
+    from scd_train.checkpoint import load_weights, saved_model_config
     from scd_train.finetune import resolve_checkpoint
 
     p = Path(checkpoint)
@@ -47,10 +47,10 @@ def load_objective(checkpoint: str | Path) -> tuple[torch.nn.Module, ObjectiveCo
         objective.load_state_dict(tensors)
         return objective.eval(), cfg
     ckpt = resolve_checkpoint(p)
-    state = (ckpt if ckpt.is_dir() else ckpt.parent) / "state.json"
-    if not state.is_file():
-        raise ValueError(f"{ckpt}: no state.json next to the weights, so the model config is unknown")
-    cfg = from_dict(ObjectiveConfig, json.loads(state.read_text())["config"]["model"], "model")
+    saved = saved_model_config(ckpt)
+    if saved is None:
+        raise ValueError(f"{ckpt}: no state.json with a model config next to the weights, so the model is unknown")
+    cfg = from_dict(ObjectiveConfig, saved, "model")
     objective = build_objective(cfg)
     load_weights(ckpt, objective)
     return objective.eval(), cfg

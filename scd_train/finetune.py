@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from scd_train.checkpoint import latest_checkpoint, load_weights
+from scd_train.checkpoint import latest_checkpoint, load_weights, saved_model_config
 from scd_train.data import to_torch
 from scd_train.models import backbone_config
 from scd_train.models.base import scatter_sum
@@ -203,11 +203,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _saved_model(ckpt: Path) -> dict[str, Any] | None:
-    state = (ckpt if ckpt.is_dir() else ckpt.parent) / "state.json"
-    if not state.is_file():
-        return None
-    saved = json.loads(state.read_text()).get("config", {}).get("model")
-    return saved if isinstance(saved, dict) and saved else None
+    return saved_model_config(ckpt)
 
 
 def model_config_from_checkpoint(ckpt: Path) -> ObjectiveConfig | None:

@@ -4,7 +4,7 @@ Local shards are memory-mapped; remote shards (http(s), s3://, any fsspec URL) a
 local cache folder (bounded in bytes, least recently used first out), checked against the manifest's sha256
 and then memory-mapped. Without a cache folder remote shards are held in memory.
 
-Every sample's bytes are checked against the 64-bit blake2b checksum of its index row before decoding,
+Every sample's bytes are checked against the 64-bit sha256 checksum of its index row before decoding,
 whatever the storage, so a flipped byte never reaches a batch.
 """
 from __future__ import annotations

@@ -50,7 +50,7 @@ class SampleTable:
     trajectory: np.ndarray   # uint64 hash, 0 = not a trajectory frame
     domain_names: list[str]
     source_names: list[str]
-    checksum: np.ndarray | None = None  # uint64 blake2b of each sample's bytes (None: a table never fetched)
+    checksum: np.ndarray | None = None  # uint64 sha256 prefix of each sample's bytes (None: a table never fetched)
 
     def __len__(self) -> int:
         return int(self.n_atoms.size)

@@ -2,8 +2,8 @@
 
 One tar member per sample (``<key>.scd``), fixed tar metadata (mtime 0, uid/gid 0, mode 0644, USTAR),
 so the same input always gives byte-identical shards. Beside each shard ``<name>.idx.json`` lists
-key, data offset, size, n_atoms, domain, source, trajectory id and checksum (64-bit blake2b of the sample's
-bytes, checked whenever the sample is decoded) of every sample.
+key, data offset, size, n_atoms, domain, source, trajectory id and checksum (first 64 bits of the sha256
+of the sample's bytes, checked whenever the sample is decoded) of every sample.
 """
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ class _Open:
 
 
 def sample_checksum(data: bytes | memoryview) -> int:
-    """The 64-bit blake2b digest of one sample's bytes, as stored in the indices."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    """The first 64 bits of the sha256 of one sample's bytes, as stored in the indices (sha256 rather than
+    blake2b: CPUs with SHA extensions hash a small sample in about half the time)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
 def write_atomic(path: Path, data: bytes) -> None:

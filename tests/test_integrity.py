@@ -360,6 +360,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     _one_line(warned[0], "step-00000002", str(bad))
 
 
+@pytest.mark.parametrize("text,expect", [('{"config": []}', "lacks key(s)"), ("{\"step\": 1", "not valid JSON"),
+                                         (_deep(100), "nested")])
+def test_finetune_and_embed_read_checkpoint_state_structurally(tmp_path, text, expect):
+    from scd_train.checkpoint import CheckpointError
+    from scd_train.embed import load_objective
+    from scd_train.finetune import model_config_from_checkpoint
+
+    ckpt = tmp_path / "step-00000001"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(text)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    for read in (model_config_from_checkpoint, load_objective):
+        with pytest.raises(CheckpointError) as err:
+            read(ckpt)
+        _one_line(str(err.value), str(ckpt / "state.json"), expect)
+
+
 def test_orphan_temp_folders_are_removed_at_start(tmp_path):
     from scd_train.checkpoint import list_checkpoints, remove_stale_temp
 
