@@ -184,5 +184,7 @@ class ShardWriter:
         """Drop the shard being written (its temporary file), keeping finished shards."""
         cur, self._cur = self._cur, None
         if cur is not None:
-            cur.fileobj.close()
-            cur.tmp.unlink(missing_ok=True)
+            try:
+                cur.fileobj.close()  # may fail again (a full disk): the temporary file goes regardless
+            finally:
+                cur.tmp.unlink(missing_ok=True)

@@ -314,3 +314,37 @@ def test_sigkill_mid_job_then_rerun_is_byte_identical(ray_session, tmp_path):  #
     assert "stale lock" in res.stderr, "the killed job's lock is detected as stale"
     assert digest(tmp_path / "clean") == digest(out), "manifest.json, index.zarr, _units and shards included"
     assert scd(["shards", "verify", str(out)]) == 0
+
+
+def test_write_errors_without_a_file_name_name_the_path_and_leave_no_temp_files(tmp_path):
+    """A write that fails mid-file (here: RLIMIT_FSIZE -> EFBIG, the way a full disk gives ENOSPC) is raised
+    with the unit and output folder in its message; the half-written temporary shard is removed."""
+    sdf = str(package_dir("rdkit") / CDK2)
+    job = write_job(tmp_path, "full", [{"source": "m", "converter": "sdf", "paths": [sdf]}])
+    script = f"""
+import resource, signal
+from pathlib import Path
+from ingest.job import load_job, plan_units
+from ingest.unit import run_unit
+from shards.writer import WriterConfig, write_atomic
+cfg = load_job({str(job)!r})
+unit = plan_units(cfg)[0]
+out = cfg.output_dir()
+out.mkdir()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (32768, 32768))
+for attempt in (lambda: run_unit(unit, str(out), WriterConfig()),
+                lambda: write_atomic(out / "big.json", b"x" * 65536)):
+    try:
+        attempt()
+    except OSError as exc:
+        print(exc)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    out = tmp_path / "full"
+    assert len(lines) == 2, res.stdout
+    assert "File too large" in lines[0] and f"unit u000000 into {out}" in lines[0], lines[0]
+    assert "File too large" in lines[1] and str(out / "big.json") in lines[1], lines[1]
+    assert not [p.name for p in out.rglob("*") if ".tmp" in p.name], "temporary files removed"
