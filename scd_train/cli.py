@@ -82,7 +82,8 @@ def register_downstream(sub: Any) -> None:
                                    "with plain denoising on molecules outside the fine-tune split, fine-tune both "
                                    "and a from-scratch model for several seeds; writes results.md, "
                                    "learning_curves.png, splits.json, configs and per-run results.")
-    s.add_argument("name", choices=["qm9"])
+    s.add_argument("name", choices=sorted(STUDIES), help="qm9: property fine-tuning; md: energy + forces on an "
+                   "xTB trajectory (run with OMP_NUM_THREADS=1)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--config", type=Path, help="study YAML; keys not given keep their defaults")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -104,11 +105,19 @@ def embed_command(args: argparse.Namespace) -> int:
 
 
 def study_command(args: argparse.Namespace) -> int:
+    import importlib
     import shlex
     import sys
 
-    from scd_train.study import load_study_config, run_study
-
-    run_study(load_study_config(args.config, args.overrides), args.out,
-              command="scd " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    module, load, run = STUDIES[args.name]
+    mod = importlib.import_module(module)
+    getattr(mod, run)(getattr(mod, load)(args.config, args.overrides), args.out,
+                      command="scd " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     return 0
+
+
+# study name -> (module, config loader, runner)
+STUDIES: dict[str, tuple[str, str, str]] = {
+    "qm9": ("scd_train.study", "load_study_config", "run_study"),
+    "md": ("scd_train.study_md", "load_md_study_config", "run_md_study"),
+}

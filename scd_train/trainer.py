@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import math
 import resource
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from scd_train.build import build_objective
@@ -25,6 +28,7 @@ from scd_train.dynamic import mark_dynamic
 from scd_train.dist import DistInfo, all_gather_json, all_reduce_sum, barrier, init_distributed
 from scd_train.metrics import MetricsLog, plot_loss
 from scd_train.optim import EMA, build_optimizer
+from scd_train.preempt import StopRequest, exit_status
 from shards.config import to_dict
 
 
@@ -59,6 +63,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.objective, cfg.optim, cfg.steps)
         self.ema = EMA(self.objective, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.step = 0
+        self.stopped_by: int | None = None
         sampler_state = None
         if self.info.is_main:
             remove_stale_temp(self.run_dir)
@@ -116,8 +121,28 @@ class Trainer:
         barrier()
         return path
 
+    @property
+    def exit_status(self) -> int:
+        """0, or ``128 + signal`` when a stop signal ended the run early (after its checkpoint)."""
+        return exit_status(self.stopped_by)
+
+    def _stop_signal(self, stop: StopRequest) -> int | None:
+        """The stop signal if any rank has received one: every rank answers the same after the same step."""
+        if self.info.enabled:
+            flag = torch.tensor([stop.signum or 0], dtype=torch.int64, device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stopped_by = int(flag.item()) or None
+        else:
+            self.stopped_by = stop.signum
+        return self.stopped_by
+
     def fit(self) -> list[dict[str, float]]:
-        """Train until ``cfg.steps``; returns the logged rows (rank 0)."""
+        """Train until ``cfg.steps``; returns the logged rows (rank 0). On SIGTERM or SIGUSR1 every rank finishes
+        its step, a checkpoint is written and the loop ends early (``stopped_by``, ``exit_status``)."""
+        with StopRequest() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopRequest) -> list[dict[str, float]]:
         from tqdm import tqdm
 
         cfg, info = self.cfg, self.info
@@ -156,8 +181,15 @@ class Trainer:
                 wait = compute = atoms_window = 0.0
                 t_log = time.perf_counter()
             bar.update(1)
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+            stopping = self._stop_signal(stop) is not None
+            if stopping or self.step % cfg.checkpoint_every == 0 or self.step == end:
                 self.save()
+            if stopping:
+                if info.is_main:
+                    print(f"scd train: {signal.Signals(self.stopped_by or 0).name} received; stopped after step "
+                          f"{self.step} with a checkpoint in {self.run_dir}; run the same command to resume",
+                          file=sys.stderr, flush=True)
+                break
         bar.close()
         self.metrics.close()
         if info.is_main and (self.run_dir / "metrics.jsonl").is_file():

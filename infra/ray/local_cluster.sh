@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# A two-node Ray cluster on one machine (head + one worker node, separate raylets) for tests and demos.
+# A multi-node Ray cluster on one machine (a head and worker nodes, separate raylets) for tests and demos.
 #
-#   infra/ray/local_cluster.sh start  STATE_DIR GCS_PORT DASHBOARD_PORT [CPUS_PER_NODE]
+#   infra/ray/local_cluster.sh start  STATE_DIR GCS_PORT DASHBOARD_PORT [CPUS_PER_NODE]  # head + one worker
+#   infra/ray/local_cluster.sh head   STATE_DIR GCS_PORT DASHBOARD_PORT [HEAD_CPUS]      # the head alone
+#   infra/ray/local_cluster.sh join   STATE_DIR [CPUS]                                   # one more worker
 #   infra/ray/local_cluster.sh submit STATE_DIR -- scd ingest run /abs/path/job.yaml
 #   infra/ray/local_cluster.sh stop   STATE_DIR
 #
-# Each node runs `ray start --block` in its own process group (setsid); `stop` signals exactly those two
-# process groups (TERM, then KILL after a grace period). It never runs `ray stop`, which would kill every
-# Ray process of the user on the machine (other jobs, a test session's embedded Ray).
+# `head STATE 6379 8265 0` is the shape of infra/ray/cluster.yaml before its autoscaler adds nodes (a CPU-0
+# head); `join` is a node arriving mid-job. Each node runs `ray start --block` in its own process group
+# (setsid); `stop` signals exactly those process groups (TERM, then KILL after a grace period). It never runs
+# `ray stop`, which would kill every Ray process of the user on the machine (other jobs, a test session's Ray).
 # `submit` uses the job-submission API: `ray job submit --working-dir .` from the current folder.
 set -euo pipefail
 
-cmd=${1:?usage: local_cluster.sh start|submit|stop STATE_DIR ...}
+cmd=${1:?usage: local_cluster.sh start|head|join|submit|stop STATE_DIR ...}
 state=${2:?STATE_DIR required}
 shift 2
 
@@ -31,15 +34,13 @@ EOF
     return 1
 }
 
-case "$cmd" in
-start)
-    port=${1:?GCS_PORT required}
-    dash=${2:?DASHBOARD_PORT required}
-    cpus=${3:-1}
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled  # loopback only; no token to hand around
+
+start_head() {  # $1 GCS port, $2 dashboard port, $3 CPUs; returns once the job API answers
+    local port=$1 dash=$2 cpus=$3
     mkdir -p "$state"
     echo "127.0.0.1:$port" > "$state/address"
     echo "http://127.0.0.1:$dash" > "$state/dashboard"
-    export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled  # loopback only; no token to hand around
     setsid ray start --head --block --port="$port" --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
         --disable-usage-stats > "$state/head.log" 2>&1 &
@@ -49,18 +50,38 @@ start)
         kill -0 "$(cat "$state/head.pid")" 2>/dev/null || { cat "$state/head.log" >&2; exit 1; }
         sleep 1
     done
-    setsid ray start --block --address="127.0.0.1:$port" --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
-        --disable-usage-stats > "$state/worker.log" 2>&1 &
-    echo $! > "$state/worker.pid"
-    wait_for_nodes 2 "127.0.0.1:$port"
+    wait_for_nodes 1 "127.0.0.1:$port"
     for _ in $(seq 1 60); do  # the job API answers once the dashboard's job module is up
-        curl -sf "http://127.0.0.1:$dash/api/version" > /dev/null 2>&1 && exit 0
+        curl -sf "http://127.0.0.1:$dash/api/version" > /dev/null 2>&1 && return 0
         python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$dash/api/version', timeout=2)" \
-            2>/dev/null && exit 0
+            2>/dev/null && return 0
         sleep 1
     done
     echo "local_cluster: dashboard on port $dash did not answer" >&2
     exit 1
+}
+
+start_worker() {  # $1 CPUs; a worker raylet joins the head in $state (worker.pid, worker-2.pid, ...)
+    local cpus=$1 address n name
+    address=$(cat "$state/address")
+    n=$(find "$state" -maxdepth 1 -name 'worker*.pid' | wc -l)
+    name=worker; [ "$n" -gt 0 ] && name="worker-$((n + 1))"
+    setsid ray start --block --address="$address" --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
+        --disable-usage-stats > "$state/$name.log" 2>&1 &
+    echo $! > "$state/$name.pid"
+    wait_for_nodes "$((n + 2))" "$address"
+}
+
+case "$cmd" in
+start)
+    start_head "${1:?GCS_PORT required}" "${2:?DASHBOARD_PORT required}" "${3:-1}"
+    start_worker "${3:-1}"
+    ;;
+head)
+    start_head "${1:?GCS_PORT required}" "${2:?DASHBOARD_PORT required}" "${3:-0}"
+    ;;
+join)
+    start_worker "${1:-1}"
     ;;
 submit)
     [ "${1:-}" = "--" ] && shift
@@ -77,24 +98,20 @@ submit)
     exit 1
     ;;
 stop)
-    for node in worker head; do
-        f="$state/$node.pid"
-        [ -f "$f" ] || continue
-        pid=$(cat "$f")
-        kill -TERM -- "-$pid" 2>/dev/null || true
+    pidfiles=()  # workers first, the head last
+    for f in "$state"/worker*.pid "$state/head.pid"; do [ -f "$f" ] && pidfiles+=("$f"); done
+    for f in ${pidfiles[@]+"${pidfiles[@]}"}; do
+        kill -TERM -- "-$(cat "$f")" 2>/dev/null || true
     done
     for _ in $(seq 1 20); do
         alive=0
-        for node in worker head; do
-            f="$state/$node.pid"
-            [ -f "$f" ] && kill -0 -- "-$(cat "$f")" 2>/dev/null && alive=1
+        for f in ${pidfiles[@]+"${pidfiles[@]}"}; do
+            kill -0 -- "-$(cat "$f")" 2>/dev/null && alive=1
         done
         [ "$alive" = 0 ] && break
         sleep 0.5
     done
-    for node in worker head; do
-        f="$state/$node.pid"
-        [ -f "$f" ] || continue
+    for f in ${pidfiles[@]+"${pidfiles[@]}"}; do
         kill -KILL -- "-$(cat "$f")" 2>/dev/null || true
         rm -f "$f"
     done
@@ -104,7 +121,7 @@ stop)
     if [ -n "$port" ] && [ -f "$current" ] && grep -q ":$port\$" "$current"; then rm -f "$current"; fi
     ;;
 *)
-    echo "usage: local_cluster.sh start|submit|stop STATE_DIR ..." >&2
+    echo "usage: local_cluster.sh start|head|join|submit|stop STATE_DIR ..." >&2
     exit 2
     ;;
 esac
