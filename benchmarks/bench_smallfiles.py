@@ -3,6 +3,7 @@ shards vs the fewest the target size allows, and planning time / driver memory f
 
     python benchmarks/bench_smallfiles.py speed [--files 10000] [--formats sdf pdb cif] [--repeat 1]
     python benchmarks/bench_smallfiles.py plan [--files 100000]
+    python benchmarks/bench_smallfiles.py profile [--files 256]
 
 `speed` copies data-kit files under distinct names (SDF: egfr.sdf cut into one-molecule files; PDB: small
 MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split evenly over ``--formats``; per
@@ -10,7 +11,8 @@ format it alternates the plain loop (RDKit ForwardSDMolSupplier / Biopython PDBP
 each file), `run_job` with 1 worker and with 2 workers on one local Ray (started and warmed up beforehand),
 and prints records/s, the ratios and the load average (the machine may be shared). Goals: ray1/plain >= 0.8,
 ray2/ray1 >= 1.6, shards <= 2x the minimum. `plan` hard-links one file under ``--files`` names and plans the
-job in a fresh process: seconds and peak RSS of the driver.
+job in a fresh process: seconds and peak RSS of the driver. `profile` splits one unit of one-molecule SDF
+files into conversion, sniffing, shard writing, fsync and outcome files, and times a Ray task round trip.
 """
 from __future__ import annotations
 
@@ -125,6 +127,45 @@ def speed(files: int, formats: list[str], repeat: int) -> None:
         ray.shutdown()
 
 
+def profile(files: int) -> None:
+    """Where one small-file unit spends its time (in process), and the cost of a Ray task round trip."""
+    import cProfile
+    import pstats
+
+    import ray
+
+    from ingest.job import plan_units
+    from ingest.unit import run_unit
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-unit-"))
+    try:
+        paths = _make_corpus("sdf", tmp / "sdf", files)
+        cfg = JobConfig(str(tmp / "out"), (SourceSpec("p", (str(paths[0].parent / "*"),), files_per_unit=files),))
+        unit = plan_units(cfg)[0]
+        t_import, _ = _timed(lambda: run_unit(unit, str(tmp / "warm"), cfg.writer))  # imports + first run
+        t_unit, _ = _timed(lambda: run_unit(unit, str(tmp / "out"), cfg.writer))
+        t_bare, _ = _timed(lambda: _plain("sdf", paths))
+        prof = cProfile.Profile()
+        prof.runcall(run_unit, unit, str(tmp / "out"), cfg.writer)
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        total = sum(v[3] for k, v in stats.items() if k[2] == "run_unit")
+        parts = {"converter (parse + graph + validation)": "convert", "sniffing (converter_for)": "converter_for",
+                 "shard writing (encode + tar)": "add_encoded", "fsync": "fsync", "outcome/index files": "write_atomic"}
+        print(f"unit of {files} one-molecule SDF files: first run (imports) {t_import:.2f}s, warm {t_unit:.2f}s "
+              f"({t_unit / files * 1e3:.2f} ms/file), bare RDKit loop {t_bare / files * 1e3:.2f} ms/file")
+        for label, fn in parts.items():
+            cum = sum(v[3] for k, v in stats.items() if k[2] == fn or k[2].endswith(f".{fn}>"))
+            print(f"  {label:<42}{100 * cum / total:5.1f}% of the unit (profiled)")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        noop = ray.remote(num_cpus=1)(lambda: None)
+        ray.get([noop.remote() for _ in range(10)])
+        t_task, _ = _timed(lambda: [ray.get(noop.remote()) for _ in range(50)])
+        print(f"  Ray task round trip {t_task / 50 * 1e3:.1f} ms (once per unit); load average "
+              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _plan_child(folder: str) -> None:
     from ingest.job import plan_units
 
@@ -156,7 +197,7 @@ def plan(files: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("what", choices=("speed", "plan", "_plan_child"))
+    ap.add_argument("what", choices=("speed", "plan", "profile", "_plan_child"))
     ap.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--files", type=int)
     ap.add_argument("--formats", nargs="+", choices=("sdf", "pdb", "cif"), default=["sdf", "pdb", "cif"])
@@ -166,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         speed(args.files or 10_000, args.formats, args.repeat)
     elif args.what == "plan":
         plan(args.files or 100_000)
+    elif args.what == "profile":
+        profile(args.files or 256)
     else:
         _plan_child(args.folder)
     return 0
