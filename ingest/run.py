@@ -45,11 +45,14 @@ class JobResult:
 def _init_ray(workers: int | None) -> Any:
     import ray
 
+    from ingest.rayenv import embedded_ray_env
+
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": "WARNING"}
         if not os.environ.get("RAY_ADDRESS"):
             # "local": never attach to a cluster someone else started on this machine with `ray start`
             kwargs.update(address="local", include_dashboard=False)
+            embedded_ray_env()
             if workers:
                 kwargs["num_cpus"] = workers
         ray.init(**kwargs)

@@ -14,7 +14,7 @@ def register(sub: Any) -> None:
     t.add_argument("config", type=Path)
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-4 --set steps=2000")
-    t.set_defaults(func=train_command)
+    t.set_defaults(func=train_command, on_interrupt=train_interrupted)
     d = sub.add_parser("demo", help="the main job: ingest all four domains, pretrain with 2 DDP processes",
                        description="End to end on an embedded default, no cluster and no GPU: ingest a small real "
                                    "set from all four domains of the data kit with embedded Ray, write shards and a "
@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--steps", type=int, default=300)
     d.add_argument("--nproc", type=int, default=2, help="DDP processes (default 2)")
-    d.set_defaults(func=demo_command)
+    d.set_defaults(func=demo_command, on_interrupt=demo_interrupted)
     register_downstream(sub)
 
 
@@ -39,6 +39,32 @@ def train_command(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     return 0
+
+
+def train_interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C line of ``scd train``: the newest checkpoint kept and how to resume (rank 0 only)."""
+    import os
+
+    from scd_train.checkpoint import latest_checkpoint
+    from scd_train.config import load_train_config
+
+    if os.environ.get("RANK", "0") != "0":
+        return ""
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except (OSError, ValueError):
+        return "scd train: interrupted"
+    ckpt = latest_checkpoint(Path(cfg.run_dir))
+    if ckpt is None:
+        return f"scd train: interrupted before the first checkpoint; nothing kept in {cfg.run_dir}"
+    how = "run the same command to resume from it" if cfg.resume else "set resume: true to continue from it"
+    return f"scd train: interrupted; kept checkpoint {ckpt} (later steps are lost); {how}"
+
+
+def demo_interrupted(args: argparse.Namespace) -> str:
+    from scd_train.demo import interrupted_message
+
+    return interrupted_message(args.out)
 
 
 def demo_command(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from shards.progress import ENV_INTERVAL, progress_interval
 
 
 def _ingest(out: Path) -> Path:
@@ -25,8 +28,34 @@ def _ingest(out: Path) -> Path:
     job = out / "ingest_job.yaml"
     job.write_text(yaml.safe_dump({"output": str(out / "shards"), "sources": demo_sources(),
                                    "writer": {"max_shard_samples": 2000}}, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "shards.cli", "ingest", "run", str(job)], check=True)
+    _run("ingest", [sys.executable, "-m", "shards.cli", "ingest", "run", str(job)])
     return out / "shards"
+
+
+def _run(what: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run one step of the demo; a failure is one line (the step's own messages are printed above it)."""
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if rc:
+        raise RuntimeError(f"scd demo: the {what} step failed (exit status {rc}); its messages are above")
+
+
+def interrupted_message(out: Path) -> str:
+    """The Ctrl-C line: what the demo folder keeps and how to continue."""
+    from scd_train.checkpoint import latest_checkpoint
+
+    out = Path(out).resolve()
+    kept = []
+    if (out / "shards" / "manifest.json").is_file():
+        kept.append(f"the ingested dataset {out / 'shards'}")
+    elif (out / "shards").is_dir():
+        kept.append(f"the finished ingest units in {out / 'shards'}")
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    if ckpt is not None:
+        kept.append(f"checkpoint {ckpt}")
+    return (f"scd demo: interrupted; kept {', '.join(kept) or 'nothing'}; run the same command to continue "
+            "(ingest skips finished units, pretraining resumes from the newest checkpoint)")
 
 
 def pretrain_config(dataset: Path, run_dir: Path, steps: int) -> dict[str, Any]:
@@ -67,16 +96,17 @@ def run_demo(out: Path, *, steps: int = 300, nproc: int = 2) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] ingest (embedded Ray) -> {out / 'shards'}")
+    print(f"[1/3] ingest (embedded Ray) -> {out / 'shards'}", flush=True)
     dataset = _ingest(out)
-    print(f"[2/3] data report -> {write_report(str(dataset), out / 'report')}")
+    print(f"[2/3] data report -> {write_report(str(dataset), out / 'report')}", flush=True)
     cfg_path = out / "pretrain.yaml"
     cfg_path.write_text(yaml.safe_dump(pretrain_config(dataset, out, steps), sort_keys=False))
-    print(f"[3/3] SCD pretraining, {nproc} CPU processes, {steps} steps ({cfg_path})")
+    print(f"[3/3] SCD pretraining, {nproc} CPU processes, {steps} steps ({cfg_path}); progress every "
+          f"{progress_interval():g} s unless in a terminal (${ENV_INTERVAL})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "scd_train", "train", str(cfg_path)]
-    subprocess.run(cmd, check=True, env=env)
+    _run("pretraining", cmd, env)
     summary = {**_loss_summary(out / "metrics.jsonl"), "seconds": round(time.perf_counter() - t0, 1),
                "steps": steps, "processes": nproc}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

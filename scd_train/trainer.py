@@ -30,6 +30,7 @@ from scd_train.metrics import MetricsLog, plot_loss
 from scd_train.optim import EMA, build_optimizer
 from scd_train.preempt import StopRequest, exit_status
 from shards.config import to_dict
+from shards.progress import Progress
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -143,12 +144,9 @@ class Trainer:
             return self._fit(stop)
 
     def _fit(self, stop: StopRequest) -> list[dict[str, float]]:
-        from tqdm import tqdm
-
         cfg, info = self.cfg, self.info
         history: list[dict[str, float]] = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
-                   disable=not (info.is_main and cfg.progress) or None)
+        bar = Progress(cfg.steps, "train", "step", initial=self.step, enabled=info.is_main and cfg.progress)
         it = iter(self.loader)
         wait = compute = 0.0
         atoms_window = 0.0

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["Progress", "progress_interval"]
+__all__ = ["ENV_INTERVAL", "Progress", "progress_interval"]
 
 ENV_INTERVAL = "SCD_PROGRESS_EVERY"
 

@@ -15,9 +15,17 @@ import pytest
 def ray_session() -> Any:
     """A session-wide local Ray with 2 CPUs (never attaches to a cluster started on the machine)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
+        from ingest.rayenv import embedded_ray_env
+
+        embedded_ray_env()
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
+    if started:
+        # Ray holds repeated worker messages back (log deduplication) and prints them at shutdown: shutting down
+        # here keeps them (e.g. the traceback of a unit failed on purpose) in pytest's captured output
+        ray.shutdown()
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +88,60 @@ def test_progress_plain_lines_when_not_a_terminal(monkeypatch) -> None:
     monkeypatch.setenv("SCD_PROGRESS_EVERY", "soon")
     with pytest.raises(ValueError, match="SCD_PROGRESS_EVERY"):
         Progress(1, "x", stream=io.StringIO())
+
+
+def _train_config(tmp: Path, dataset: Path) -> Path:
+    import yaml
+
+    cfg = {"run_dir": str(tmp / "run"), "steps": 100000, "seed": 0, "log_every": 1, "checkpoint_every": 2,
+           "tensorboard": False, "data": {"datasets": [str(dataset)], "max_atoms": 60, "seed": 0},
+           "model": {"kind": "scd", "hidden": 16, "layers": 1, "heads": 2, "num_rbf": 4}}
+    path = tmp / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _scd_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "SCD_PROGRESS_EVERY": "0"}
+
+
+@pytest.mark.slow
+def test_train_progress_lines_and_ctrl_c_message(mixed, tmp_path) -> None:
+    """Not a terminal: plain progress lines; Ctrl-C: one line naming the checkpoint kept, and resuming works."""
+    cfg = _train_config(tmp_path, mixed[0])
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "shards.cli", "train", str(cfg)], stdout=fh,
+                                stderr=subprocess.STDOUT, env=_scd_env())
+        deadline = time.monotonic() + 300
+        while not sorted((tmp_path / "run").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    kept = sorted((tmp_path / "run").glob("step-*"))[-1]
+    lines = text.splitlines()
+    assert any(re.fullmatch(r"train: \d+/100000 step \(0%\), .*loss=\d\.\d{4}.*", ln) for ln in lines), text[-3000:]
+    assert "\x1b" not in text and "\r" not in text
+    assert lines[-1] == f"scd train: interrupted; kept checkpoint {kept} (later steps are lost); " \
+                       "run the same command to resume from it"
+    step = int(kept.name.split("-")[1])
+    again = subprocess.run([sys.executable, "-m", "shards.cli", "train", str(cfg), "--set", f"stop_after={step + 1}"],
+                           capture_output=True, text=True, env=_scd_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(rf"^train: {step + 1}/100000 step", again.stderr, re.M)  # one step after the kept one
+
+
+def test_demo_interrupt_message_names_what_is_kept(tmp_path) -> None:
+    from scd_train.demo import interrupted_message
+
+    assert "kept nothing" in interrupted_message(tmp_path / "nothing-yet")
+    (tmp_path / "shards").mkdir()
+    assert f"kept the finished ingest units in {tmp_path / 'shards'};" in interrupted_message(tmp_path)
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    (tmp_path / "step-00000050").mkdir()
+    (tmp_path / "step-00000050" / "state.json").write_text("{}")  # a checkpoint folder (model files aside)
+    msg = interrupted_message(tmp_path)
+    assert f"the ingested dataset {tmp_path / 'shards'}, checkpoint {tmp_path / 'step-00000050'};" in msg
+    assert "run the same command to continue" in msg
