@@ -35,10 +35,11 @@ def train_command(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     try:
-        Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        trainer.fit()
     finally:
         cleanup()
-    return 0
+    return trainer.exit_status  # 128 + signal after a SIGTERM/SIGUSR1 checkpoint: the launcher requeues
 
 
 def train_interrupted(args: argparse.Namespace) -> str:
