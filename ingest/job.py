@@ -12,7 +12,7 @@ A job file (YAML)::
         paths: [data/qm9_part*.csv]  # files or globs
         options: {}                # converter options (unknown keys are errors)
         unit_bytes: 33554432       # group consecutive small files into one unit up to this many input bytes
-        files_per_unit: 256        # ... and at most this many files; bigger splittable files are split
+        files_per_unit: 128        # ... and at most this many files; bigger splittable files are split
         records_per_unit: 20000    # split files into record/frame ranges of this size (splittable converters)
         max_records: null          # only the first N records of each file (splittable converters)
         domain: null               # optional check: the converter must produce this domain
@@ -47,7 +47,7 @@ from shards.writer import WriterConfig
 MAX_INPUT_BYTES = 64 * 1024 ** 3
 AUTO = "auto"
 UNIT_BYTES = 32 * 1024 ** 2
-FILES_PER_UNIT = 256
+FILES_PER_UNIT = 128
 PROBE_BATCH = 64
 
 
