@@ -122,11 +122,19 @@ def read_state(path: Path) -> dict[str, Any]:
 def saved_model_config(ckpt: Path) -> dict[str, Any] | None:
     """``config.model`` of the ``state.json`` beside a checkpoint folder or weights file (checked
     structurally); None when there is no state.json or it records no model."""
-    folder = ckpt if ckpt.is_dir() else ckpt.parent
-    if not (folder / "state.json").is_file():
+    f = (ckpt if ckpt.is_dir() else ckpt.parent) / "state.json"
+    if not f.is_file():
         return None
-    model = read_state(folder).get("config", {}).get("model")
-    return model if isinstance(model, dict) and model else None
+    try:
+        doc = jc.check_fields(jc.load_json(f.read_bytes(), str(f)), str(f), {}, {"config": jc.mapping},
+                              what="checkpoint state")
+        config = jc.check_fields(doc.get("config", {}), f"{f}: config", {}, {"model": jc.mapping}, what="config")
+    except jc.DocumentError as exc:
+        raise CheckpointError(str(exc)) from None
+    except OSError as exc:
+        raise CheckpointError(f"{f}: unreadable ({exc.strerror or exc})") from None
+    model = config.get("model")
+    return model if model else None
 
 
 def load_weights(path: Path, model: torch.nn.Module, *, strict: bool = True, ema: bool = False) -> list[str]:

@@ -360,7 +360,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     _one_line(warned[0], "step-00000002", str(bad))
 
 
-@pytest.mark.parametrize("text,expect", [('{"config": []}', "lacks key(s)"), ("{\"step\": 1", "not valid JSON"),
+@pytest.mark.parametrize("text,expect", [('{"config": []}', "'config' must be an object, got list"),
+                                         ('{"config": {"model": 3}}', "'model' must be an object, got int"),
+                                         ("{\"step\": 1", "not valid JSON"),
                                          (_deep(100), "nested")])
 def test_finetune_and_embed_read_checkpoint_state_structurally(tmp_path, text, expect):
     from scd_train.checkpoint import CheckpointError
@@ -392,6 +394,44 @@ def test_orphan_temp_folders_are_removed_at_start(tmp_path):
     assert remove_stale_temp(run) == [orphan]
     assert not orphan.exists() and live.exists()
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_newest_valid_checkpoint(molecules, tmp_path, caplog):
+    import yaml
+
+    from scd_train.config import load_train_config
+    from scd_train.trainer import Trainer
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "run_dir": str(tmp_path / name), "steps": 6, "seed": 3, "log_every": 1, "checkpoint_every": 2,
+            "tensorboard": False, "progress": False, "keep_checkpoints": 5,
+            "data": {"datasets": [str(molecules)], "max_atoms": 60, "seed": 3},
+            "model": {"kind": "scd", "backbone": "et", "preset": "small", "hidden": 16, "layers": 1, "heads": 2,
+                      "num_rbf": 8}}))
+        return path
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    Trainer(load_train_config(config("full"))).fit()
+    part = config("part")
+    Trainer(load_train_config(part, ["stop_after=4"])).fit()
+    run = tmp_path / "part"
+    damaged = run / "step-00000004" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    orphan = run / ".tmp-step-00000006-999999999"
+    orphan.mkdir()
+    with caplog.at_level(logging.WARNING, logger="scd_train.checkpoint"):
+        trainer = Trainer(load_train_config(part))
+    assert trainer.step == 2 and not orphan.exists()
+    warned = [r.getMessage() for r in caplog.records if r.name == "scd_train.checkpoint"]
+    assert len(warned) == 1
+    _one_line(warned[0], str(damaged))
+    trainer.fit()
+    assert losses(run) == losses(tmp_path / "full") and len(losses(run)) == 6
 
 
 # ---------------------------------------------------------------------------------------- 12. config
