@@ -284,6 +284,9 @@ class Planner:
         return {g: float(p) for g, p in zip(self.group_names, self.probs, strict=True)}
 
 
+_TABLE_COLUMNS = ("shard", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
+
+
 def build_table(datasets: list[Any]) -> SampleTable:
     """Concatenate the index columns of several :class:`~shards.reader.ShardDataset`, each checked against
     its manifest (:meth:`~shards.reader.ShardDataset.columns`): the plan never rests on unverified rows."""
@@ -301,9 +304,6 @@ def build_table(datasets: list[Any]) -> SampleTable:
             cols[k].append(part[k])
     arrays = {k: np.concatenate(v) for k, v in cols.items()}
     return SampleTable(domain_names=domain_names, source_names=source_names, **arrays)
-
-
-_TABLE_COLUMNS = ("shard", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
 
 
 def _code(names: list[str], name: str) -> int:

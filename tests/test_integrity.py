@@ -207,6 +207,24 @@ def test_remote_shard_edited_by_100_angstrom_without_cache_is_caught(molecules, 
     assert np.abs(batch["pos"]).max() < 50.0
 
 
+def test_edited_file_in_the_remote_shard_cache_is_caught(molecules, http_root, tmp_path):
+    base, folder = http_root
+    root = _copy(molecules, folder / "ds")
+    total = sum(s["n_atoms"] for s in _json(root / "manifest.json")["shards"])
+    cache = tmp_path / "cache"
+    url = f"{base}/ds"
+    first = next(iter(BatchStream(_pass_cfg(url, total=total, cache_dir=str(cache)))))
+    name, off, size, key = _member(root, 5)
+    cached = next(p for p in cache.iterdir() if p.name.endswith(name))
+    blob = bytearray(cached.read_bytes())
+    at, _ = _positions_at(bytes(blob), off, size)
+    blob[at + 1] ^= 0x10
+    cached.write_bytes(bytes(blob))  # same size: the cache would reuse it unchecked
+    batch = next(iter(BatchStream(_pass_cfg(url, total=total, cache_dir=str(cache), on_corrupt="skip"))))
+    assert key in first["keys"] and key not in batch["keys"] and batch["corrupt_skipped"] == 1
+    assert sorted(batch["keys"]) == sorted(k for k in first["keys"] if k != key)
+
+
 # ------------------------------------------------------------- 3. names from a dataset; remote verify
 @pytest.mark.parametrize("bad", ["..%2f..%2fsecret%2fu000000-000000.tar", "../u000000-000000.tar",
                                  ".hidden.tar", "a b.tar", "a\\b.tar"])
