@@ -276,9 +276,10 @@ def build_objective_for(cfg: FinetuneConfig, model_cfg: ObjectiveConfig,
     return model
 
 
-def build_model(cfg: FinetuneConfig) -> PropertyModel:
+def build_model(cfg: FinetuneConfig, model_cfg: ObjectiveConfig | None = None) -> PropertyModel:
     """The downstream property model (see :func:`build_objective_for`)."""
-    model = build_objective_for(cfg, resolve_model_config(cfg), lambda obj: PropertyModel(obj, cfg.readout))
+    model_cfg = model_cfg or resolve_model_config(cfg)
+    model = build_objective_for(cfg, model_cfg, lambda obj: PropertyModel(obj, cfg.readout))
     assert isinstance(model, PropertyModel)
     return model
 
@@ -345,7 +346,8 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     splits = load_splits(cfg, graphs, f"{cfg.property!r} label")
     batch_size, lr, clip = setting(cfg, "batch_size"), setting(cfg, "lr"), setting(cfg, "grad_clip")
     device = select_device(cfg.device)
-    model = build_model(cfg).to(device)
+    model_cfg = resolve_model_config(cfg)
+    model = build_model(cfg, model_cfg).to(device)
     cutoff = model.objective.backbone.cfg.cutoff
     views = {k: _views([graphs[key] for key in keys], cutoff) for k, keys in splits.items()}
     y_ev = {k: np.array([graphs[key].properties[cfg.property] for key in keys]) for k, keys in splits.items()}
@@ -401,7 +403,8 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
         "epochs_run": len(curve) - 1, "stopped_early": len(curve) - 1 < cfg.epochs,
         "target_mean_eV": mean, "target_std_eV": std,
         "n": {k: len(v) for k, v in splits.items()}, "curve": curve,
-        "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg), "splits": splits,
+        "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg), "model": to_dict(model_cfg),
+        "splits": splits,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))

@@ -38,7 +38,7 @@ class MDSpec:
     smiles: str = "CC(=O)Oc1ccccc1C(=O)O"
     name: str = "aspirin"
     frames: int = 1100
-    stride: int = 2
+    stride: int = 1
     temperature_K: float = 500.0
     timestep_fs: float = 0.5
     seed: int = 0
@@ -53,10 +53,10 @@ class MDStudyConfig:
     split: SplitConfig = field(default_factory=lambda: SplitConfig(train=950, val=50, test=100, seed=0))
     pretrain_records: int = 3000
     model: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(
-        preset="small", hidden=64, layers=3, heads=4, num_rbf=16, cutoff=4.0))
+        preset="small", hidden=48, layers=2, heads=4, num_rbf=16, cutoff=4.0))
     pretrain: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=150, max_atoms=256, warmup_steps=15))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
-        task="energy_forces", epochs=3, patience=3, batch_size=8, progress=False))
+        task="energy_forces", epochs=2, patience=2, batch_size=8, progress=False))
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: tuple[str, ...] = ARMS
     device: str = "cpu"

@@ -37,8 +37,9 @@ def tiny_ckpt(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         obj = build_objective(TINY)
     save_file({k: v.contiguous() for k, v in obj.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "state.json").write_text(json.dumps({"step": 1, "config": {"model": {"kind": "scd", "hidden": 32,
-                                      "layers": 2, "heads": 4, "num_rbf": 8}}}))
+    (path / "state.json").write_text(json.dumps({
+        "step": 1, "optimizer": {"param_groups": [], "state": {}}, "scheduler": {}, "sampler_states": [],
+        "config": {"model": {"kind": "scd", "hidden": 32, "layers": 2, "heads": 4, "num_rbf": 8}}}))
     return path
 
 
@@ -81,6 +82,29 @@ def test_finetune_from_checkpoint_and_split_file(qm9, tiny_ckpt, tmp_path) -> No
     r = finetune(_cfg(qm9, tmp_path / "o", checkpoint=str(tiny_ckpt), split_file=str(tmp_path / "s.json"), epochs=1),
                  log=lambda *_: None)
     assert r["splits"] == split and r["n"] == {"train": 40, "val": 10, "test": 10}
+
+
+def test_backbone_config_read_from_checkpoint(qm9, tiny_ckpt, tmp_path) -> None:
+    """No ``model:`` with a checkpoint: the backbone comes from its state.json (the default preset would
+    not load: hidden 128 vs 32); a given ``model:`` is still checked against it."""
+    r = finetune(_cfg(qm9, tmp_path / "o", checkpoint=str(tiny_ckpt), model=None, epochs=1), log=lambda *_: None)
+    assert {k: r["model"][k] for k in ("hidden", "layers", "heads", "num_rbf")} == \
+        {"hidden": 32, "layers": 2, "heads": 4, "num_rbf": 8}
+    with pytest.raises(ValueError, match="layers: config 3 vs checkpoint 2"):
+        finetune(_cfg(qm9, tmp_path / "p", checkpoint=str(tiny_ckpt), model=ObjectiveConfig(
+            hidden=32, layers=3, heads=4, num_rbf=8)), log=lambda *_: None)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((tiny_ckpt / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="records no model config"):
+        finetune(_cfg(qm9, tmp_path / "q", checkpoint=str(bare), model=None), log=lambda *_: None)
+
+
+def test_evaluation_batches_respect_atom_budget(qm9, tmp_path) -> None:
+    """Predictions do not depend on the evaluation atom budget (batches of 1 structure up to all)."""
+    a = finetune(_cfg(qm9, tmp_path / "a", epochs=1, eval_max_atoms=20), log=lambda *_: None)
+    b = finetune(_cfg(qm9, tmp_path / "b", epochs=1, eval_max_atoms=100_000), log=lambda *_: None)
+    assert a["test_mae_eV"] == pytest.approx(b["test_mae_eV"], rel=1e-5)
 
 
 def _run_cli(capsys, tmp_path: Path, cfg: dict, *sets: str) -> tuple[int, str]:
