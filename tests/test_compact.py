@@ -92,3 +92,13 @@ def test_compact_refuses_damaged_sources_and_unsafe_outputs(sources, tmp_path, c
     err = capsys.readouterr().err
     assert shard.name in err and "sha256" in err
     assert not (out / "manifest.json").exists(), "no dataset from a damaged source"
+
+
+def test_compact_reads_sources_over_http(sources, tmp_path, http_root):
+    base, served = http_root
+    a, b = sources
+    assert served == tmp_path  # the fixture serves this test's folder
+    local = compact([str(a), str(b)], tmp_path / "local", config=WriterConfig(max_shard_samples=40))
+    remote = compact([f"{base}/a", f"{base}/b/"], tmp_path / "remote", config=WriterConfig(max_shard_samples=40))
+    assert remote == local
+    assert digest(tmp_path / "remote") == digest(tmp_path / "local")
