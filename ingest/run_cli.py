@@ -12,11 +12,13 @@ from ingest.job import JobConfig, SourceSpec, load_job
 
 def add_run_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="convert inputs into a shard dataset with Ray",
-                       description="Run an ingest job: plan work units (files, record/frame ranges), convert them "
-                                   "on Ray (embedded local Ray, or the cluster in RAY_ADDRESS), write shards, the "
-                                   "rejects file, the accounting summary, the zarr index and the manifest. "
-                                   "Re-running skips completed units.")
-    p.add_argument("job", nargs="?", type=Path, help="job YAML (see README: 'Ingest job files')")
+                       description="Run an ingest job: plan work units (groups of small files up to unit_bytes / "
+                                   "files_per_unit, record/frame ranges of big files), convert them on Ray "
+                                   "(embedded local Ray, or the cluster in RAY_ADDRESS), write shards (short unit "
+                                   "tails packed into target-size shards), the rejects file, the accounting summary, "
+                                   "the zarr index and the manifest. One job per output folder (a lock); re-running "
+                                   "skips completed units.")
+    p.add_argument("job", nargs="?", type=Path, help="job YAML (its keys: docs/ingest.md, 'The job file')")
     p.add_argument("--domain", help="flag form: the domain of --input files (converter chosen by suffix)")
     p.add_argument("--input", nargs="+", default=[], help="flag form: input files or globs")
     p.add_argument("--out", help="flag form: output dataset folder (overrides the job's output)")
