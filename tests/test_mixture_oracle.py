@@ -9,9 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from shards.config import ConfigError
 from shards.loader import BatchStream, LoaderConfig
 from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig
+from shards.mixture import MixtureConfig, group_probabilities
 from shards.plan import Planner, SampleTable
 from shards.schema import AtomGraph, make_key
 from shards.views import ViewConfig
@@ -117,3 +118,29 @@ def test_loader_keys_follow_the_mixture(tmp_path):
     expected = {"molecule": 0.1, "protein": 0.2, "crystal": 0.3, "md": 0.4}
     assert total > 2500
     assert all(abs(shares[d] - expected[d]) < 0.03 for d in DOMAINS), (shares, total)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"temperature": 0.0}, "temperature must be > 0"), ({"temperature": -2.0}, "temperature must be > 0"),
+    ({"weights": {"md": -1.0}}, "weights must be >= 0"), ({"default_weight": -0.5}, "weights must be >= 0"),
+    ({"max_frames_per_trajectory": 0}, "max_frames_per_trajectory must be >= 1"),
+])
+def test_bad_mixture_specs_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        MixtureConfig(**kwargs)
+
+
+def test_mixture_edge_values_and_group_edge_cases():
+    MixtureConfig(temperature=1e-9, weights={"md": 0.0}, default_weight=0.0, max_frames_per_trajectory=1)
+    # an empty group is left out, a group of one sample is kept
+    assert group_probabilities(MixtureConfig(), {"a": 1, "b": 0, "c": 3}) == pytest.approx({"a": 0.25, "c": 0.75})
+    # groups absent from weights get default_weight: 2 x 10 vs 0.5 x 30
+    got = group_probabilities(MixtureConfig(strategy="weights", weights={"a": 2.0}, default_weight=0.5),
+                              {"a": 10, "b": 30})
+    assert got == pytest.approx({"a": 20 / 35, "b": 15 / 35})
+    with pytest.raises(ValueError, match="hold no samples"):
+        group_probabilities(MixtureConfig(), {"a": 0})
+    with pytest.raises(ConfigError, match=r"names \['zz'\], which no dataset has"):
+        group_probabilities(MixtureConfig(strategy="weights", weights={"zz": 1.0}), {"a": 2})
+    with pytest.raises(ConfigError, match="all zero"):
+        group_probabilities(MixtureConfig(strategy="proportions", default_weight=0.0), {"a": 2, "b": 3})
