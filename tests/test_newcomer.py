@@ -145,3 +145,17 @@ def test_demo_interrupt_message_names_what_is_kept(tmp_path) -> None:
     msg = interrupted_message(tmp_path)
     assert f"the ingested dataset {tmp_path / 'shards'}, checkpoint {tmp_path / 'step-00000050'};" in msg
     assert "run the same command to continue" in msg
+
+
+def test_sections_named_in_help_exist() -> None:
+    """A --help that points to a section of README.md or docs/*.md names a heading that exists there."""
+    root = Path(__file__).resolve().parents[1]
+    refs = []
+    for name, parser in _parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        refs += [(name, doc, title) for doc, title in re.findall(r"(README|docs/[\w-]+\.md)\W{1,3}'([^']+)'", text)]
+    assert any(name == "scd ingest run" for name, _, _ in refs), refs
+    for name, doc, title in refs:
+        path = root / ("README.md" if doc == "README" else doc)
+        headings = [h.strip() for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)]
+        assert title in headings, f"{name} --help names {doc} section {title!r}; headings: {headings}"
