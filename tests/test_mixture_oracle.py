@@ -12,7 +12,7 @@ import pytest
 from shards.config import ConfigError
 from shards.loader import BatchStream, LoaderConfig
 from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig, group_probabilities
+from shards.mixture import MixtureConfig, group_probabilities, load_mixture
 from shards.plan import Planner, SampleTable
 from shards.schema import AtomGraph, make_key
 from shards.views import ViewConfig
@@ -121,13 +121,16 @@ def test_loader_keys_follow_the_mixture(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"temperature": 0.0}, "temperature must be > 0"), ({"temperature": -2.0}, "temperature must be > 0"),
-    ({"weights": {"md": -1.0}}, "weights must be >= 0"), ({"default_weight": -0.5}, "weights must be >= 0"),
-    ({"max_frames_per_trajectory": 0}, "max_frames_per_trajectory must be >= 1"),
+    ({"temperature": 0.0}, "mixture.temperature must be > 0, got 0.0"),
+    ({"temperature": -2.0}, "mixture.temperature must be > 0, got -2.0"),
+    ({"weights": {"md": -1.0}}, "mixture weights must be >= 0"),
+    ({"default_weight": -0.5}, "mixture weights must be >= 0"),
+    ({"max_frames_per_trajectory": 0}, "mixture.max_frames_per_trajectory must be >= 1"),
 ])
 def test_bad_mixture_specs_are_refused(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError) as err:
         MixtureConfig(**kwargs)
+    assert str(err.value) == match
 
 
 def test_mixture_edge_values_and_group_edge_cases():
@@ -138,9 +141,25 @@ def test_mixture_edge_values_and_group_edge_cases():
     got = group_probabilities(MixtureConfig(strategy="weights", weights={"a": 2.0}, default_weight=0.5),
                               {"a": 10, "b": 30})
     assert got == pytest.approx({"a": 20 / 35, "b": 15 / 35})
-    with pytest.raises(ValueError, match="hold no samples"):
+    # weights summing to less than one are fine (only the ratio matters)
+    small = MixtureConfig(strategy="proportions", weights={"a": 0.25, "b": 0.125})
+    assert group_probabilities(small, {"a": 5, "b": 7}) == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    with pytest.raises(ValueError, match="^the datasets hold no samples$"):
         group_probabilities(MixtureConfig(), {"a": 0})
-    with pytest.raises(ConfigError, match=r"names \['zz'\], which no dataset has"):
+    with pytest.raises(ConfigError, match=r"^mixture.weights names \['zz'\], which no dataset has "
+                                          r"\(groups by domain: \['a'\]\)$"):
         group_probabilities(MixtureConfig(strategy="weights", weights={"zz": 1.0}), {"a": 2})
-    with pytest.raises(ConfigError, match="all zero"):
+    with pytest.raises(ConfigError, match="^mixture weights are all zero$"):
         group_probabilities(MixtureConfig(strategy="proportions", default_weight=0.0), {"a": 2, "b": 3})
+
+
+def test_mixture_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text("strategy: proportions\nweights: {molecule: 3, md: 1}\nmax_frames_per_trajectory: 4\n")
+    cfg = load_mixture(path)
+    assert cfg == MixtureConfig(strategy="proportions", weights={"molecule": 3, "md": 1}, max_frames_per_trajectory=4)
+    assert load_mixture(path, ["temperature=2.5"]).temperature == 2.5
+    assert load_mixture(None) == MixtureConfig()
+    path.write_text("strategy: proportions\nwieghts: {molecule: 3}\n")
+    with pytest.raises(ConfigError, match="wieghts"):
+        load_mixture(path)
