@@ -249,7 +249,7 @@ def check_backbone_matches(ckpt: Path, model: ObjectiveConfig) -> None:
 class PropertyModel(nn.Module):
     """Objective backbone (one pass, mask-token conditioned) -> per-atom MLP -> sum/mean readout."""
 
-    def __init__(self, objective: nn.Module, readout: str = "sum") -> None:
+    def __init__(self, objective: Any, readout: str = "sum") -> None:
         super().__init__()
         hidden = objective.backbone.hidden
         self.objective, self.readout = objective, readout
@@ -350,7 +350,7 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     model = build_model(cfg, model_cfg).to(device)
     cutoff = model.objective.backbone.cfg.cutoff
     views = {k: _views([graphs[key] for key in keys], cutoff) for k, keys in splits.items()}
-    y_ev = {k: np.array([graphs[key].properties[cfg.property] for key in keys]) for k, keys in splits.items()}
+    y_ev = {k: np.array([(graphs[key].properties or {})[cfg.property] for key in keys]) for k, keys in splits.items()}
     mean, std = float(y_ev["train"].mean()), float(y_ev["train"].std() or 1.0)
     y = {k: (v - mean) / std for k, v in y_ev.items()}
     head_params = list(model.head.parameters())

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from scd_train.models.base import MAX_Z, scatter_sum, set_stop_gradient
+from scd_train.models.base import MAX_Z, Backbone, scatter_sum, set_stop_gradient
 from scd_train.objectives import ObjectiveConfig, build_objective
 from shards.collate import collate
 from shards.config import from_dict, to_dict
@@ -46,25 +46,25 @@ class EnergyModel(nn.Module):
     outside ``state_dict`` (it is saved in ``forcefield.json``); ``scale`` (eV) is a buffer.
     """
 
-    def __init__(self, objective: nn.Module, element_ref: np.ndarray | None = None, scale: float = 1.0) -> None:
+    scale: Tensor
+
+    def __init__(self, objective: Any, element_ref: np.ndarray | None = None, scale: float = 1.0) -> None:
         super().__init__()
-        hidden = objective.backbone.hidden
+        backbone: Backbone = objective.backbone
+        hidden = int(backbone.hidden)
         self.objective = objective
-        set_stop_gradient(objective.backbone, False)
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden // 2), nn.SiLU(),
-                                  nn.Linear(hidden // 2, 1))
+        self.cutoff = float(backbone.cfg.cutoff)
+        set_stop_gradient(backbone, False)
+        last = nn.Linear(hidden // 2, 1)
         with torch.no_grad():  # start from the reference energies exactly (no random offsets per atom)
-            self.head[-1].weight.zero_()
-            self.head[-1].bias.zero_()
+            last.weight.zero_()
+            last.bias.zero_()
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden // 2), nn.SiLU(), last)
         self.register_buffer("scale", torch.tensor(float(scale)))
         ref = np.zeros(MAX_Z) if element_ref is None else np.asarray(element_ref, dtype=np.float64)
         if ref.shape != (MAX_Z,):
             raise ValueError(f"element_ref must have {MAX_Z} entries (by atomic number), got {ref.shape}")
         self.element_ref = torch.as_tensor(ref, dtype=torch.float64)
-
-    @property
-    def cutoff(self) -> float:
-        return float(self.objective.backbone.cfg.cutoff)
 
     def forward(self, batch: dict[str, Any], forces: bool = True, stress: bool = False,
                 create_graph: bool = False, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -174,7 +174,7 @@ def save_forcefield(model: EnergyModel, model_cfg: ObjectiveConfig, folder: str 
     meta = {"format": FORMAT, "model": to_dict(model_cfg), "cutoff": model.cutoff,
             "elements": sorted(int(z) for z in elements),
             "element_ref_eV": {str(z): float(model.element_ref[z]) for z in np.flatnonzero(model.element_ref.numpy())},
-            "scale_eV": float(model.scale), **(extra or {})}
+            "scale_eV": float(model.scale.item()), **(extra or {})}
     tmp = folder / f".{META_NAME}.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(folder / META_NAME)

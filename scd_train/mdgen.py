@@ -19,15 +19,15 @@ def molecule_from_smiles(smiles: str, seed: int = 0) -> Any:
     """An ``ase.Atoms`` with explicit hydrogens, 3D-embedded by RDKit (ETKDG, then MMFF)."""
     from ase import Atoms
     from rdkit import Chem
-    from rdkit.Chem import AllChem
+    from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
 
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ValueError(f"RDKit cannot parse SMILES {smiles!r}")
     mol = Chem.AddHs(mol)
-    if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
+    if rdDistGeom.EmbedMolecule(mol, randomSeed=seed) != 0:
         raise ValueError(f"RDKit could not embed {smiles!r} in 3D")
-    AllChem.MMFFOptimizeMolecule(mol)
+    rdForceFieldHelpers.MMFFOptimizeMolecule(mol)
     pos = mol.GetConformer().GetPositions()
     return Atoms(numbers=[a.GetAtomicNum() for a in mol.GetAtoms()], positions=pos)
 
