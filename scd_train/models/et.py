@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scd_train.models.base import (AdaLN, Backbone, BackboneConfig, ExpNormalRBF, drop_path_mask,
-                                   edge_geometry, scatter_sum)
+from scd_train.models.base import (
+    AdaLN,
+    Backbone,
+    BackboneConfig,
+    EdgeOps,
+    ExpNormalRBF,
+    drop_path_mask,
+    edge_geometry,
+)
 
 
 @dataclass(frozen=True)
@@ -27,10 +34,10 @@ class NeighborEmbedding(nn.Module):
         self.distance_proj = nn.Linear(num_rbf, hidden)
         self.combine = nn.Linear(2 * hidden, hidden)
 
-    def forward(self, z: Tensor, x: Tensor, src: Tensor, dst: Tensor, rbf: Tensor, cut: Tensor) -> Tensor:
+    def forward(self, z: Tensor, x: Tensor, ops: EdgeOps, rbf: Tensor, cut: Tensor) -> Tensor:
         w = self.distance_proj(rbf) * cut.unsqueeze(-1)
-        msg = self.embedding(z).index_select(0, src) * w
-        return self.combine(torch.cat([x, scatter_sum(msg, dst, x.shape[0])], dim=-1))
+        msg = ops.gather(self.embedding(z), "src") * w
+        return self.combine(torch.cat([x, ops.scatter(msg, "dst")], dim=-1))
 
 
 class ETLayer(nn.Module):
@@ -51,21 +58,21 @@ class ETLayer(nn.Module):
         self.dv_proj = nn.Linear(num_rbf, 3 * hidden)
         self.o_proj = nn.Linear(hidden, 3 * hidden)
 
-    def forward(self, x: Tensor, vec: Tensor | None, cond: Tensor, batch: Tensor, src: Tensor, dst: Tensor,
+    def forward(self, x: Tensor, vec: Tensor | None, cond: Tensor, batch: Tensor, ops: EdgeOps,
                 rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
-        n, f, h = x.shape[0], self.hidden, self.heads
-        e = src.shape[0]
+        f, h, e = self.hidden, self.heads, ops.n_edges
         xin, gate = self.ada(x, cond, batch)
-        q, k, v = self.qkv(xin).split((f, f, 3 * f), dim=-1)
-        qk = q.index_select(0, dst) * k.index_select(0, src) * F.silu(self.dk_proj(rbf))
+        qkv = self.qkv(xin)
+        k, v = ops.gather(qkv[:, f:], "src").split((f, 3 * f), dim=-1)  # one gather for keys and values
+        qk = ops.gather(qkv[:, :f], "dst") * k * F.silu(self.dk_proj(rbf))
         attn = F.silu(qk.view(e, h, -1).sum(-1)) * cut.unsqueeze(-1)
-        xm, s1, s2 = (v.index_select(0, src) * F.silu(self.dv_proj(rbf))).split(f, dim=-1)
+        xm, s1, s2 = (v * F.silu(self.dv_proj(rbf))).split(f, dim=-1)
         xm = (xm.view(e, h, -1) * attn.unsqueeze(-1)).view(e, f)
         vm = s2.unsqueeze(1) * unit.unsqueeze(-1)
         if vec is not None:
-            vm = torch.addcmul(vm, vec.index_select(0, src), s1.unsqueeze(1))
-        o1, o2, o3 = self.o_proj(scatter_sum(xm, dst, n)).split(f, dim=-1)
-        dvec = scatter_sum(vm, dst, n)
+            vm = torch.addcmul(vm, ops.gather(vec, "src"), s1.unsqueeze(1))
+        o1, o2, o3 = self.o_proj(ops.scatter(xm, "dst")).split(f, dim=-1)
+        dvec = ops.scatter(vm, "dst")
         if vec is None:
             dx = o3 * gate
         else:
@@ -93,14 +100,14 @@ class EquivariantTransformer(Backbone):
 
     def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, edge_shift: Tensor, batch: Tensor,
                 cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        src, dst = edge_index[0], edge_index[1]
+        ops = EdgeOps(edge_index, z.shape[0])
         dist, unit = edge_geometry(pos, edge_index, edge_shift)
         rbf, cut = self.rbf(dist)
-        x = self.neighbor_embedding(z, self.embedding(z), src, dst, rbf, cut)
+        x = self.neighbor_embedding(z, self.embedding(z), ops, rbf, cut)
         vec = None  # zero vectors before the first layer: skip their products
         for layer in self.layers:
             keep = drop_path_mask(x.shape[0], self.cfg.drop_path, self.training, generator, x)
-            x, vec = layer(x, vec, cond, batch, src, dst, rbf, cut, unit, keep)
+            x, vec = layer(x, vec, cond, batch, ops, rbf, cut, unit, keep)
         if vec is None:
             vec = x.new_zeros(x.shape[0], 3, self.hidden)
         return self.out_norm(x), vec

@@ -6,8 +6,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from scd_train.models.base import (AdaLN, Backbone, BackboneConfig, ExpNormalRBF, drop_path_mask,
-                                   edge_geometry, scatter_sum)
+from scd_train.models.base import (
+    AdaLN,
+    Backbone,
+    BackboneConfig,
+    EdgeOps,
+    ExpNormalRBF,
+    drop_path_mask,
+    edge_geometry,
+)
 
 
 @dataclass(frozen=True)
@@ -30,14 +37,14 @@ class PaiNNLayer(nn.Module):
         self.uv = nn.Linear(hidden, 2 * hidden, bias=False)
         self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
 
-    def forward(self, x: Tensor, vec: Tensor, cond: Tensor, batch: Tensor, src: Tensor, dst: Tensor,
+    def forward(self, x: Tensor, vec: Tensor, cond: Tensor, batch: Tensor, ops: EdgeOps,
                 rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
-        n, f = x.shape[0], self.hidden
+        f = self.hidden
         h, gate = self.ada_message(x, cond, batch)
-        m = self.phi(h).index_select(0, src) * (self.filter(rbf) * cut.unsqueeze(-1))
+        m = ops.gather(self.phi(h), "src") * (self.filter(rbf) * cut.unsqueeze(-1))
         ds, dv1, dv2 = m.split(f, dim=-1)
-        vm = torch.addcmul(vec.index_select(0, src) * dv1.unsqueeze(1), dv2.unsqueeze(1), unit.unsqueeze(-1))
-        dx, dvec = scatter_sum(ds, dst, n) * gate, scatter_sum(vm, dst, n)
+        vm = torch.addcmul(ops.gather(vec, "src") * dv1.unsqueeze(1), dv2.unsqueeze(1), unit.unsqueeze(-1))
+        dx, dvec = ops.scatter(ds, "dst") * gate, ops.scatter(vm, "dst")
         if keep is not None:
             dx, dvec = dx * keep, dvec * keep.unsqueeze(-1)
         x, vec = x + dx, vec + dvec
@@ -67,12 +74,12 @@ class PaiNN(Backbone):
 
     def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, edge_shift: Tensor, batch: Tensor,
                 cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        src, dst = edge_index[0], edge_index[1]
+        ops = EdgeOps(edge_index, z.shape[0])
         dist, unit = edge_geometry(pos, edge_index, edge_shift)
         rbf, cut = self.rbf(dist)
         x = self.embedding(z)
         vec = x.new_zeros(x.shape[0], 3, self.hidden)
         for layer in self.layers:
             keep = drop_path_mask(x.shape[0], self.cfg.drop_path, self.training, generator, x)
-            x, vec = layer(x, vec, cond, batch, src, dst, rbf, cut, unit, keep)
+            x, vec = layer(x, vec, cond, batch, ops, rbf, cut, unit, keep)
         return self.out_norm(x), vec
