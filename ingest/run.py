@@ -149,9 +149,8 @@ def _pack_tails(out: Path, outcomes: list[dict[str, Any]], writer: WriterConfig)
 
 def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int, dict[str, Any]],
              workers: int | None, progress: bool, skipped: int, total: int) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
     from ingest.unit import run_unit
+    from shards.progress import Progress
 
     ray = _init_ray(workers)
     task = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(run_unit)
@@ -159,7 +158,7 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
     queue = list(pending)
     failed: list[dict[str, Any]] = []
     records = 0
-    bar = tqdm(total=total, initial=skipped, unit="unit", desc="ingest", disable=not progress or None)
+    bar = Progress(total, "ingest", "unit", initial=skipped, enabled=progress)  # plain lines when not a terminal
     t0 = time.perf_counter()
     while queue or in_flight:
         limit = in_flight_limit(ray, workers)

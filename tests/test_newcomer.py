@@ -159,3 +159,32 @@ def test_sections_named_in_help_exist() -> None:
         path = root / ("README.md" if doc == "README" else doc)
         headings = [h.strip() for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)]
         assert title in headings, f"{name} --help names {doc} section {title!r}; headings: {headings}"
+
+
+@pytest.mark.slow
+def test_demo_prints_progress_lines_when_not_a_terminal(tmp_path) -> None:
+    """`scd demo` into a log file: its phase lines, the trainer's progress lines, no colour codes or Ray notices."""
+    res = subprocess.run([sys.executable, "-m", "shards.cli", "demo", "--out", str(tmp_path / "d"), "--steps", "3",
+                          "--nproc", "1"], capture_output=True, text=True, env=_scd_env(), timeout=1500,
+                         stdin=subprocess.DEVNULL)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    for phase in ("[1/3] ingest", "[2/3] data report", "[3/3] SCD pretraining"):
+        assert phase in res.stdout, res.stdout
+    assert re.search(r"^train: 3/3 step \(100%\), .*loss=", text, re.M), text[-3000:]
+    assert "\x1b" not in text and "Token authentication" not in text, text[-3000:]
+    assert (tmp_path / "d" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_ingest_run_prints_progress_lines_when_not_a_terminal(tmp_path) -> None:
+    from scd_train.datakit import package_dir
+
+    cifs = sorted((package_dir("ase") / "test/testdata/minerals").glob("cod_*.cif"))[:3]
+    res = subprocess.run([sys.executable, "-m", "shards.cli", "ingest", "run", "--domain", "crystal", "--input",
+                          *map(str, cifs), "--out", str(tmp_path / "cod")], capture_output=True, text=True,
+                         env=_scd_env(), timeout=600, stdin=subprocess.DEVNULL)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    assert re.search(r"^ingest: (\d+)/\1 unit \(100%\)", text, re.M), text[-3000:]
+    assert "\x1b" not in text and "Token authentication" not in text, text[-3000:]
