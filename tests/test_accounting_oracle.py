@@ -133,3 +133,88 @@ def test_ingest_job_accounting_against_the_oracle(ray_session, tmp_path):  # noq
     dataset = samples_in_tars(out, "*.tar")  # the dataset's shards (unit tails packed into them)
     assert {s: dataset[s] for s in want} == {s: a for s, (a, _) in want.items()}
     assert manifest["n_samples"] == sum(a for a, _ in want.values())
+
+
+def _one_unit(tmp: Path, **writer: int):
+    """A one-file job (a copy of cdk2.sdf, 47 records) and its single unit."""
+    sdf = tmp / "in" / "cdk2.sdf"
+    sdf.parent.mkdir(exist_ok=True)
+    shutil.copy(_cdk2(), sdf)
+    job = tmp / "one.yaml"
+    job.write_text(yaml.safe_dump({"output": str(tmp / "one"), "writer": {"max_shard_samples": 20, **writer},
+                                   "sources": [{"source": "cdk2", "converter": "sdf", "paths": [str(sdf)]}]}))
+    cfg = load_job(job)
+    (unit,) = plan_units(cfg)
+    out = tmp / "one"
+    out.mkdir(exist_ok=True)
+    return cfg, unit, out, sdf
+
+
+def test_a_finished_unit_is_recognised_until_anything_changes(tmp_path):
+    """completed() returns the recorded outcome only while the input, every shard, the tail and the outcome
+    file are as recorded: 47 records -> shards of 20 + 20 and a tail of 7 (under half of 20)."""
+    import os
+
+    from ingest.unit import TAILS_DIR, completed, outcome_path
+
+    cfg, unit, out, sdf = _one_unit(tmp_path)
+    outcome = run_unit(unit, str(out), cfg.writer)
+    assert [s["n_samples"] for s in outcome["shards"]] == [20, 20] and outcome["tail"]["n_samples"] == 7
+    assert samples_in_tars(out, "*.tar")["cdk2"] == 40 and samples_in_tars(out / TAILS_DIR)["cdk2"] == 7
+    assert completed(out, unit) == outcome
+    tail = out / TAILS_DIR / outcome["tail"]["name"]
+    data = tail.read_bytes()
+    tail.write_bytes(data[:600] + bytes([data[600] ^ 1]) + data[601:])
+    assert completed(out, unit) is None, "a damaged tail"
+    tail.write_bytes(data)
+    assert completed(out, unit) == outcome
+    shard = out / outcome["shards"][1]["name"]
+    shard_bytes = shard.read_bytes()
+    shard.write_bytes(shard_bytes[:-512])
+    assert completed(out, unit) is None, "a damaged shard"
+    shard.write_bytes(shard_bytes)
+    index = out / (outcome["shards"][0]["name"] + ".idx.json")
+    index.rename(index.with_suffix(".bak"))
+    assert completed(out, unit) is None, "a missing shard index"
+    index.with_suffix(".bak").rename(index)
+    assert completed(out, unit) == outcome
+    st = sdf.stat()
+    os.utime(sdf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert completed(out, unit) is None, "the input changed (mtime)"
+    os.utime(sdf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert completed(out, unit) == outcome
+    outcome_path(out, unit.prefix).write_text("{not json")
+    assert completed(out, unit) is None
+    outcome_path(out, unit.prefix).write_text("[]")
+    assert completed(out, unit) is None
+    outcome_path(out, unit.prefix).unlink()
+    assert completed(out, unit) is None
+
+
+def test_missing_input_fingerprint_and_leftovers_cleared(tmp_path):
+    from ingest.unit import TAILS_DIR, clear_leftovers, outcome_path, unit_fingerprint
+
+    cfg, unit, out, sdf = _one_unit(tmp_path)
+    run_unit(unit, str(out), cfg.writer)
+    present = unit_fingerprint(unit)
+    sdf.rename(sdf.with_suffix(".gone"))
+    missing = unit_fingerprint(unit)
+    assert missing != present and missing == unit_fingerprint(unit) and len(missing) >= 16
+    (out / f".{unit.prefix}-000009.tar.tmp").write_bytes(b"x")
+    (out / "u999999-000000.tar").write_bytes(b"another unit's shard")
+    clear_leftovers(out, unit.prefix)
+    clear_leftovers(out, unit.prefix)  # idempotent
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["u999999-000000.tar"]
+    assert not list((out / TAILS_DIR).iterdir()) and not outcome_path(out, unit.prefix).exists()
+
+
+@pytest.mark.parametrize(("n_bytes", "n_samples", "tail"), [
+    (4999, 4, True), (4000, 4, True), (5000, 4, False), (6000, 1, False), (4999, 5, False), (1, 6, False),
+    (0, 0, True),
+])
+def test_tail_is_under_half_the_target_in_bytes_and_samples(n_bytes, n_samples, tail):
+    from ingest.unit import is_tail
+    from shards.writer import WriterConfig
+
+    cfg = WriterConfig(max_shard_bytes=10_000, max_shard_samples=10)
+    assert is_tail({"n_bytes": n_bytes, "n_samples": n_samples}, cfg) is tail
