@@ -71,9 +71,9 @@ class SDFConverter(Converter):
 
     def convert(self, path: Path, options: SDFOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
-        from rdkit import Chem, RDLogger
+        from rdkit import Chem, rdBase
 
-        RDLogger.DisableLog("rdApp.*")
+        rdBase.DisableLog("rdApp.*")
         i = -1
         with open_maybe_gz(path, options) as fh:
             supplier = Chem.ForwardSDMolSupplier(fh, removeHs=False, sanitize=options.sanitize)
@@ -105,17 +105,17 @@ class SDFConverter(Converter):
 
 
 def _embed(mol: Any, seed: int, n_confs: int = 1) -> Any:
-    from rdkit.Chem import AllChem
+    from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
 
-    params = AllChem.ETKDGv3()
+    params: Any = rdDistGeom.ETKDGv3()  # the stubs type randomSeed as EmbedParameters
     params.randomSeed = int(seed)
-    ids = AllChem.EmbedMultipleConfs(mol, numConfs=n_confs, params=params)
+    ids = rdDistGeom.EmbedMultipleConfs(mol, numConfs=n_confs, params=params)
     if len(ids) < n_confs:
         return None
-    if AllChem.MMFFHasAllMoleculeParams(mol):
-        AllChem.MMFFOptimizeMoleculeConfs(mol, maxIters=500)
+    if rdForceFieldHelpers.MMFFHasAllMoleculeParams(mol):
+        rdForceFieldHelpers.MMFFOptimizeMoleculeConfs(mol, maxIters=500)
     else:
-        AllChem.UFFOptimizeMoleculeConfs(mol, maxIters=500)
+        rdForceFieldHelpers.UFFOptimizeMoleculeConfs(mol, maxIters=500)
     return mol
 
 
@@ -143,9 +143,9 @@ class SmilesConverter(Converter):
 
     def convert(self, path: Path, options: SmilesOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
-        from rdkit import Chem, RDLogger
+        from rdkit import Chem, rdBase
 
-        RDLogger.DisableLog("rdApp.*")
+        rdBase.DisableLog("rdApp.*")
         k = options.conformers
         with open_maybe_gz(path, options) as fh:
             lines = (line.decode(errors="replace").strip() for line in fh)
