@@ -3,6 +3,7 @@
     python tools/mutation.py                      # every module in MODULES
     python tools/mutation.py planner mixture      # some of them
     python tools/mutation.py codec --children 2 --keep /tmp/mut
+    python tools/mutation.py planner --sample 80 --seed 1   # a seeded random sample of the mutants
 
 For each module the script copies the working tree (tracked and untracked, not ignored files) into a
 temporary folder, so the real tree is never mutated, writes a ``[tool.mutmut]`` section that mutates only
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -111,7 +113,12 @@ def results(root: Path, mutmut: str) -> dict[str, str]:
     return found
 
 
-def run_module(name: str, children: int, keep: Path | None, mutmut: str) -> dict:
+def _run_mutmut(root: Path, mutmut: str, children: int, names: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", str(children), *names], cwd=root,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_module(name: str, children: int, keep: Path | None, mutmut: str, sample: int = 0, seed: int = 0) -> dict:
     target, tests = MODULES[name]
     root = (keep / name) if keep else Path(tempfile.mkdtemp(prefix=f"mutation-{name}-"))
     if root.exists():
@@ -121,17 +128,24 @@ def run_module(name: str, children: int, keep: Path | None, mutmut: str) -> dict
         copy_tree(root)
         configure(root, target, tests)
         t0 = time.perf_counter()
-        proc = subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", str(children)], cwd=root,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        names: list[str] = []
+        if sample:
+            _run_mutmut(root, mutmut, children, ["__no_such_mutant__"])  # generates the mutants and stats only
+            everything = sorted(results(root, mutmut))
+            if len(everything) > sample:
+                names = sorted(random.Random(seed).sample(everything, sample))
+        proc = _run_mutmut(root, mutmut, children, names)
         seconds = time.perf_counter() - t0
         status = results(root, mutmut)
+        if names:
+            status = {n: status[n] for n in names}
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
     counts = Counter(status.values())
     checked = sum(counts.values()) - counts["not checked"] - counts["skipped"]
     killed = counts["killed"] + counts["timeout"]
-    return {"module": name, "file": target, "tests": list(tests), "seconds": round(seconds, 1),
+    return {"module": name, "file": target, "tests": list(tests), "seconds": round(seconds, 1), "sampled": len(names),
             "exit_code": proc.returncode, "stderr_tail": proc.stderr[-2000:] if proc.returncode else "",
             "counts": dict(counts), "score": round(killed / checked, 3) if checked else None,
             "survivors": sorted(n for n, s in status.items() if s in ("survived", "no tests", "suspicious"))}
@@ -143,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--children", type=int, default=2, help="mutants tested in parallel (default 2)")
     ap.add_argument("--keep", type=Path, help="keep each module's mutated copy under this folder")
     ap.add_argument("--out", type=Path, default=Path("mutation.json"))
+    ap.add_argument("--sample", type=int, default=0, help="test only this many mutants per module, drawn with --seed")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -153,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = {}
     for name in args.modules or list(MODULES):
-        r = run_module(name, args.children, args.keep, mutmut)
+        r = run_module(name, args.children, args.keep, mutmut, args.sample, args.seed)
         report[name] = r
         c = r["counts"]
+        sampled = f", a random sample of {r['sampled']} mutants" if r["sampled"] else ""
         print(f"{name:<11} {r['file']:<26} killed {c.get('killed', 0) + c.get('timeout', 0):>4}  "
               f"survived {c.get('survived', 0):>4}  no tests {c.get('no tests', 0):>4}  "
-              f"suspicious {c.get('suspicious', 0):>3}  score {r['score']}  ({r['seconds']:.0f} s)", flush=True)
+              f"suspicious {c.get('suspicious', 0):>3}  score {r['score']}  ({r['seconds']:.0f} s{sampled})",
+              flush=True)
         for s in r["survivors"]:
             print(f"    {s}", flush=True)
         args.out.write_text(json.dumps(report, indent=1))
