@@ -65,12 +65,11 @@ def test_ray_job_submit_on_two_node_cluster_equals_embedded(tmp_path):
     assert digest(tmp_path / "embedded") == digest(tmp_path / "cluster-out")
 
 
-def _unit_tasks(dashboard: str) -> list:
-    """The job's ``run_unit`` tasks as Ray's state API reports them (over HTTP: no driver joins the cluster)."""
+def _tasks(dashboard: str) -> list:
+    """The cluster's tasks as Ray's state API reports them (over HTTP: no driver joins the cluster)."""
     from ray.util.state import list_tasks
 
-    return list_tasks(address=dashboard, filters=[("func_or_class_name", "=", "run_unit")], detail=True,
-                      limit=10_000, raise_on_missing_output=False)
+    return list_tasks(address=dashboard, detail=True, limit=10_000, raise_on_missing_output=False)
 
 
 def _peak_concurrency(tasks: list) -> int:
@@ -85,10 +84,12 @@ def _peak_concurrency(tasks: list) -> int:
 
 @pytest.mark.cluster
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
-    """A CPU-0 head alone (infra/ray/cluster.yaml before its autoscaler adds nodes): the driver queues every unit
-    as demand (not one), a worker raylet joins mid-job, runs the units side by side, and the result equals the
-    embedded run byte for byte."""
+    """A CPU-0 head alone (infra/ray/cluster.yaml before its autoscaler adds nodes): the job waits for a node with
+    its tasks queued as demand, a worker raylet joins mid-job and runs the units side by side, every unit was
+    queued before the first one finished (the demand an autoscaler sees, not one CPU's worth), and the result
+    equals the embedded run byte for byte."""
     from ingest.job import load_job, plan_units
 
     bin_dir = str(Path(sys.executable).parent)
@@ -107,26 +108,29 @@ def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
     sub = None
     try:
         up = subprocess.run([str(SCRIPT), "head", str(state), str(gcs), str(dashboard), "0"],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
         url = (state / "dashboard").read_text().strip()
         sub = subprocess.Popen([str(SCRIPT), "submit", str(state), "--", "scd", "ingest", "run", str(job),
                                 "--out", str(tmp_path / "cluster-out"), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         pending: list = []
-        while len(pending) < n_units:  # nothing can run on a CPU-0 head: every queued unit waits for a node
+        seen: list = []
+        while not pending:  # the job has started; nothing runs on a CPU-0 head, so its tasks wait for a node
             assert sub.poll() is None, sub.communicate()[0][-3000:]
-            assert time.time() < deadline, f"only {len(pending)} of {n_units} units were queued as demand"
-            time.sleep(1)
-            pending = [t for t in _unit_tasks(url) if t.state == "PENDING_NODE_ASSIGNMENT"]
+            assert time.time() < deadline, f"the job queued no task; tasks: {seen}"
+            time.sleep(2)
+            now = _tasks(url)
+            seen = [(t.func_or_class_name, t.state) for t in now]
+            pending = [t for t in now if t.state == "PENDING_NODE_ASSIGNMENT"]
         assert {t.required_resources.get("CPU") for t in pending} == {1.0}
         join = subprocess.run([str(SCRIPT), "join", str(state), "2"], capture_output=True, text=True, env=env,
                               cwd=REPO, timeout=300)
         assert join.returncode == 0, join.stdout[-2000:] + join.stderr[-2000:]
         out, _ = sub.communicate(timeout=600)
         assert sub.returncode == 0 and "succeeded" in out, out[-3000:]
-        tasks = [t for t in _unit_tasks(url) if t.state == "FINISHED"]
+        tasks = [t for t in _tasks(url) if t.func_or_class_name == "run_unit" and t.state == "FINISHED"]
     finally:
         if sub is not None and sub.poll() is None:
             sub.kill()
@@ -134,5 +138,7 @@ def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
     assert not list(state.glob("*.pid"))
     assert len(tasks) == n_units
     assert len({t.node_id for t in tasks}) == 1, "units ran on one node: the worker that joined"
+    assert max(t.creation_time_ms for t in tasks) <= min(t.end_time_ms for t in tasks), \
+        "every unit was submitted before the first finished (not just as many as the CPUs)"
     assert _peak_concurrency(tasks) == 2, "the joining node's 2 CPUs ran units side by side"
     assert digest(tmp_path / "embedded") == digest(tmp_path / "cluster-out")

@@ -18,9 +18,10 @@ cmd=${1:?usage: local_cluster.sh start|head|join|submit|stop STATE_DIR ...}
 state=${2:?STATE_DIR required}
 shift 2
 
-wait_for_nodes() {  # wait until the cluster reports $1 alive nodes
+wait_for_nodes() {  # wait until the cluster reports $1 alive nodes (while the head lives)
     local want=$1 address=$2
     for _ in $(seq 1 120); do
+        kill -0 "$(cat "$state/head.pid")" 2>/dev/null || { tail -n 40 "$state/head.log" >&2; return 1; }
         n=$(RAY_ADDRESS="$address" python - <<'EOF' 2>/dev/null || echo 0
 import ray
 ray.init(logging_level="ERROR", log_to_driver=False)
@@ -37,13 +38,15 @@ EOF
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled  # loopback only; no token to hand around
 
 start_head() {  # $1 GCS port, $2 dashboard port, $3 CPUs; returns once the job API answers
-    local port=$1 dash=$2 cpus=$3
+    local port=$1 dash=$2 cpus=$3 client
     mkdir -p "$state"
     echo "127.0.0.1:$port" > "$state/address"
     echo "http://127.0.0.1:$dash" > "$state/dashboard"
+    # a free port for the Ray Client server too: its default (10001) collides with any other cluster here
+    client=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     setsid ray start --head --block --port="$port" --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
-        --disable-usage-stats > "$state/head.log" 2>&1 &
+        --ray-client-server-port="$client" --disable-usage-stats > "$state/head.log" 2>&1 &
     echo $! > "$state/head.pid"
     for _ in $(seq 1 120); do
         grep -q "Ray runtime started" "$state/head.log" 2>/dev/null && break
