@@ -60,11 +60,15 @@ def _init_ray(workers: int | None) -> Any:
 
 
 def ray_mapper(workers: int | None) -> Mapper:
-    """Run planning batches (sniffing, record counting) as Ray tasks; results in batch order."""
+    """Run planning batches (sniffing, record counting) as Ray tasks; results in batch order. On a cluster
+    with no CPU yet (a CPU-0 head before its autoscaler adds nodes) the batches run in the driver instead,
+    so that the units can be queued as demand; the plan is the same either way."""
     def mapper(fn: Any, batches: list[list[Any]]) -> list[list[Any]]:
         if not batches:
             return []
         ray = _init_ray(workers)
+        if not ray.cluster_resources().get("CPU"):
+            return [fn(b) for b in batches]
         task = ray.remote(num_cpus=1)(fn)
         return list(ray.get([task.remote(b) for b in batches]))
     return mapper
