@@ -361,7 +361,6 @@ def test_cluster_ingest_keeps_a_unit_in_flight_per_cpu_the_cluster_may_grow_to()
     ray_up = yaml.safe_load((INFRA / "ray/cluster.yaml").read_text())
     grow = sum(t["max_workers"] * t["resources"]["CPU"] for t in ray_up["available_node_types"].values()
                if t.get("max_workers"))
-    assert min(grow, ray_up["max_workers"] * 32) == grow
     ingest = [c for c in commands_in(INFRA / "ray/cluster.yaml") + commands_in(INFRA / "README.md")
               if c.argv[:3] == ("scd", "ingest", "run") and "infra/configs/ingest.yaml" in c.argv
               and "--workers" in c.argv and "--workers 8" not in " ".join(c.argv)]
