@@ -12,6 +12,7 @@ import json
 import shutil
 import tarfile
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ BROKEN_FILES = {
 }
 BROKEN_MD = {"mismatch.xtc": ("mdanalysis", 0, 1), "nan_frame.zarr": ("zarr_traj", 3, 1)}
 QM9_ROWS = 150
+DISORDERED = "Li10GeP2S12.json"  # the one disordered structure among pymatgen's JSON files
+CONVERTER_OF = {"cdk2": "sdf", "qm9": "qm9csv", "pymatgen": "pymatgen_json", "majority": "pymatgen_json",
+                "broken-md": None, "broken": None}
 
 
 def _cdk2() -> Path:
@@ -56,6 +60,7 @@ def expected() -> dict[str, tuple[int, int]]:
         "broken": (sum(a for a, _ in BROKEN_FILES.values()), sum(r for _, r in BROKEN_FILES.values())),
         "broken-md": (sum(v[1] for v in BROKEN_MD.values()), sum(v[2] for v in BROKEN_MD.values())),
         "cdk2": (n_cdk2, 0), "qm9": (qm9, 0), "pymatgen": (sum(ordered), len(ordered) - sum(ordered)),
+        "majority": (1, 0),  # the disordered structure, taken with its majority species (a converter option)
     }
 
 
@@ -72,6 +77,8 @@ def _job(tmp: Path, name: str) -> Path:
         {"source": "qm9", "converter": "qm9csv", "paths": [str(qm9_csv(1))], "max_records": QM9_ROWS,
          "records_per_unit": 50},
         {"source": "pymatgen", "converter": "pymatgen_json", "paths": [str(p) for p in _pymatgen_jsons()]},
+        {"source": "majority", "converter": "pymatgen_json", "options": {"order": "majority"},
+         "paths": [str(p) for p in _pymatgen_jsons() if p.name == DISORDERED]},
     ]
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"output": str(tmp / name), "sources": sources,
@@ -105,6 +112,12 @@ def test_units_account_for_every_record_against_the_oracle(tmp_path):
         t.update(inputs=o["inputs"], accepted=o["accepted"], rejected=o["rejected"])
         for row in o["files"]:
             per_file[Path(row["file"]).name] = (row["accepted"], row["rejected"])
+            assert row["converter"] == (CONVERTER_OF[unit.source] or row["converter"])
+            if unit.source == "broken" and row["converter"] != "auto":
+                assert row["converter"] == {".sdf": "sdf", ".pdb": "pdb", ".cif": "cif", ".xyz": "xyz"}[
+                    Path(row["file"]).suffix]
+        if CONVERTER_OF[unit.source]:
+            assert o["converters"] == {CONVERTER_OF[unit.source]: f"scd-atoms=={version('scd-atoms')}"}
         reject_records.update(Path(r["file"]).name for r in o["rejects"])
     want = expected()
     got = {s: (t["accepted"], t["rejected"]) for s, t in totals.items()}
