@@ -248,3 +248,30 @@ def test_energy_forces_needs_labels(tmp_path) -> None:
     write_dataset([AtomGraph.from_ase(molecule("H2O"), key="w-0", domain="molecule", source="w")], tmp_path / "d")
     with pytest.raises(ValueError, match="none of its 1 samples has both an energy and forces"):
         finetune(ef_config(tmp_path / "d", tmp_path / "o"), log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_tiny_md_study_end_to_end(tmp_path) -> None:
+    """`scd study md` on a 40-frame xTB trajectory with a 1-layer model: every arm and seed, tables, files."""
+    pytest.importorskip("tblite")
+    import yaml
+
+    from shards.cli import main
+
+    tiny = {"md": {"frames": 40}, "split": {"train": 24, "val": 8, "test": 8}, "pretrain_records": 200,
+            "model": {"hidden": 16, "layers": 1, "heads": 2, "num_rbf": 8},
+            "pretrain": {"steps": 3, "max_atoms": 150, "warmup_steps": 1},
+            "finetune": {"epochs": 1, "patience": 1}, "seeds": [0, 1]}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    out = tmp_path / "study"
+    assert main(["study", "md", "--out", str(out), "--config", str(tmp_path / "tiny.yaml")]) == 0
+    table = (out / "results.md").read_text()
+    for arm in ("scratch", "denoise", "scd"):
+        assert f"| {arm} |" in table
+        for seed in (0, 1):
+            r = json.loads((out / "runs" / f"{arm}-seed{seed}" / "result.json").read_text())
+            assert r["n"] == {"train": 24, "val": 8, "test": 8} and r["elements"] == [1, 6, 8]
+    assert (out / "runs" / "scd-seed0" / "forcefield.json").is_file()
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert set(summary) == {"scratch", "denoise", "scd"} and len(summary["scd"]["test_force_mae_meV_per_A"]) == 2
