@@ -231,3 +231,37 @@ def test_tail_is_under_half_the_target_in_bytes_and_samples(n_bytes, n_samples, 
 
     cfg = WriterConfig(max_shard_bytes=10_000, max_shard_samples=10)
     assert is_tail({"n_bytes": n_bytes, "n_samples": n_samples}, cfg) is tail
+
+
+def test_per_file_rows_sniff_failures_and_domain_hints(tmp_path):
+    """Each file's row in the outcome: a file no converter handles is one reject naming the file; a source's
+    domain picks mmCIF (protein) for a .cif file; record ranges of a split file are the unit's."""
+    import MDAnalysisTests.datafiles as mda
+
+    (tmp_path / "mystery.dat").write_bytes(b"\x00\x01 not a structure")
+    cif = Path(mda.PDB_small).parent / "mmcif" / "1YJP.cif"
+    job = tmp_path / "rows.yaml"
+    job.write_text(yaml.safe_dump({"output": str(tmp_path / "rows"), "sources": [
+        {"source": "mystery", "converter": "auto", "paths": [str(tmp_path / "mystery.dat")]},
+        {"source": "hinted", "converter": "auto", "domain": "molecule", "paths": [str(tmp_path / "mystery.dat")]},
+        {"source": "protein", "converter": "auto", "domain": "protein", "paths": [str(cif)]},
+        {"source": "qm9", "converter": "qm9csv", "paths": [str(qm9_csv(1))], "max_records": 5,
+         "records_per_unit": 3}]}))
+    cfg = load_job(job)
+    (tmp_path / "rows").mkdir()
+    outcomes = [run_unit(u, str(tmp_path / "rows"), cfg.writer) for u in plan_units(cfg)]
+    rows = [row for o in outcomes for row in o["files"]]
+    base = {"file": str(tmp_path / "mystery.dat"), "converter": "auto", "start": None, "stop": None,
+            "inputs": 1, "accepted": 0, "rejected": 1}
+    assert rows[0] == {**base, "file": rows[0]["file"], "domain": "unknown"}
+    assert rows[1] == {**base, "file": rows[1]["file"], "domain": "molecule"}
+    assert Path(rows[0]["file"]).name == "mystery.dat"
+    (reject,) = outcomes[0]["rejects"]
+    assert reject == {"file": rows[0]["file"], "record": None, "converter": "auto",
+                      "reason": f"cannot choose a converter: no converter handles {tmp_path / 'mystery.dat'}; "
+                                "name one with converter: NAME"}
+    assert (rows[2]["converter"], rows[2]["domain"], rows[2]["inputs"], rows[2]["accepted"]) == \
+        ("mmcif", "protein", 1, 1)
+    assert [(r["start"], r["stop"], r["inputs"], r["accepted"], r["domain"]) for r in rows[3:]] == \
+        [(0, 3, 3, 3, "molecule"), (3, 5, 2, 2, "molecule")]
+    assert [o["inputs"] for o in outcomes] == [1, 1, 1, 3, 2]
