@@ -163,3 +163,29 @@ def test_mixture_yaml_file_and_overrides(tmp_path):
     path.write_text("strategy: proportions\nwieghts: {molecule: 3}\n")
     with pytest.raises(ConfigError, match="wieghts"):
         load_mixture(path)
+
+
+def test_domain_draws_depend_on_the_seed_and_only_on_it():
+    """The sequence of domains drawn is a function of the seed: same seed, same sequence; another seed,
+    another sequence (not only another order of samples within each domain)."""
+    t = _table()
+    mix = CASES[0].values[0]
+
+    def domains(seed: int) -> np.ndarray:
+        p = Planner(t, mix, seed=seed, max_atoms=400)
+        return t.domain[np.concatenate([p.next_batch().rows for _ in range(40)])][:300]
+
+    assert (domains(1) == domains(1)).all()
+    assert (domains(1) != domains(2)).any()
+
+
+def test_nothing_fits_is_an_error_and_one_sample_is_a_whole_mix():
+    z = np.zeros(3, np.int64)
+    t = SampleTable(dataset=z.astype(np.int16), shard=z.astype(np.int32), offset=np.arange(3), size=z,
+                    n_atoms=np.full(3, 50, np.int32), domain=z.astype(np.int16), source=z.astype(np.int16),
+                    trajectory=z.astype(np.uint64), domain_names=["crystal"], source_names=["s"])
+    with pytest.raises(ValueError, match=r"^no sample fits the atom budget of 10 \(\d+ oversize samples so far\); "
+                                         r"raise max_atoms or crop$"):
+        Planner(t, MixtureConfig(), seed=0, max_atoms=10).next_batch()
+    p = Planner(t, MixtureConfig(), seed=0, max_atoms=60)
+    assert p.next_batch().rows.size == 1 and p.realised_mix() == {"crystal": 1.0}

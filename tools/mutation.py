@@ -35,6 +35,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "planner": ("shards/plan.py", (
         "tests/test_mixture_oracle.py::test_emitted_domains_match_hand_written_shares",
         "tests/test_mixture_oracle.py::test_mix_holds_on_every_rank",
+        "tests/test_mixture_oracle.py::test_domain_draws_depend_on_the_seed_and_only_on_it",
+        "tests/test_mixture_oracle.py::test_nothing_fits_is_an_error_and_one_sample_is_a_whole_mix",
         "tests/test_planner.py::test_every_sample_once_per_pass_across_ranks",
         "tests/test_planner.py::test_same_seed_same_batches_other_seed_differs",
         "tests/test_planner.py::test_resume_equals_uninterrupted",
