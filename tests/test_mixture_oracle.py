@@ -189,3 +189,28 @@ def test_nothing_fits_is_an_error_and_one_sample_is_a_whole_mix():
         Planner(t, MixtureConfig(), seed=0, max_atoms=10).next_batch()
     p = Planner(t, MixtureConfig(), seed=0, max_atoms=60)
     assert p.next_batch().rows.size == 1 and p.realised_mix() == {"crystal": 1.0}
+
+
+def test_cell_repeats_per_axis_within_the_budget():
+    """Planner-decided cell repeats: only the repeat domains, each axis 1..max_repeat drawn independently,
+    and the supercell (index atoms x product of repeats) always within the budget."""
+    from shards.plan import RepeatSpec
+
+    m = 400
+    dom = np.where(np.arange(m) % 4 == 0, 0, 2).astype(np.int16)  # molecules and crystals
+    n_atoms = np.where(np.arange(m) % 8 == 2, 60, 5).astype(np.int32)  # some crystals too big to repeat
+    z = np.zeros(m, np.int64)
+    t = SampleTable(dataset=z.astype(np.int16), shard=z.astype(np.int32), offset=np.arange(m), size=z,
+                    n_atoms=n_atoms, domain=dom, source=dom.copy(), trajectory=z.astype(np.uint64),
+                    domain_names=list(DOMAINS), source_names=[f"s{i}" for i in range(4)])
+    p = Planner(t, MixtureConfig(), seed=3, max_atoms=100, repeat=RepeatSpec(p=0.5, max_repeat=3))
+    reps = []
+    for _ in range(60):
+        b = p.next_batch()
+        assert (b.atoms == n_atoms[b.rows] * b.repeats.prod(axis=1)).all() and b.atoms.sum() <= 100
+        assert (b.repeats[dom[b.rows] == 0] == 1).all(), "molecules are never repeated"
+        reps.append(b.repeats[dom[b.rows] == 2])
+    r = np.concatenate(reps)
+    assert r.min() == 1 and r.max() == 3
+    assert ((r == 2).any(axis=1) & (r == 3).any(axis=1)).any(), "axes are drawn independently"
+    assert (r[:, 0] != r[:, 1]).any() and (r[:, 1] != r[:, 2]).any()

@@ -37,6 +37,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "tests/test_mixture_oracle.py::test_mix_holds_on_every_rank",
         "tests/test_mixture_oracle.py::test_domain_draws_depend_on_the_seed_and_only_on_it",
         "tests/test_mixture_oracle.py::test_nothing_fits_is_an_error_and_one_sample_is_a_whole_mix",
+        "tests/test_mixture_oracle.py::test_cell_repeats_per_axis_within_the_budget",
         "tests/test_planner.py::test_every_sample_once_per_pass_across_ranks",
         "tests/test_planner.py::test_same_seed_same_batches_other_seed_differs",
         "tests/test_planner.py::test_resume_equals_uninterrupted",
