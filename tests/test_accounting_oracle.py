@@ -106,12 +106,14 @@ def test_units_account_for_every_record_against_the_oracle(tmp_path):
     totals: dict[str, Counter[str]] = {}
     per_file: dict[str, tuple[int, int]] = {}
     reject_records: Counter[str] = Counter()
+    domains: dict[str, Counter[str]] = {}
     for unit in plan_units(cfg):
         o = run_unit(unit, str(out), cfg.writer)
         t = totals.setdefault(unit.source, Counter())
         t.update(inputs=o["inputs"], accepted=o["accepted"], rejected=o["rejected"])
         for row in o["files"]:
             per_file[Path(row["file"]).name] = (row["accepted"], row["rejected"])
+            assert row["inputs"] == sum(BROKEN_FILES.get(Path(row["file"]).name, (row["inputs"], 0)))
             assert row["converter"] == (CONVERTER_OF[unit.source] or row["converter"])
             if unit.source == "broken" and row["converter"] != "auto":
                 assert row["converter"] == {".sdf": "sdf", ".pdb": "pdb", ".cif": "cif", ".xyz": "xyz"}[
@@ -119,11 +121,14 @@ def test_units_account_for_every_record_against_the_oracle(tmp_path):
         if CONVERTER_OF[unit.source]:
             assert o["converters"] == {CONVERTER_OF[unit.source]: f"scd-atoms=={version('scd-atoms')}"}
         reject_records.update(Path(r["file"]).name for r in o["rejects"])
+        domains.setdefault(unit.source, Counter()).update(o["domains"])
     want = expected()
     got = {s: (t["accepted"], t["rejected"]) for s, t in totals.items()}
     assert got == want
     assert all(t["inputs"] == sum(want[s]) for s, t in totals.items())
     assert {f: per_file[f] for f in BROKEN_FILES} == BROKEN_FILES
+    assert domains["cdk2"] == {"molecule": want["cdk2"][0]} and domains["qm9"] == {"molecule": want["qm9"][0]}
+    assert domains["pymatgen"] == {"crystal": want["pymatgen"][0]}
     assert {f: reject_records[f] for f in BROKEN_FILES} == {f: r for f, (_, r) in BROKEN_FILES.items()}
     written = samples_in_tars(out)
     assert {s: written[s] for s in want} == {s: a for s, (a, _) in want.items()}
