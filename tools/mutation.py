@@ -48,6 +48,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "tests/test_planner.py::test_equal_steps_per_rank_with_unequal_data",
         "tests/test_planner.py::test_logged_mix_is_the_mix_of_emitted_rows",
         "tests/test_properties.py::test_planner_passes_budget_and_equal_steps",
+        "tests/test_planner_mutants.py",
     )),
     "mixture": ("shards/mixture.py", (
         "tests/test_mixture_oracle.py",
@@ -58,6 +59,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "tests/test_shards.py::test_codec_rejects_garbage_and_truncation",
         "tests/test_properties.py::test_codec_round_trip_of_random_valid_graphs",
         "tests/test_schema.py::test_unknown_major_version_refused",
+        "tests/test_codec_mutants.py",
     )),
     "validation": ("shards/validate.py", (
         "tests/test_schema.py",
