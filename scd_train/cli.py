@@ -1,4 +1,6 @@
-"""``scd train``, ``scd demo``, ``scd finetune``, ``scd embed`` and ``scd study`` (registered in the ``scd.commands`` entry-point group)."""
+"""``scd train``, ``scd demo``, ``scd finetune``, ``scd embed`` and ``scd study``.
+
+Registered in the ``scd.commands`` entry-point group."""
 from __future__ import annotations
 
 import argparse

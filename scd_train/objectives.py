@@ -99,6 +99,11 @@ class _Denoising(Objective):
     summed over all DDP ranks.
     """
 
+    backbone: Backbone
+    noise_sum: Tensor
+    noise_sumsq: Tensor
+    noise_count: Tensor
+
     def __init__(self, backbone: Backbone, drop_cond: float = 0.2, freeze_embeddings: bool = True) -> None:
         super().__init__()
         hidden = backbone.hidden

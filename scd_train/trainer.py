@@ -24,8 +24,8 @@ from scd_train.build import build_objective
 from scd_train.checkpoint import remove_stale_temp, resume_latest, save_checkpoint
 from scd_train.config import TrainConfig
 from scd_train.data import make_loader, to_torch
-from scd_train.dynamic import mark_dynamic
 from scd_train.dist import DistInfo, all_gather_json, all_reduce_sum, barrier, init_distributed
+from scd_train.dynamic import mark_dynamic
 from scd_train.metrics import MetricsLog, plot_loss
 from scd_train.optim import EMA, build_optimizer
 from scd_train.preempt import StopRequest, exit_status
@@ -77,10 +77,11 @@ class Trainer:
                                  f"{self.info.world_size}; exact resume needs the same world size")
             self.step = int(state["step"])
             sampler_state = state["sampler_states"][self.info.rank]
-        self.model: torch.nn.Module = self.objective
+        self.model: Any = self.objective  # the objective, DDP-wrapped and/or compiled
         if self.info.enabled:
             self.model = DistributedDataParallel(self.objective, find_unused_parameters=True,
-                                                 device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None)
+                                                 device_ids=[self.info.device.index]
+                                                 if self.info.device.type == "cuda" else None)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.loader = make_loader(cfg.data, self.info.world_size, self.info.rank, cfg.num_workers, sampler_state)
@@ -170,8 +171,9 @@ class Trainer:
             self.sampler_state = raw["sampler_state"]
             if self.step % cfg.log_every == 0 or self.step == end:
                 dt = time.perf_counter() - t_log
-                row = {**stats, "atoms_per_s": atoms_window / max(dt, 1e-9), "data_wait": wait / max(wait + compute, 1e-9),
-                       "oversize": raw["oversize"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                row = {**stats, "atoms_per_s": atoms_window / max(dt, 1e-9),
+                       "data_wait": wait / max(wait + compute, 1e-9), "oversize": raw["oversize"],
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
                 self.metrics.log(self.step, row)
                 history.append({"step": self.step, **row})
                 bar.set_postfix(loss=f"{row['loss']:.4f}", atoms_s=f"{row['atoms_per_s']:,.0f}",

@@ -8,8 +8,9 @@ import dataclasses
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -131,14 +132,14 @@ class AtomGraph:
     def periodic(self) -> bool:
         return bool(self.pbc.any())
 
-    def replace(self, **changes: Any) -> "AtomGraph":
+    def replace(self, **changes: Any) -> AtomGraph:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in FIELDS}
 
-    def equals(self, other: "AtomGraph") -> bool:
+    def equals(self, other: AtomGraph) -> bool:
         """Bit-exact equality of every field."""
         for f in FIELDS:
             a, b = getattr(self, f.name), getattr(other, f.name)
@@ -157,7 +158,7 @@ class AtomGraph:
     # Interop -------------------------------------------------------------------------
     @classmethod
     def from_ase(cls, atoms: Any, *, key: str, domain: str, source: str, source_file: str = "",
-                 index: int = 0, **extra: Any) -> "AtomGraph":
+                 index: int = 0, **extra: Any) -> AtomGraph:
         from shards.interop import graph_from_ase
 
         return graph_from_ase(atoms, key=key, domain=domain, source=source, source_file=source_file,
@@ -170,7 +171,7 @@ class AtomGraph:
 
     @classmethod
     def from_pymatgen(cls, structure: Any, *, key: str, domain: str, source: str, source_file: str = "",
-                      index: int = 0, **extra: Any) -> "AtomGraph":
+                      index: int = 0, **extra: Any) -> AtomGraph:
         from shards.interop import graph_from_pymatgen
 
         return graph_from_pymatgen(structure, key=key, domain=domain, source=source,

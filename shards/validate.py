@@ -43,7 +43,7 @@ def check_key(key: Any) -> None:
         raise SchemaError(str(key), "key", "must match [A-Za-z0-9][A-Za-z0-9_-]{0,95} (no dots or slashes)")
 
 
-def validate_graph(g: "AtomGraph", max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
+def validate_graph(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     """Coerce arrays to schema dtypes and check every invariant; raise ``SchemaError`` on the first."""
     key = g.key
     check_key(key)
@@ -72,7 +72,7 @@ def validate_graph(g: "AtomGraph", max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     check_invariants(g, max_atoms)
 
 
-def check_invariants(g: "AtomGraph", max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
+def check_invariants(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     """Value checks on a graph whose arrays already have schema dtypes and shapes."""
     key = g.key
     if not isinstance(g.domain, str) or not NAME_RE.match(g.domain):
@@ -116,7 +116,7 @@ def check_invariants(g: "AtomGraph", max_atoms: int = MAX_ATOMS_DEFAULT) -> None
     check_scalars(g)
 
 
-def check_scalars(g: "AtomGraph") -> None:
+def check_scalars(g: AtomGraph) -> None:
     """Types and values of the graph-level scalar fields (normalised in place)."""
     key = g.key
     for name in ("charge", "spin"):
@@ -134,12 +134,11 @@ def check_scalars(g: "AtomGraph") -> None:
     if g.trajectory_id is not None and (not isinstance(g.trajectory_id, str) or not g.trajectory_id):
         raise SchemaError(key, "trajectory_id", "must be a non-empty string")
     props = g.properties
-    if props is not None:
-        if not isinstance(props, dict) or not all(type(k) is str and type(v) is float and math.isfinite(v)
-                                                  for k, v in props.items()):
-            if not hasattr(props, "items"):
-                raise SchemaError(key, "properties", "must be a mapping of name -> number")
-            _SET(g, "properties", {_name(key, k): _finite(key, f"properties[{k}]", v) for k, v in props.items()})
+    if props is not None and (not isinstance(props, dict) or not all(
+            type(k) is str and type(v) is float and math.isfinite(v) for k, v in props.items())):
+        if not hasattr(props, "items"):
+            raise SchemaError(key, "properties", "must be a mapping of name -> number")
+        _SET(g, "properties", {_name(key, k): _finite(key, f"properties[{k}]", v) for k, v in props.items()})
     units = g.property_units
     if units is not None:
         if not hasattr(units, "items"):
