@@ -182,3 +182,17 @@ def test_drop_path_seeded_and_off_in_eval(cfg_type):
         model(*args)
     model.eval()
     torch.testing.assert_close(model(*args)[0], model(*args)[0], atol=0, rtol=0)
+
+
+@BACKBONE_TYPES
+def test_structure_without_edges(cfg_type):
+    """A lone atom (or atoms farther apart than the cutoff) has no edges: finite output, no crash."""
+    model = _tiny(cfg_type)
+    z = torch.tensor([6, 8], dtype=torch.int64)
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 4 * CUTOFF]])
+    ei, shift = _graph(pos)
+    assert ei.shape == (2, 0)
+    s, v = _run(model, z, pos, ei, shift, _cond(0))
+    assert s.shape[0] == 2 and torch.isfinite(s).all() and torch.isfinite(v).all()
+    s1, _ = _run(model, z[:1], pos[:1], *_graph(pos[:1]), _cond(0))
+    torch.testing.assert_close(s1[0], s[0], rtol=0, atol=1e-12)

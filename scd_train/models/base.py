@@ -209,7 +209,8 @@ class _Scatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, m: Tensor, ops: EdgeOps, side: str) -> Tensor:
         ctx.ops, ctx.side = ops, side
-        out = ops.incidence(side, m.dtype) @ m.reshape(ops.n_edges, -1)
+        width = math.prod(m.shape[1:])  # explicit: -1 is ambiguous when there are no edges
+        out = ops.incidence(side, m.dtype) @ m.reshape(ops.n_edges, width)
         return out.reshape((ops.n_atoms,) + tuple(m.shape[1:]))
 
     @staticmethod

@@ -65,9 +65,9 @@ class ETLayer(nn.Module):
         qkv = self.qkv(xin)
         k, v = ops.gather(qkv[:, f:], "src").split((f, 3 * f), dim=-1)  # one gather for keys and values
         qk = ops.gather(qkv[:, :f], "dst") * k * F.silu(self.dk_proj(rbf))
-        attn = F.silu(qk.view(e, h, -1).sum(-1)) * cut.unsqueeze(-1)
+        attn = F.silu(qk.view(e, h, f // h).sum(-1)) * cut.unsqueeze(-1)
         xm, s1, s2 = (v * F.silu(self.dv_proj(rbf))).split(f, dim=-1)
-        xm = (xm.view(e, h, -1) * attn.unsqueeze(-1)).view(e, f)
+        xm = (xm.view(e, h, f // h) * attn.unsqueeze(-1)).view(e, f)
         vm = s2.unsqueeze(1) * unit.unsqueeze(-1)
         if vec is not None:
             vm = torch.addcmul(vm, ops.gather(vec, "src"), s1.unsqueeze(1))
