@@ -72,6 +72,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "tests/test_accounting_oracle.py::test_missing_input_fingerprint_and_leftovers_cleared",
         "tests/test_accounting_oracle.py::test_tail_is_under_half_the_target_in_bytes_and_samples",
         "tests/test_accounting_oracle.py::test_per_file_rows_sniff_failures_and_domain_hints",
+        "tests/test_accounting_mutants.py",
     )),
     "objective": ("scd_train/objectives.py", (
         "tests/test_objectives.py::test_loss_finite_and_decreasing",
