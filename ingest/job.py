@@ -160,6 +160,10 @@ def expand(spec: SourceSpec, base_dir: str) -> list[tuple[str, str]]:
     base = os.path.abspath(base_dir) + os.sep if base_dir else ""
     for pattern in spec.paths:
         full = str(_resolve(base_dir, pattern))
+        if not glob.has_magic(full) and not os.path.exists(full):
+            raise ConfigError(f"source {spec.source!r}: input {pattern!r} does not exist ({full})")
+        if not glob.has_magic(full) and spec.converter == AUTO and os.path.isdir(full):
+            _check_folder(spec, full)
         matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
         if not matches:
             raise ConfigError(f"source {spec.source!r}: no files match {pattern!r}")
@@ -170,6 +174,16 @@ def expand(spec: SourceSpec, base_dir: str) -> list[tuple[str, str]]:
             rel = os.path.relpath(m, base_dir) if base_dir else m
             out.append((m, rel if not rel.startswith("..") else m))
     return out
+
+
+def _check_folder(spec: SourceSpec, path: str) -> None:
+    """A folder named as an input must be claimed by a converter that reads folders (a zarr store)."""
+    from ingest.registry import converter_for
+
+    try:
+        converter_for(Path(path), spec.domain)
+    except KeyError as exc:
+        raise ConfigError(f"source {spec.source!r}: {exc.args[0]}") from None
 
 
 def _size(path: str) -> int:
@@ -228,11 +242,13 @@ def _ranges(n: int, step: int) -> list[tuple[int, int]]:
 def plan_units(cfg: JobConfig, mapper: Mapper = serial_map) -> list[Unit]:
     """Units in job order: groups of consecutive whole files, and record ranges of split files."""
     units: list[Unit] = []
-    for spec in cfg.sources:
+    for spec in cfg.sources:  # every source's converter and inputs checked before any work
         if spec.converter != AUTO:
             _check_named(spec)
+    inputs = [expand(spec, cfg.base_dir) for spec in cfg.sources]
+    for spec, files in zip(cfg.sources, inputs, strict=True):
         options = _expand_options(spec.options)
-        for items in _source_items(spec, expand(spec, cfg.base_dir), options, mapper):
+        for items in _source_items(spec, files, options, mapper):
             units.append(Unit(len(units), spec.source, spec.domain, options, items))
     return units
 

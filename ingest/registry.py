@@ -87,6 +87,9 @@ def converter_for(path: Path, domain: str | None = None,
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise KeyError(f"no converter{'' if domain is None else f' of domain {domain!r}'} handles {path}; "
-                       f"name one with converter: NAME")
+        what = f"no converter{'' if domain is None else f' of domain {domain!r}'} handles {path}"
+        if p.is_dir():
+            raise KeyError(f"{what}: it is a folder; give its files with a glob (e.g. {p / '*.cif'}), "
+                           "or name a converter that reads folders (zarr_traj)")
+        raise KeyError(f"{what}; name one with converter: NAME (job file) or --converter NAME")
     raise KeyError(f"several converters handle {path}: {sorted(c.name for c in matches)}; name one")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 from ingest.job import JobConfig, Mapper, Unit, job_summary_config, plan_units
 from ingest.lock import output_lock, remove_temp_files
 from ingest.unit import TAILS_DIR, UNITS_DIR, clear_leftovers, completed, shard_intact
+from shards.config import ConfigError
 from shards.manifest import MANIFEST, finalize_dataset
 from shards.writer import WriterConfig, write_atomic
 
@@ -79,18 +81,24 @@ def run_job(cfg: JobConfig, *, workers: int | None = None, progress: bool = True
     target-size shards, then write indices and manifest. One job at a time per output folder (a lock);
     temporary files are removed before and after."""
     out = cfg.output_dir()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     folders = (out, out / UNITS_DIR, out / TAILS_DIR)
-    with output_lock(out):
-        remove_temp_files(*folders)
-        try:
-            return _run_locked(cfg, out, workers, progress)
-        except OSError as exc:
-            if exc.filename is not None:
-                raise
-            raise OSError(exc.errno, f"{exc.strerror or exc} (writing {out})") from exc
-        finally:
+    try:
+        with output_lock(out):
             remove_temp_files(*folders)
+            try:
+                return _run_locked(cfg, out, workers, progress)
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                raise OSError(exc.errno, f"{exc.strerror or exc} (writing {out})") from exc
+            finally:
+                remove_temp_files(*folders)
+    except ConfigError:
+        if created:  # a job that failed its configuration leaves no output folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _run_locked(cfg: JobConfig, out: Path, workers: int | None, progress: bool) -> JobResult:
@@ -218,6 +226,7 @@ def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     per_source: dict[str, dict[str, int]] = {}
     per_domain: dict[str, dict[str, int]] = {}
     reasons: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for o in outcomes:
         for f in o["files"]:
             for table, name in ((per_source, o["source"]), (per_domain, f["domain"])):
@@ -227,9 +236,11 @@ def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         for r in o["rejects"]:
             reason = r["reason"].split(":")[0][:80]
             reasons[reason] = reasons.get(reason, 0) + 1
+            examples.setdefault(reason, r["reason"])
     total = {k: sum(r[k] for r in per_source.values()) for k in ("inputs", "accepted", "rejected")}
     return {"total": total, "sources": per_source, "domains": per_domain,
-            "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
+            "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            "reject_examples": {k: examples[k] for k in sorted(examples)}}
 
 
 def _write_reports(out: Path, units: list[Unit], outcomes: dict[int, dict[str, Any]], result: JobResult) -> None:
@@ -252,6 +263,13 @@ def print_table(result: JobResult) -> None:
         print(f"{'total':<28}{t['inputs']:>10}{t['accepted']:>10}{t['rejected']:>10}")
     print(f"{result.units} units ({result.skipped} already done), {result.shards} shards in {result.seconds:.1f}s "
           f"(planning {result.plan_seconds:.1f}s) -> {result.output}")
+    reasons = acc.get("reject_reasons", {})
+    if reasons:
+        examples = acc.get("reject_examples", {})
+        print(f"{t.get('rejected', 0)} records rejected; top reasons (one full example each):")
+        for reason, n in list(reasons.items())[:5]:
+            print(f"  {n:>8}  {examples.get(reason, reason)}")
+        print(f"every reject, with its file and record: {result.output / REJECTS}")
     for f in result.failed:
         print(f"FAILED unit {f['unit']} ({f['file']}):\n{f['error']}")
 

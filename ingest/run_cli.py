@@ -53,6 +53,11 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(result_dict(result), indent=1))
     else:
         print_table(result)
+    total = result.accounting.get("total", {})
+    if result.ok and total.get("inputs", 0) > 0 and total.get("accepted", 0) == 0:
+        print(f"error: none of the {total['inputs']} input records was accepted; the reasons are in "
+              f"{result.output / 'rejects.jsonl'}")
+        return 1
     if not result.ok:
         print(f"error: {len(result.failed)} unit(s) failed: {', '.join(f['unit'] for f in result.failed)}; "
               "fix the cause and re-run the same command to finish the rest")

@@ -31,7 +31,7 @@ def test_source_domain_restricts_the_sniffed_converter(tmp_path):
     (reject,) = wrong["rejects"]
     assert reject["converter"] == "auto" and reject["record"] is None
     assert reject["reason"] == (f"cannot choose a converter: no converter of domain 'protein' handles {csv}; "
-                                "name one with converter: NAME")
+                                "name one with converter: NAME (job file) or --converter NAME")
 
 
 def test_outcome_names_its_unit_and_is_the_recorded_file(tmp_path):

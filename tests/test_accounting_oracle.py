@@ -264,7 +264,7 @@ def test_per_file_rows_sniff_failures_and_domain_hints(tmp_path):
     (reject,) = outcomes[0]["rejects"]
     assert reject == {"file": rows[0]["file"], "record": None, "converter": "auto",
                       "reason": f"cannot choose a converter: no converter handles {tmp_path / 'mystery.dat'}; "
-                                "name one with converter: NAME"}
+                                "name one with converter: NAME (job file) or --converter NAME"}
     assert (rows[2]["converter"], rows[2]["domain"], rows[2]["inputs"], rows[2]["accepted"]) == \
         ("mmcif", "protein", 1, 1)
     assert [(r["start"], r["stop"], r["inputs"], r["accepted"], r["domain"]) for r in rows[3:]] == \
