@@ -37,16 +37,27 @@ EOF
 
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled  # loopback only; no token to hand around
 
+free_port() {  # a port nobody listens on now
+    python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+}
+
+agent_ports() {  # per-node agent ports: Ray's fixed defaults (52365, ...) collide with any other Ray here,
+    # e.g. a test session's embedded Ray, and a node whose agent cannot bind accepts no job
+    echo "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
+         "--runtime-env-agent-port=$(free_port) --metrics-export-port=$(free_port)"
+}
+
 start_head() {  # $1 GCS port, $2 dashboard port, $3 CPUs; returns once the job API answers
     local port=$1 dash=$2 cpus=$3 client
     mkdir -p "$state"
     echo "127.0.0.1:$port" > "$state/address"
     echo "http://127.0.0.1:$dash" > "$state/dashboard"
     # a free port for the Ray Client server too: its default (10001) collides with any other cluster here
-    client=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    client=$(free_port)
+    # shellcheck disable=SC2046  # agent_ports prints separate flags
     setsid ray start --head --block --port="$port" --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
-        --ray-client-server-port="$client" --disable-usage-stats > "$state/head.log" 2>&1 &
+        --ray-client-server-port="$client" $(agent_ports) --disable-usage-stats > "$state/head.log" 2>&1 &
     echo $! > "$state/head.pid"
     for _ in $(seq 1 120); do
         grep -q "Ray runtime started" "$state/head.log" 2>/dev/null && break
@@ -69,8 +80,9 @@ start_worker() {  # $1 CPUs; a worker raylet joins the head in $state (worker.pi
     address=$(cat "$state/address")
     n=$(find "$state" -maxdepth 1 -name 'worker*.pid' | wc -l)
     name=worker; [ "$n" -gt 0 ] && name="worker-$((n + 1))"
+    # shellcheck disable=SC2046  # agent_ports prints separate flags
     setsid ray start --block --address="$address" --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
-        --disable-usage-stats > "$state/$name.log" 2>&1 &
+        $(agent_ports) --disable-usage-stats > "$state/$name.log" 2>&1 &
     echo $! > "$state/$name.pid"
     wait_for_nodes "$((n + 2))" "$address"
 }
