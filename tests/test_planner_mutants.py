@@ -12,7 +12,7 @@ import pytest
 
 from shards.manifest import write_dataset
 from shards.mixture import MixtureConfig
-from shards.plan import Planner, SampleTable, build_table
+from shards.plan import Planner, RepeatSpec, SampleTable, build_table
 from shards.reader import ShardDataset
 from shards.schema import AtomGraph
 from shards.writer import WriterConfig
@@ -134,3 +134,46 @@ def test_build_table_maps_every_dataset_onto_shared_codes(two_datasets):
         assert got == sorted((dom, src, n) for _, dom, src, n in spec)
     assert t.checksum is not None and t.checksum.size == 7 and np.unique(t.checksum).size == 7
     assert (t.size > 0).all() and t.shard.max() == 1
+    # the documented column types keep a table of millions of rows small
+    assert (t.dataset.dtype, t.domain.dtype, t.source.dtype) == (np.int16, np.int16, np.int16)
+
+
+def test_windows_are_shuffled_independently():
+    """Two full windows of a pass do not share one within-window shuffle pattern."""
+    m = 16 * UNIT_BLOCK
+    rows = _passes(_one_domain(m, domain="molecule"), m, 1, seed=2)[0]
+    w = WINDOW * UNIT_BLOCK
+    assert not np.array_equal(rows[:w] % UNIT_BLOCK, rows[w:2 * w] % UNIT_BLOCK)
+
+
+def test_group_by_source_draws_by_source_names():
+    """Grouped by source, the weights name sources: the rows emitted come only from the weighted source,
+    although every domain holds rows of it and of the others."""
+    m = 600
+    src = np.arange(m) % 3
+    dom = (np.arange(m) // 3) % 2
+    z = np.zeros(m, np.int64)
+    table = SampleTable(dataset=z.astype(np.int16), shard=z.astype(np.int32), offset=np.arange(m), size=z,
+                        n_atoms=np.ones(m, np.int32), domain=dom.astype(np.int16), source=src.astype(np.int16),
+                        trajectory=z.astype(np.uint64), domain_names=["molecule", "crystal"],
+                        source_names=["qm9", "cod", "mp"])
+    mix = MixtureConfig(strategy="proportions", group_by="source", weights={"cod": 1.0}, default_weight=0.0)
+    p = Planner(table, mix, seed=0, max_atoms=50)
+    assert p.group_names == ["qm9", "cod", "mp"]
+    rows = np.concatenate([p.next_batch().rows for _ in range(10)])
+    assert rows.size == 500 and set(src[rows].tolist()) == {1} and set(dom[rows].tolist()) == {0, 1}
+
+
+def test_cell_repeats_leave_unhit_axes_at_one():
+    """Each axis of a repeatable structure is repeated with probability p (2..max_repeat times), else once."""
+    m = 1000
+    z = np.zeros(m, np.int64)
+    table = SampleTable(dataset=z.astype(np.int16), shard=z.astype(np.int32), offset=np.arange(m), size=z,
+                        n_atoms=np.ones(m, np.int32), domain=z.astype(np.int16), source=z.astype(np.int16),
+                        trajectory=z.astype(np.uint64), domain_names=["crystal"], source_names=["cod"])
+    p = Planner(table, MixtureConfig(), seed=4, max_atoms=500, repeat=RepeatSpec(p=0.3, max_repeat=3))
+    reps = np.concatenate([b.repeats for b in (p.next_batch() for _ in range(40))])
+    assert reps.shape[0] >= 1000
+    once = float((reps == 1).mean())
+    assert 0.6 < once < 0.8, once  # 1 - p = 0.7 per axis (27 atoms at most: the budget never forces 1s)
+    assert set(np.unique(reps).tolist()) == {1, 2, 3}
