@@ -102,6 +102,7 @@ def configure(root: Path, target: str, tests: tuple[str, ...]) -> None:
     """Append the mutmut section: mutate ``target`` only, run only ``tests``."""
     lines = ["", "[tool.mutmut]", 'source_paths = ["shards", "ingest", "scd_train"]',
              f"only_mutate = [{json.dumps(target)}]",
+             'also_copy = ["README.md"]',  # tests/test_schema.py checks the README's field table
              f"pytest_add_cli_args_test_selection = {json.dumps(list(tests))}",
              'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "-o", "addopts="]', ""]
     with open(root / "pyproject.toml", "a") as fh:
