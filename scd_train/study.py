@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import yaml
@@ -25,6 +25,8 @@ import yaml
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune, labelled_graphs, make_splits
 from scd_train.objectives import ObjectiveConfig
 from shards.config import from_dict, to_dict
+
+C = TypeVar("C")
 
 ARMS = ("scratch", "denoise", "scd")
 
@@ -257,11 +259,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_study_config(path: str | Path | None, overrides: list[str] | None = None) -> StudyConfig:
-    """The defaults, updated key by key from a YAML (unknown keys are errors) and ``--set`` overrides."""
+def load_config_with_defaults(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """``cls()``'s defaults, updated key by key from a YAML (unknown keys are errors) and ``--set`` overrides."""
     from shards.config import ConfigError, apply_overrides, parse_yaml
 
-    data = to_dict(StudyConfig())
+    data = to_dict(cls())
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"{path}: config file not found")
@@ -269,4 +271,9 @@ def load_study_config(path: str | Path | None, overrides: list[str] | None = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = _merge(data, loaded)
-    return from_dict(StudyConfig, apply_overrides(data, overrides or []), str(path or "study"))
+    return from_dict(cls, apply_overrides(data, overrides or []), str(path or "study"))
+
+
+def load_study_config(path: str | Path | None, overrides: list[str] | None = None) -> StudyConfig:
+    """The QM9 study's defaults, updated from a YAML and ``--set`` overrides."""
+    return load_config_with_defaults(StudyConfig, path, overrides)

@@ -25,8 +25,8 @@ import yaml
 
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune
 from scd_train.objectives import ObjectiveConfig
-from scd_train.study import ARMS, PretrainSpec, StudyConfig, pretrain
-from shards.config import from_dict, to_dict
+from scd_train.study import ARMS, PretrainSpec, StudyConfig, load_config_with_defaults, pretrain
+from shards.config import to_dict
 
 __all__ = ["MDSpec", "MDStudyConfig", "load_md_study_config", "run_md_study"]
 
@@ -247,23 +247,6 @@ def run_md_study(cfg: MDStudyConfig, out: Path, *, command: str = "scd study md"
     return summary
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_md_study_config(path: str | Path | None, overrides: list[str] | None = None) -> MDStudyConfig:
     """The defaults, updated key by key from a YAML (unknown keys are errors) and ``--set`` overrides."""
-    from shards.config import ConfigError, apply_overrides
-
-    data = to_dict(MDStudyConfig())
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: config file not found")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = _merge(data, loaded)
-    return from_dict(MDStudyConfig, apply_overrides(data, overrides or []), str(path or "study"))
+    return load_config_with_defaults(MDStudyConfig, path, overrides)
