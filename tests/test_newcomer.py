@@ -111,13 +111,22 @@ def test_train_progress_lines_and_ctrl_c_message(mixed, tmp_path) -> None:
     cfg = _train_config(tmp_path, mixed[0])
     log = tmp_path / "log.txt"
     with log.open("w") as fh:
+        # a shell that started the tests in the background (nohup, `&`) ignores SIGINT, and a child inherits
+        # that: give the child the default handler, as a terminal's Ctrl-C would find it
         proc = subprocess.Popen([sys.executable, "-m", "shards.cli", "train", str(cfg)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=_scd_env())
-        deadline = time.monotonic() + 300
-        while not sorted((tmp_path / "run").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=120)
+                                stderr=subprocess.STDOUT, env=_scd_env(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 300
+            while (not sorted((tmp_path / "run").glob("step-*")) and proc.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     text = log.read_text()
     assert rc == 130, text[-3000:]
     kept = sorted((tmp_path / "run").glob("step-*"))[-1]
