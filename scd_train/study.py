@@ -201,16 +201,23 @@ def write_markdown(cfg: StudyConfig, summary: dict[str, dict[str, Any]], path: P
     path.write_text("\n".join(lines))
 
 
-def run_study(cfg: StudyConfig, out: Path, *, command: str = "scd study qm9", log: Any = print) -> dict[str, Any]:
-    """Run the whole study into ``out`` (completed runs are reused); returns the summary."""
+def start_study(cfg: Any, out: Path) -> Path:
+    """Set the torch threads of a study config (``threads``), create ``out/configs`` and save the config
+    there; returns ``out`` resolved."""
     import torch
 
-    t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = out.resolve()
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / "study.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out
+
+
+def run_study(cfg: StudyConfig, out: Path, *, command: str = "scd study qm9", log: Any = print) -> dict[str, Any]:
+    """Run the whole study into ``out`` (completed runs are reused); returns the summary."""
+    t0 = time.perf_counter()
+    out = start_study(cfg, out)
     log(f"[1/4] ingest QM9 ({cfg.max_records} molecules) -> {out / 'qm9'}")
     dataset, mode = ingest_qm9(cfg, out)
     split_file, pre_data, splits = prepare_data(cfg, dataset, out)

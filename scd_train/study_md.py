@@ -25,7 +25,7 @@ import yaml
 
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune
 from scd_train.objectives import ObjectiveConfig
-from scd_train.study import ARMS, PretrainSpec, StudyConfig, load_config_with_defaults, pretrain
+from scd_train.study import ARMS, PretrainSpec, StudyConfig, load_config_with_defaults, pretrain, start_study
 from shards.config import to_dict
 
 __all__ = ["MDSpec", "MDStudyConfig", "load_md_study_config", "run_md_study"]
@@ -188,14 +188,8 @@ def write_markdown(cfg: MDStudyConfig, summary: dict[str, dict[str, Any]], path:
 
 def run_md_study(cfg: MDStudyConfig, out: Path, *, command: str = "scd study md", log: Any = print) -> dict[str, Any]:
     """Run the whole study into ``out``; returns the summary."""
-    import torch
-
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = out.resolve()
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "configs" / "study.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    out = start_study(cfg, out)
     log(f"[1/4] trajectory -> {out / 'md.traj'}")
     timings: dict[str, float] = {}
     traj = make_trajectory(cfg, out, log)
