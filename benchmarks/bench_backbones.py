@@ -39,7 +39,7 @@ BATCH_KEYS = ("z", "pos_clean", "pos_noisy", "noise", "edge_index_clean", "edge_
 
 def qm9_like_batch(n_graphs: int = 32, n_atoms: int = 18, seed: int = 0) -> dict[str, torch.Tensor]:
     """Compact random molecules (H/C/N/O/F) with clean and noisy views and 5 A radius graphs."""
-    from shards.graph import radius_graph
+    from shards.stream.graph import radius_graph
 
     rng = np.random.default_rng(seed)
     out: dict[str, list] = {k: [] for k in ("z", "pos_clean", "pos_noisy", "noise", "edge_index_clean",

@@ -46,9 +46,9 @@ def run_case(case: str, preset: str, threads: int) -> dict:
     from scd_train.data import to_torch
     from scd_train.forcefield import EnergyModel
     from scd_train.objectives import ObjectiveConfig, build_objective
-    from shards.collate import collate
-    from shards.schema import AtomGraph
-    from shards.views import ViewConfig, make_views
+    from scd_train.views import ViewConfig, make_views
+    from shards.format.schema import AtomGraph
+    from shards.stream.collate import collate
 
     torch.set_num_threads(threads)
     atoms = build_structure(case)

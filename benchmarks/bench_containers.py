@@ -211,7 +211,7 @@ def schema_floor(n: int, atoms: int) -> float:
     """Seconds to build ``n`` validated records of ``atoms`` atoms from arrays already in memory (key, energy,
     forces): the cost every converter pays per record, whatever it reads."""
     from ingest.plugin import owned
-    from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+    from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
     rng = np.random.default_rng(5)
     z = owned(_z(atoms, rng), np.uint8)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.manifest import write_dataset
-from shards.reader import ShardDataset
-from shards.schema import AtomGraph, make_key
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardDataset
+from shards.format.schema import AtomGraph, make_key
 
 
 def qm9_graphs(limit: int) -> list[AtomGraph]:

@@ -37,9 +37,9 @@ def export(path: Path, limit: int) -> None:
 
 
 def batches(path: Path, budget: int, count: int) -> list[dict]:
-    from shards.collate import collate
-    from shards.schema import AtomGraph
-    from shards.views import ViewConfig, make_views
+    from scd_train.views import ViewConfig, make_views
+    from shards.format.schema import AtomGraph
+    from shards.stream.collate import collate
 
     data = np.load(path)
     offs = np.r_[0, np.cumsum(data["n"])]

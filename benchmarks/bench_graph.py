@@ -1,4 +1,4 @@
-"""Radius-graph time per structure: ``shards.graph.radius_graph`` vs ``ase.neighborlist.neighbor_list``.
+"""Radius-graph time per structure: ``shards.stream.graph.radius_graph`` vs ``ase.neighborlist.neighbor_list``.
 
 Structures: pymatgen's bundled crystals, a QM9 molecule (18 atoms) and a ~3,000-atom protein-density
 random cloud. Usage: ``python benchmarks/bench_graph.py [--cutoff 5.0]``.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.graph import radius_graph
+from shards.stream.graph import radius_graph
 
 
 def per_call(fn: Callable[[], object], budget_s: float = 0.3, repeats: int = 3) -> float:

@@ -22,8 +22,8 @@ from ingest.job import JobConfig, SourceSpec, plan_units
 from ingest.run import run_job
 from ingest.unit import run_unit
 from scd_train.datakit import qm9_csv
-from shards.manifest import finalize_dataset
-from shards.writer import WriterConfig
+from shards.format.manifest import finalize_dataset
+from shards.format.writer import WriterConfig
 
 
 def _cases(qm9_rows: int, per_unit: int) -> dict[str, tuple[SourceSpec, ...]]:

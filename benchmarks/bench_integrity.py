@@ -23,12 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import qm9_graphs  # noqa: E402
 
-from shards.fetch import SampleFetcher  # noqa: E402
-from shards.loader import BatchStream, LoaderConfig  # noqa: E402
-from shards.manifest import write_dataset  # noqa: E402
-from shards.plan import build_table  # noqa: E402
-from shards.reader import ShardDataset  # noqa: E402
-from shards.writer import sample_checksum  # noqa: E402
+from scd_train.config import DataConfig  # noqa: E402
+from scd_train.data import make_stream  # noqa: E402
+from shards.format.manifest import write_dataset  # noqa: E402
+from shards.format.reader import ShardDataset  # noqa: E402
+from shards.format.writer import sample_checksum  # noqa: E402
+from shards.stream.fetch import SampleFetcher  # noqa: E402
+from shards.stream.plan import build_table  # noqa: E402
 
 Tally = dict[bool, list[float]]  # check on/off -> [samples, CPU seconds]
 
@@ -37,10 +38,10 @@ def _tally() -> Tally:
     return {True: [0.0, 0.0], False: [0.0, 0.0]}
 
 
-def loader_round(cfg: LoaderConfig, steps: int, first: bool, tally: Tally) -> None:
+def loader_round(cfg: DataConfig, steps: int, first: bool, tally: Tally) -> None:
     """``2 * steps`` batches of one stream after a warm-up batch, the check switched on and off batch by
     batch (``first`` says which mode the first batch gets)."""
-    stream = BatchStream(cfg)
+    stream = make_stream(cfg)
     it = iter(stream)
     next(it)
     for i in range(2 * steps):
@@ -89,7 +90,7 @@ def main() -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     root = str(Path(tempfile.mkdtemp(prefix="bench-integrity-")) / "qm9")
     write_dataset(qm9_graphs(args.molecules), root)
-    cfg = LoaderConfig(datasets=(root,), max_atoms=4000)
+    cfg = DataConfig(datasets=(root,), max_atoms=4000)
     loader, decode = _tally(), _tally()
     alone = []
     for r in range(args.rounds):

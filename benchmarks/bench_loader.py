@@ -23,11 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import protein_graphs, qm9_graphs, write_wds_npy  # noqa: E402
 
-from shards.loader import BatchStream, LoaderConfig  # noqa: E402
-from shards.manifest import write_dataset  # noqa: E402
-from shards.mixture import MixtureConfig  # noqa: E402
-from shards.schema import AtomGraph, make_key  # noqa: E402
-from shards.views import ViewConfig  # noqa: E402
+from scd_train.config import DataConfig  # noqa: E402
+from scd_train.data import make_stream  # noqa: E402
+from scd_train.views import ViewConfig  # noqa: E402
+from shards.format.manifest import write_dataset  # noqa: E402
+from shards.format.schema import AtomGraph, make_key  # noqa: E402
+from shards.stream.mixture import MixtureConfig  # noqa: E402
 
 
 def crystal_graphs() -> list[AtomGraph]:
@@ -59,8 +60,8 @@ def md_graphs(stride: int = 2) -> list[AtomGraph]:
     return out
 
 
-def throughput(cfg: LoaderConfig, steps: int) -> tuple[float, float]:
-    stream = BatchStream(cfg)
+def throughput(cfg: DataConfig, steps: int) -> tuple[float, float]:
+    stream = make_stream(cfg)
     it = iter(stream)
     next(it)
     t = time.perf_counter()
@@ -91,8 +92,8 @@ def baseline(shards: list[str], limit: int) -> float:
 
 
 def rss_child(root: str, steps: int) -> None:
-    cfg = LoaderConfig(datasets=(root,), max_atoms=2000, views=ViewConfig())
-    for _ in itertools.islice(BatchStream(cfg), steps):
+    cfg = DataConfig(datasets=(root,), max_atoms=2000, views=ViewConfig())
+    for _ in itertools.islice(make_stream(cfg), steps):
         pass
     print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -119,13 +120,13 @@ def main() -> None:
                              ("4-domain mix (proportions 1:1:1:1, protein crop 1500)", "mix",
                               MixtureConfig(strategy="proportions", crop_protein_atoms=1500,
                                             max_frames_per_trajectory=10))):
-        cfg = LoaderConfig(datasets=(str(tmp / root),), mixture=mix, max_atoms=budget, views=ViewConfig(rotate=True))
+        cfg = DataConfig(datasets=(str(tmp / root),), mixture=mix, max_atoms=budget, views=ViewConfig(rotate=True))
         pairs, atoms = throughput(cfg, args.steps)
         print(f"{label}: {pairs:,.0f} SCD pairs/s, {atoms:,.0f} atoms/s per worker "
               "(decode + 2 views + 2 graphs + collate)")
     wds_files = write_wds_npy(qm9, tmp / "wds", per_shard=10_000)
     base = baseline(wds_files, 1500)
-    pairs, _ = throughput(LoaderConfig(datasets=(str(tmp / "qm9"),), max_atoms=budget), args.steps)
+    pairs, _ = throughput(DataConfig(datasets=(str(tmp / "qm9"),), max_atoms=budget), args.steps)
     print(f"QM9 baseline webdataset + ase neighbor_list: {base:,.0f} pairs/s -> ours {pairs / base:.1f}x")
     small = qm9[: args.molecules // 10]
     write_dataset(small, tmp / "small")

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.loader import BatchStream, LoaderConfig
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig
-from shards.plan import Planner, SampleTable
-from shards.schema import AtomGraph, make_key
-from shards.writer import WriterConfig
+from scd_train.config import DataConfig
+from scd_train.data import make_stream
+from shards.format.manifest import write_dataset
+from shards.format.schema import AtomGraph, make_key
+from shards.format.writer import WriterConfig
+from shards.stream.mixture import MixtureConfig
+from shards.stream.plan import Planner, SampleTable
 
 
 def bench_graphs(copies: int) -> list[AtomGraph]:
@@ -62,10 +63,10 @@ def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def stream_rate(cfg: LoaderConfig, steps: int) -> tuple[float, float]:
+def stream_rate(cfg: DataConfig, steps: int) -> tuple[float, float]:
     """(first-batch latency in s including dataset open, SCD pairs/s over the following steps)."""
     t0 = time.perf_counter()
-    it = iter(BatchStream(cfg))
+    it = iter(make_stream(cfg))
     next(it)
     first = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -130,8 +131,8 @@ def main() -> None:
         server, url = serve(Path(tmp))
         try:
             common = dict(mixture=MixtureConfig(), seed=0, max_atoms=2000)
-            local = stream_rate(LoaderConfig(datasets=(str(root),), **common), args.steps)
-            remote = stream_rate(LoaderConfig(datasets=(f"{url}/ds",), cache_dir=str(Path(tmp) / "cache"),
+            local = stream_rate(DataConfig(datasets=(str(root),), **common), args.steps)
+            remote = stream_rate(DataConfig(datasets=(f"{url}/ds",), cache_dir=str(Path(tmp) / "cache"),
                                               **common), args.steps)
         finally:
             server.shutdown()

@@ -32,8 +32,8 @@ from pathlib import Path
 from ingest.job import JobConfig, SourceSpec
 from ingest.run import run_job
 from scd_train.datakit import package_dir
-from shards.compact import shard_sizes
-from shards.writer import WriterConfig
+from shards.format.audit import shard_sizes
+from shards.format.writer import WriterConfig
 
 PDBS = ("adk_open_10res.pdb", "A6PA6_alpha.pdb", "1grm_single.pdb")
 

@@ -2,7 +2,7 @@
 
 QM9 molecules (qm9pack's CSV) and pymatgen's bundled crystals (with random cell repeats), in
 batches of 32. Baseline: the same views with ``ase.neighborlist.neighbor_list`` building both
-graphs instead of ``shards.graph``. Usage: ``python benchmarks/bench_views.py [--molecules 2000]``.
+graphs instead of ``shards.stream.graph``. Usage: ``python benchmarks/bench_views.py [--molecules 2000]``.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_graph import crystals, qm9_molecules  # noqa: E402
 
-from shards.collate import collate  # noqa: E402
-from shards.schema import AtomGraph, make_key  # noqa: E402
-from shards.views import ViewConfig, make_views, noise_rng  # noqa: E402
+from scd_train.views import ViewConfig, make_views, noise_rng  # noqa: E402
+from shards.format.schema import AtomGraph, make_key  # noqa: E402
+from shards.stream.collate import collate  # noqa: E402
 
 BATCH = 32
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.config import ConfigError, load_yaml, to_dict
-from shards.writer import WriterConfig
+from shards.format.writer import WriterConfig
 
 MAX_INPUT_BYTES = 64 * 1024 ** 3
 AUTO = "auto"

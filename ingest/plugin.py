@@ -11,7 +11,7 @@ from typing import IO, Any, ClassVar
 import numpy as np
 
 from shards.config import ConfigError, from_dict
-from shards.schema import AtomGraph, SchemaError
+from shards.format.schema import AtomGraph, SchemaError
 
 MAX_FILE_BYTES = 8 * 1024 ** 3
 

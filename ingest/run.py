@@ -15,8 +15,8 @@ from ingest.job import JobConfig, Mapper, Unit, job_summary_config, plan_units
 from ingest.lock import output_lock, remove_temp_files
 from ingest.unit import TAILS_DIR, UNITS_DIR, clear_leftovers, completed, shard_intact
 from shards.config import ConfigError
-from shards.manifest import MANIFEST, finalize_dataset
-from shards.writer import WriterConfig, write_atomic
+from shards.format.manifest import MANIFEST, finalize_dataset
+from shards.format.writer import WriterConfig, write_atomic
 
 REJECTS = "rejects.jsonl"
 SUMMARY = "ingest_summary.json"
@@ -138,7 +138,7 @@ def _run_locked(cfg: JobConfig, out: Path, workers: int | None, progress: bool) 
 def _pack_tails(out: Path, outcomes: list[dict[str, Any]], writer: WriterConfig) -> list[str]:
     """Copy the units' tail shards, in unit order, into target-size ``pack-NNNNNN.tar`` shards; reuse an
     intact earlier packing of the very same tails (its record is written after the shards)."""
-    from shards.compact import pack_local
+    from shards.tools.compact import pack_local
 
     tails = [o["tail"] for o in outcomes if o.get("tail")]
     inputs = [[t["name"], t["sha256"]] for t in tails]

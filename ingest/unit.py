@@ -15,8 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from shards.manifest import sha256_file
-from shards.writer import INDEX_SUFFIX, ShardWriter, WriterConfig, write_atomic
+from shards.format.manifest import sha256_file
+from shards.format.writer import INDEX_SUFFIX, ShardWriter, WriterConfig, write_atomic
 
 UNITS_DIR = "_units"
 TAILS_DIR = "_units/tails"

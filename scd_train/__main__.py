@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from shards.cli import main
+from shards.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

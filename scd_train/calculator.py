@@ -6,7 +6,7 @@
 
 Energies in eV, forces in eV/Å, stress in eV/Å^3 (ASE's sign and Voigt order) for cells periodic in all
 three directions. The neighbour graph is the project's exact periodic radius graph
-(:func:`shards.graph.radius_graph_with_offsets`, no neighbour cap), rebuilt at every call. Outputs are
+(:func:`shards.stream.graph.radius_graph_with_offsets`, no neighbour cap), rebuilt at every call. Outputs are
 deterministic (eval mode, no random draws). Structures with elements absent from the training split are
 refused with a one-line message naming them.
 """

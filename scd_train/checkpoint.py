@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shards import jsoncheck as jc
+from shards.format import jsoncheck as jc
 
 PREFIX = "step-"
 _TMP = re.compile(rf"\.tmp-{PREFIX}\d+-(\d+)")

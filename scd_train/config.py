@@ -7,8 +7,16 @@ from typing import Literal
 
 from scd_train.objectives import ObjectiveConfig
 from scd_train.optim import OptimConfig
+from scd_train.views import ViewConfig
 from shards.config import ConfigError, load_yaml
-from shards.loader import LoaderConfig
+from shards.stream.loader import LoaderConfig
+
+
+@dataclass(frozen=True)
+class DataConfig(LoaderConfig):
+    """``data:`` of a training config: the loader's settings plus ``views`` (how SCD views are made)."""
+
+    views: ViewConfig = field(default_factory=ViewConfig)
 
 
 @dataclass(frozen=True)
@@ -20,7 +28,7 @@ class TrainConfig:
     """
 
     run_dir: str
-    data: LoaderConfig
+    data: DataConfig
     model: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000

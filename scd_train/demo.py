@@ -28,7 +28,7 @@ def _ingest(out: Path) -> Path:
     job = out / "ingest_job.yaml"
     job.write_text(yaml.safe_dump({"output": str(out / "shards"), "sources": demo_sources(),
                                    "writer": {"max_shard_samples": 2000}}, sort_keys=False))
-    _run("ingest", [sys.executable, "-m", "shards.cli", "ingest", "run", str(job)])
+    _run("ingest", [sys.executable, "-m", "shards", "ingest", "run", str(job)])
     return out / "shards"
 
 
@@ -91,7 +91,7 @@ def _loss_summary(metrics: Path) -> dict[str, float]:
 
 def run_demo(out: Path, *, steps: int = 300, nproc: int = 2) -> dict[str, Any]:
     """Run the whole demo into ``out``; returns the summary."""
-    from shards.report import write_report
+    from shards.tools.report import write_report
 
     t0 = time.perf_counter()
     out = out.resolve()

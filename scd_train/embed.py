@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from scd_train.budget import Budget, budget_batches
 from scd_train.data import to_torch
 from scd_train.objectives import ObjectiveConfig, build_objective
-from shards.collate import collate
+from scd_train.views import ViewConfig, make_views
 from shards.config import from_dict
+from shards.format.schema import AtomGraph
 from shards.progress import Progress
-from shards.schema import AtomGraph
-from shards.views import ViewConfig, make_views
+from shards.stream.collate import collate
 
 __all__ = ["DEFAULT_BUDGET", "count_inputs", "embed_graphs", "iter_inputs", "load_objective", "read_inputs",
            "ridge_cv"]
@@ -59,7 +59,7 @@ def load_objective(checkpoint: str | Path) -> tuple[torch.nn.Module, ObjectiveCo
 def iter_inputs(inputs: list[str]) -> Iterator[AtomGraph]:
     """Stream a shard dataset folder, or structure files ASE reads (every frame; key ``<stem>-<frame>``)."""
     if len(inputs) == 1 and (Path(inputs[0]) / "manifest.json").is_file():
-        from shards.reader import ShardDataset
+        from shards.format.reader import ShardDataset
 
         yield from ShardDataset(inputs[0])
         return

@@ -29,11 +29,11 @@ from scd_train.data import to_torch
 from scd_train.models import backbone_config
 from scd_train.models.base import scatter_sum
 from scd_train.objectives import ObjectiveConfig, build_objective
-from shards.collate import collate
+from scd_train.views import ViewConfig, make_views
 from shards.config import ConfigError, from_dict, load_yaml, to_dict
-from shards.reader import ShardDataset
-from shards.schema import AtomGraph
-from shards.views import ViewConfig, make_views
+from shards.format.reader import ShardDataset
+from shards.format.schema import AtomGraph
+from shards.stream.collate import collate
 
 __all__ = ["TASKS", "TASK_DEFAULTS", "FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "labelled_graphs",
            "load_finetune_config", "make_splits", "model_config_from_checkpoint", "resolve_checkpoint",

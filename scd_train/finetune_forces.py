@@ -38,8 +38,8 @@ from scd_train.forcefield import (
     structure_batch,
 )
 from shards.config import to_dict
-from shards.reader import ShardDataset
-from shards.schema import AtomGraph
+from shards.format.reader import ShardDataset
+from shards.format.schema import AtomGraph
 
 __all__ = ["evaluate", "finetune_energy_forces", "force_graphs"]
 

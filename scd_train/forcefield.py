@@ -7,7 +7,7 @@ reference energies (fitted on the training split). Forces are ``-dE/dx`` by auto
 convention), from a symmetric strain applied to positions and periodic image shifts. The modulation
 MLPs of the backbone see gradients (``stop_gradient`` off), so forces are exactly conservative.
 
-Graphs come from :func:`shards.graph.radius_graph_with_offsets` with no neighbour cap, so training and
+Graphs come from :func:`shards.stream.graph.radius_graph_with_offsets` with no neighbour cap, so training and
 the ASE calculator see the same exact periodic radius graph. A saved force field is a folder with
 ``model.safetensors`` and ``forcefield.json`` (model config, element references, elements trained on).
 """
@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from scd_train.models.base import MAX_Z, Backbone, scatter_sum, set_stop_gradient
 from scd_train.objectives import ObjectiveConfig, build_objective
-from shards.collate import collate
 from shards.config import from_dict, to_dict
-from shards.graph import radius_graph_with_offsets
+from shards.stream.collate import collate
+from shards.stream.graph import radius_graph_with_offsets
 
 __all__ = ["FORMAT", "EnergyModel", "atom_batches", "fit_element_references", "graph_item", "load_forcefield",
            "save_forcefield", "structure_batch"]
@@ -120,7 +120,7 @@ def fit_element_references(numbers: Sequence[np.ndarray], energies: np.ndarray) 
 
 def graph_item(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
                cutoff: float) -> dict[str, Any]:
-    """One structure for :func:`shards.collate.collate`: the exact radius graph (no neighbour cap),
+    """One structure for :func:`shards.stream.collate.collate`: the exact radius graph (no neighbour cap),
     image shifts ``offsets @ cell`` in float64."""
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     cell_a = np.asarray(cell, dtype=np.float64).reshape(3, 3)

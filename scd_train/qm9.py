@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.schema import AtomGraph
+from shards.format.schema import AtomGraph
 
 HARTREE_EV = 27.211386245988
 _SYMBOLS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}

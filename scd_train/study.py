@@ -84,14 +84,14 @@ def ingest_qm9(cfg: StudyConfig, out: Path) -> tuple[Path, str]:
         job.write_text(yaml.safe_dump({"output": str(dest), "writer": {"max_shard_samples": 5000}, "sources": [
             {"source": "qm9", "converter": "qm9csv", "paths": [csv], "max_records": cfg.max_records,
              "records_per_unit": max(1, cfg.max_records // 2)}]}, sort_keys=False))
-        cmd = [sys.executable, "-m", "shards.cli", "ingest", "run", str(job), "--no-progress"]
+        cmd = [sys.executable, "-m", "shards", "ingest", "run", str(job), "--no-progress"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"ingest failed ({' '.join(cmd)}): {res.stderr.strip().splitlines()[-1:]}")
     else:
         from scd_train.qm9 import iter_qm9_csv
-        from shards.manifest import write_dataset
-        from shards.writer import WriterConfig
+        from shards.format.manifest import write_dataset
+        from shards.format.writer import WriterConfig
 
         write_dataset(iter_qm9_csv(csv, cfg.max_records), dest, config=WriterConfig(max_shard_samples=5000))
     (out / "ingest.json").write_text(json.dumps({"mode": mode, "csv": csv, "max_records": cfg.max_records}))
@@ -100,9 +100,9 @@ def ingest_qm9(cfg: StudyConfig, out: Path) -> tuple[Path, str]:
 
 def prepare_data(cfg: StudyConfig, dataset: Path, out: Path) -> tuple[Path, Path, dict[str, list[str]]]:
     """``splits.json`` (fine-tune keys) and ``pretrain/`` (every other molecule), disjoint by construction."""
-    from shards.manifest import write_dataset
-    from shards.reader import ShardDataset
-    from shards.writer import WriterConfig
+    from shards.format.manifest import write_dataset
+    from shards.format.reader import ShardDataset
+    from shards.format.writer import WriterConfig
 
     labelled = labelled_graphs(dataset, cfg.property)
     splits = make_splits(list(labelled), cfg.split)
@@ -221,7 +221,7 @@ def run_study(cfg: StudyConfig, out: Path, *, command: str = "scd study qm9", lo
     log(f"[1/4] ingest QM9 ({cfg.max_records} molecules) -> {out / 'qm9'}")
     dataset, mode = ingest_qm9(cfg, out)
     split_file, pre_data, splits = prepare_data(cfg, dataset, out)
-    from shards.reader import ShardDataset
+    from shards.format.reader import ShardDataset
 
     n_pre = len(ShardDataset(str(pre_data)))
     log(f"[2/4] splits {[len(v) for v in splits.values()]} -> {split_file}; pretraining set {n_pre} molecules")

@@ -87,15 +87,15 @@ def ingest_trajectory(cfg: MDStudyConfig, traj: Path, out: Path) -> Path:
         job = out / "ingest_job.yaml"
         job.write_text(yaml.safe_dump({"output": str(dest), "sources": [
             {"source": cfg.md.name, "converter": "ase_traj", "paths": [str(traj)]}]}, sort_keys=False))
-        cmd = [sys.executable, "-m", "shards.cli", "ingest", "run", str(job), "--no-progress"]
+        cmd = [sys.executable, "-m", "shards", "ingest", "run", str(job), "--no-progress"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"ingest failed ({' '.join(cmd)}): {res.stderr.strip().splitlines()[-1:]}")
         return dest
     from ase.io.trajectory import Trajectory
 
-    from shards.manifest import write_dataset
-    from shards.schema import AtomGraph, make_key
+    from shards.format.manifest import write_dataset
+    from shards.format.schema import AtomGraph, make_key
 
     with Trajectory(str(traj)) as frames:
         graphs = [AtomGraph.from_ase(a, key=make_key(cfg.md.name, traj.name, i), domain="md", source=cfg.md.name,
@@ -110,8 +110,8 @@ def pretraining_data(cfg: MDStudyConfig, out: Path) -> Path:
     """The first ``pretrain_records`` QM9 molecules of the data kit (``out/pretrain_data``)."""
     from scd_train.datakit import qm9_csv
     from scd_train.qm9 import iter_qm9_csv
-    from shards.manifest import write_dataset
-    from shards.writer import WriterConfig
+    from shards.format.manifest import write_dataset
+    from shards.format.writer import WriterConfig
 
     dest = out / "pretrain_data"
     if not (dest / "manifest.json").is_file():
@@ -195,7 +195,7 @@ def run_md_study(cfg: MDStudyConfig, out: Path, *, command: str = "scd study md"
     traj = make_trajectory(cfg, out, log)
     dataset = ingest_trajectory(cfg, traj, out)
     timings["trajectory"] = time.perf_counter() - t0
-    from shards.reader import ShardDataset
+    from shards.format.reader import ShardDataset
 
     keys = sorted(g.key for g in ShardDataset(str(dataset)))
     n_atoms = len(next(iter(ShardDataset(str(dataset)))).atomic_numbers)

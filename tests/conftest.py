@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.schema import AtomGraph, make_key
+from shards.format.schema import AtomGraph, make_key
 
 
 @functools.lru_cache(maxsize=1)

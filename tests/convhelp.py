@@ -7,7 +7,7 @@ from typing import Any
 from ingest.plugin import Reject, safe_convert
 from ingest.registry import get_converter
 from scd_train.datakit import package_dir
-from shards.schema import AtomGraph
+from shards.format.schema import AtomGraph
 
 
 def convert(name: str, path: str | Path, options: dict[str, Any] | None = None,

@@ -232,7 +232,7 @@ def test_missing_input_fingerprint_and_leftovers_cleared(tmp_path):
 ])
 def test_tail_is_under_half_the_target_in_bytes_and_samples(n_bytes, n_samples, tail):
     from ingest.unit import is_tail
-    from shards.writer import WriterConfig
+    from shards.format.writer import WriterConfig
 
     cfg = WriterConfig(max_shard_bytes=10_000, max_shard_samples=10)
     assert is_tail({"n_bytes": n_bytes, "n_samples": n_samples}, cfg) is tail

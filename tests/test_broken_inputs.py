@@ -8,7 +8,7 @@ import pytest
 
 from ingest.plugin import Reject, safe_convert
 from ingest.registry import converter_for, get_converter
-from shards.schema import AtomGraph
+from shards.format.schema import AtomGraph
 
 BROKEN = Path(__file__).parent / "data" / "broken"
 # file -> (accepted, rejected, rejects with record None, a word every reject reason contains)

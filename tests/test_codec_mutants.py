@@ -1,6 +1,6 @@
 """Codec: the documented byte layout written out by hand, and every decode error path with its exact message.
 
-The oracle is the layout in ``shards/codec.py``'s docstring, re-implemented here with ``struct`` and literal
+The oracle is the layout in ``shards/format/codec.py``'s docstring, re-implemented here with ``struct`` and literal
 numbers (format 1.0, field bits in schema order), so that a change to the bytes on disk cannot go unnoticed.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import struct
 import numpy as np
 import pytest
 
-from shards.codec import CodecError, check_decoded, decode, encode
-from shards.schema import AtomGraph, SchemaError, SchemaVersionError
+from shards.format.codec import CodecError, check_decoded, decode, encode
+from shards.format.schema import AtomGraph, SchemaError, SchemaVersionError
 
 HEAD = "<4sHHIIII"  # magic, major, minor, meta_len, n_atoms, n_bonds, field_mask
 HEAD_SIZE = 24

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest_ray import digest
 
-from shards.cli import main as scd
-from shards.compact import compact
-from shards.manifest import write_dataset
-from shards.verify import inspect_dataset, verify_dataset
-from shards.writer import WriterConfig
+from shards.format.audit import inspect_dataset, verify_dataset
+from shards.format.manifest import write_dataset
+from shards.format.writer import WriterConfig
+from shards.tools.cli import main as scd
+from shards.tools.compact import compact
 
 
 def members(root: Path) -> list[tuple[str, bytes]]:

@@ -10,7 +10,7 @@ import pytest
 
 from ingest.converters.trajectories import write_zarr_trajectory
 from ingest.registry import get_converter
-from shards.schema import AtomGraph
+from shards.format.schema import AtomGraph
 from tests.convhelp import convert
 
 EV_PER_KJ_MOL = 0.0103642697  # written out here, not imported from the converter under test

@@ -16,8 +16,8 @@ from scd_train.budget import Budget, budget_batches
 from scd_train.checkpoint import save_checkpoint
 from scd_train.objectives import ObjectiveConfig, build_objective
 from scd_train.optim import OptimConfig, build_optimizer
-from shards.manifest import write_dataset
-from shards.schema import AtomGraph
+from shards.format.manifest import write_dataset
+from shards.format.schema import AtomGraph
 
 MODEL = {"kind": "scd", "backbone": "et", "hidden": 32, "layers": 1, "heads": 4, "num_rbf": 8}
 
@@ -83,11 +83,11 @@ def test_embedding_does_not_depend_on_the_budget(real_graphs, tmp_path) -> None:
 
 _CAPPED = """
 import resource, sys
-import safetensors.torch, torch, scd_train.embed, scd_train.finetune, shards.cli, shards.reader
+import safetensors.torch, torch, scd_train.embed, scd_train.finetune, shards.tools.cli, shards.format.reader
 data = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmData:")) * 1024
 cap = data + int(sys.argv[1]) * 2**20  # the imports' own data plus a fixed allowance
 resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
-sys.exit(shards.cli.main(sys.argv[2:]))
+sys.exit(shards.tools.cli.main(sys.argv[2:]))
 """
 
 

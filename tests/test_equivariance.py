@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scd_train.models import BACKBONES, Backbone, build_backbone
-from shards.graph import radius_graph
+from shards.stream.graph import radius_graph
 
 CUTOFF = 3.0
 

@@ -14,9 +14,9 @@ from scd_train.datakit import qm9_csv
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune, make_splits
 from scd_train.objectives import ObjectiveConfig, build_objective
 from scd_train.qm9 import iter_qm9_csv
-from shards.cli import main
-from shards.manifest import write_dataset
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.writer import WriterConfig
+from shards.tools.cli import main
 
 TINY = ObjectiveConfig(hidden=32, layers=2, heads=4, num_rbf=8)
 
@@ -75,7 +75,7 @@ def test_finetune_lowers_validation_error_and_is_deterministic(qm9, tmp_path) ->
 
 
 def test_finetune_from_checkpoint_and_split_file(qm9, tiny_ckpt, tmp_path) -> None:
-    from shards.reader import ShardDataset
+    from shards.format.reader import ShardDataset
 
     split = make_splits([g.key for g in ShardDataset(str(qm9))], SplitConfig(40, 10, 10, seed=3))
     (tmp_path / "s.json").write_text(json.dumps(split))
@@ -174,7 +174,7 @@ def test_ridge_probe_recovers_linear_target() -> None:
 
 def test_pretraining_set_disjoint_from_finetune_sets(tmp_path) -> None:
     from scd_train.study import ingest_qm9, load_study_config, prepare_data
-    from shards.reader import ShardDataset
+    from shards.format.reader import ShardDataset
 
     cfg = load_study_config(None, ["max_records=150", "ingest=builtin", "split.train=50", "split.val=20",
                                    "split.test=30"])

@@ -186,8 +186,8 @@ def cu_md(tmp_path_factory):
     from ase.calculators.emt import EMT
 
     from scd_train.mdgen import langevin_frames
-    from shards.manifest import write_dataset
-    from shards.schema import AtomGraph, make_key
+    from shards.format.manifest import write_dataset
+    from shards.format.schema import AtomGraph, make_key
 
     root = tmp_path_factory.mktemp("cu") / "md"
     graphs = []
@@ -242,8 +242,8 @@ def test_energy_forces_finetune_is_deterministic(cu_md, tmp_path) -> None:
 def test_energy_forces_needs_labels(tmp_path) -> None:
     from ase.build import molecule
 
-    from shards.manifest import write_dataset
-    from shards.schema import AtomGraph
+    from shards.format.manifest import write_dataset
+    from shards.format.schema import AtomGraph
 
     write_dataset([AtomGraph.from_ase(molecule("H2O"), key="w-0", domain="molecule", source="w")], tmp_path / "d")
     with pytest.raises(ValueError, match="none of its 1 samples has both an energy and forces"):
@@ -256,7 +256,7 @@ def test_tiny_md_study_end_to_end(tmp_path) -> None:
     pytest.importorskip("tblite")
     import yaml
 
-    from shards.cli import main
+    from shards.tools.cli import main
 
     tiny = {"md": {"frames": 40}, "split": {"train": 24, "val": 8, "test": 8}, "pretrain_records": 200,
             "model": {"hidden": 16, "layers": 1, "heads": 2, "num_rbf": 8},

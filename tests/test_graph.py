@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ase.neighborlist import neighbor_list
 
-from shards.graph import image_counts, radius_graph, radius_graph_with_offsets
+from shards.stream.graph import image_counts, radius_graph, radius_graph_with_offsets
 
 CUTOFF = 5.0
 

@@ -20,7 +20,7 @@ import yaml
 from ingest.plugin import Reject
 from ingest.registry import get_converter
 from scd_train.datakit import package_dir
-from shards.schema import AtomGraph
+from shards.format.schema import AtomGraph
 from tests.convhelp import convert, mda_data, rdkit_file
 
 RATIO, FLOOR = 50, 32 * 1024 ** 2  # documented defaults of max_compression_ratio and the 32 MiB floor
@@ -116,7 +116,7 @@ def test_xyz_accounting_in_a_planned_job_counts_records(tmp_path: Path) -> None:
     """Through the job planner and units (split into record ranges): per-file inputs equal the file's records."""
     from ingest.job import load_job, plan_units
     from ingest.unit import run_unit
-    from shards.writer import WriterConfig
+    from shards.format.writer import WriterConfig
 
     data, bad, positions = _hostile_xyz()
     (tmp_path / "in").mkdir()

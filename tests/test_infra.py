@@ -128,7 +128,7 @@ def commands_in(path: Path) -> list[Command]:
 
 
 def _scd_parser() -> Any:
-    from shards.cli import build_parser
+    from shards.tools.cli import build_parser
 
     return build_parser()
 

@@ -22,7 +22,7 @@ from ingest.job import load_job, plan_units
 from ingest.lock import LockedError, output_lock
 from ingest.run import run_job
 from scd_train.datakit import package_dir, qm9_csv
-from shards.cli import main as scd
+from shards.tools.cli import main as scd
 
 BROKEN = Path(__file__).parent / "data" / "broken"
 LOCAL = {**os.environ, "RAY_ADDRESS": ""}
@@ -288,7 +288,7 @@ def test_sigkill_mid_job_then_rerun_is_byte_identical(ray_session, tmp_path):  #
     assert clean.ok
     job = write_job(tmp_path, "killed", sources)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "shards.cli", "ingest", "run", str(job), "--workers", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "shards", "ingest", "run", str(job), "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env=LOCAL)
     try:
@@ -326,7 +326,7 @@ import resource, signal
 from pathlib import Path
 from ingest.job import load_job, plan_units
 from ingest.unit import run_unit
-from shards.writer import WriterConfig, write_atomic
+from shards.format.writer import WriterConfig, write_atomic
 cfg = load_job({str(job)!r})
 unit = plan_units(cfg)[0]
 out = cfg.output_dir()

@@ -11,7 +11,7 @@ import yaml
 from conftest_ray import ray_session  # noqa: F401 - the shared session fixture
 
 from scd_train.datakit import package_dir
-from shards.cli import main as scd
+from shards.tools.cli import main as scd
 
 MINERALS = "test/testdata/minerals"
 

@@ -22,17 +22,18 @@ import numpy as np
 import pytest
 import zarr
 
-from shards.cli import main as scd_main
-from shards.codec import decode
+from scd_train.config import DataConfig
+from scd_train.data import make_stream
+from scd_train.views import ViewConfig
 from shards.config import ConfigError, load_yaml
-from shards.graph import EdgeBudgetError, radius_graph
-from shards.loader import BatchStream, LoaderConfig
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig
-from shards.reader import ShardDataset, ShardError
-from shards.verify import inspect_dataset, verify_dataset
-from shards.views import ViewConfig
-from shards.writer import ShardWriter, WriterConfig
+from shards.format.audit import inspect_dataset, verify_dataset
+from shards.format.codec import decode
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardDataset, ShardError
+from shards.format.writer import ShardWriter, WriterConfig
+from shards.stream.graph import EdgeBudgetError, radius_graph
+from shards.stream.mixture import MixtureConfig
+from shards.tools.cli import main as scd_main
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -71,11 +72,11 @@ def _one_line(msg: str, *names: str) -> str:
     return msg
 
 
-def _pass_cfg(root: str, **kw) -> LoaderConfig:
+def _pass_cfg(root: str, **kw) -> DataConfig:
     """A loader whose first batch is exactly one pass over a one-group dataset."""
     total = sum(s["n_atoms"] for s in _json(Path(root) / "manifest.json")["shards"]) if "://" not in root \
         else kw.pop("total")
-    return LoaderConfig(datasets=(root,), seed=1, max_atoms=total, views=ViewConfig(noise=False), **kw)
+    return DataConfig(datasets=(root,), seed=1, max_atoms=total, views=ViewConfig(noise=False), **kw)
 
 
 def _member(root: Path, row: int) -> tuple[str, int, int, str]:
@@ -121,7 +122,7 @@ def test_edited_zarr_column_is_caught_by_verify_loader_and_inspect(mixed, tmp_pa
     _one_line(rep.errors[0], "index.zarr", f"column {column!r} row {row}", str(value))
 
     with pytest.raises(ShardError) as err:
-        BatchStream(LoaderConfig(datasets=(str(root),), max_atoms=192))
+        make_stream(DataConfig(datasets=(str(root),), max_atoms=192))
     _one_line(str(err.value), "index.zarr", f"column {column!r}", "manifest")
     if column in ("n_atoms", "domain"):  # inspect reads (and checks) only the columns it summarises
         with pytest.raises(ShardError, match=rf"column {column!r}"):
@@ -171,10 +172,10 @@ def test_flipped_coordinate_in_local_shard_never_reaches_a_batch(molecules, tmp_
     assert decode(bytes(blob[off:off + size])).key == key  # the sample alone would decode fine
 
     with pytest.raises(ShardError) as err:
-        next(iter(BatchStream(_pass_cfg(str(root)))))
+        next(iter(make_stream(_pass_cfg(str(root)))))
     _one_line(str(err.value), name, "checksum")
 
-    batch = next(iter(BatchStream(_pass_cfg(str(root), on_corrupt="skip"))))
+    batch = next(iter(make_stream(_pass_cfg(str(root), on_corrupt="skip"))))
     n = _json(root / "manifest.json")["n_samples"]
     assert key not in batch["keys"] and len(batch["keys"]) == n - 1 == len(set(batch["keys"]))
     assert batch["corrupt_skipped"] == 1
@@ -200,9 +201,9 @@ def test_remote_shard_edited_by_100_angstrom_without_cache_is_caught(molecules, 
 
     url = f"{base}/ds"
     with pytest.raises(ShardError) as err:
-        next(iter(BatchStream(_pass_cfg(url, total=total, cache_dir=None))))
+        next(iter(make_stream(_pass_cfg(url, total=total, cache_dir=None))))
     _one_line(str(err.value), f"{url}/{name}", "checksum")
-    batch = next(iter(BatchStream(_pass_cfg(url, total=total, cache_dir=None, on_corrupt="skip"))))
+    batch = next(iter(make_stream(_pass_cfg(url, total=total, cache_dir=None, on_corrupt="skip"))))
     assert key not in batch["keys"] and batch["corrupt_skipped"] == 1 and len(batch["keys"]) == 19
     assert np.abs(batch["pos"]).max() < 50.0
 
@@ -213,14 +214,14 @@ def test_edited_file_in_the_remote_shard_cache_is_caught(molecules, http_root, t
     total = sum(s["n_atoms"] for s in _json(root / "manifest.json")["shards"])
     cache = tmp_path / "cache"
     url = f"{base}/ds"
-    first = next(iter(BatchStream(_pass_cfg(url, total=total, cache_dir=str(cache)))))
+    first = next(iter(make_stream(_pass_cfg(url, total=total, cache_dir=str(cache)))))
     name, off, size, key = _member(root, 5)
     cached = next(p for p in cache.iterdir() if p.name.endswith(name))
     blob = bytearray(cached.read_bytes())
     at, _ = _positions_at(bytes(blob), off, size)
     blob[at + 1] ^= 0x10
     cached.write_bytes(bytes(blob))  # same size: the cache would reuse it unchecked
-    batch = next(iter(BatchStream(_pass_cfg(url, total=total, cache_dir=str(cache), on_corrupt="skip"))))
+    batch = next(iter(make_stream(_pass_cfg(url, total=total, cache_dir=str(cache), on_corrupt="skip"))))
     assert key in first["keys"] and key not in batch["keys"] and batch["corrupt_skipped"] == 1
     assert sorted(batch["keys"]) == sorted(k for k in first["keys"] if k != key)
 
@@ -531,11 +532,11 @@ def test_samples_over_the_edge_budget_are_counted_oversize_never_batched(real_gr
     over = {g.key for g in graphs if _pairs_ase(g) > per_atom * g.n_atoms}
     assert 0 < len(over) < len(graphs)
     views = ViewConfig(noise=False, max_edges_per_atom=per_atom, max_neighbors_periodic=None)
-    cfg = LoaderConfig(datasets=(str(root),), seed=2, max_atoms=200, views=views,
+    cfg = DataConfig(datasets=(str(root),), seed=2, max_atoms=200, views=views,
                        mixture=MixtureConfig(group_by="source"))
-    stream = BatchStream(cfg)
+    stream = make_stream(cfg)
     seen: set[str] = set()
-    with caplog.at_level(logging.WARNING, logger="shards.loader"):
+    with caplog.at_level(logging.WARNING, logger="shards.stream.loader"):
         for batch in itertools.islice(stream, 300):
             assert not over & set(batch["keys"])
             edges = batch["edge_index"].shape[1]
@@ -550,7 +551,7 @@ def test_samples_over_the_edge_budget_are_counted_oversize_never_batched(real_gr
 
 
 def test_default_edge_budget_keeps_every_real_structure(real_graphs):
-    from shards.views import make_views
+    from scd_train.views import make_views
 
     for g in real_graphs:
         make_views(g, ViewConfig(noise=False), seed=0, step=0)

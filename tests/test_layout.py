@@ -38,8 +38,8 @@ def test_dependency_direction(package):
 
 
 def test_cli_help_for_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "shards.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "shards", "--help"], capture_output=True, text=True, check=True)
     assert "shards" in out.stdout
     for cmd in (["shards"], ["shards", "verify"], ["shards", "inspect"], ["shards", "export"]):
-        res = subprocess.run([sys.executable, "-m", "shards.cli", *cmd, "--help"], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-m", "shards", *cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and len(res.stdout) > 100, cmd

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.loader import BatchStream, LoaderConfig
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig
-from shards.reader import ShardError
-from shards.views import ViewConfig
-from shards.writer import WriterConfig
+from scd_train.config import DataConfig
+from scd_train.data import make_stream
+from scd_train.views import ViewConfig
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardError
+from shards.format.writer import WriterConfig
+from shards.stream.mixture import MixtureConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,11 @@ def dataset(real_graphs, tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(root: Path, **kw) -> LoaderConfig:
+def _cfg(root: Path, **kw) -> DataConfig:
     base = dict(datasets=(str(root),), mixture=MixtureConfig(crop_protein_atoms=300), seed=7, max_atoms=400,
                 views=ViewConfig(rotate=True))
     base.update(kw)
-    return LoaderConfig(**base)
+    return DataConfig(**base)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -43,8 +44,8 @@ def test_batches_are_deterministic_and_within_budget(dataset, real_graphs):
     its own atoms; batches never over 400 atoms."""
     mix = MixtureConfig(strategy="proportions", weights={"molecule": 1, "crystal": 1, "protein": 1},
                         crop_protein_atoms=300)
-    a = list(itertools.islice(BatchStream(_cfg(dataset, mixture=mix)), 12))
-    b = list(itertools.islice(BatchStream(_cfg(dataset, mixture=mix)), 12))
+    a = list(itertools.islice(make_stream(_cfg(dataset, mixture=mix)), 12))
+    b = list(itertools.islice(make_stream(_cfg(dataset, mixture=mix)), 12))
     assert all(_same(x, y) for x, y in zip(a, b, strict=True))
     by_key = {g.key: g for g in real_graphs}
     seen = {"molecule": 0, "crystal": 0, "protein": 0}
@@ -68,19 +69,19 @@ def test_batches_are_deterministic_and_within_budget(dataset, real_graphs):
 
 
 def test_resume_is_bitwise_including_noise(dataset):
-    full = list(itertools.islice(BatchStream(_cfg(dataset)), 10))
-    head = list(itertools.islice(BatchStream(_cfg(dataset)), 4))
+    full = list(itertools.islice(make_stream(_cfg(dataset)), 10))
+    head = list(itertools.islice(make_stream(_cfg(dataset)), 4))
     state = json.loads(json.dumps(head[-1]["sampler_state"]))
-    resumed = BatchStream(_cfg(dataset))
+    resumed = make_stream(_cfg(dataset))
     resumed.load_state_dict(state)
     tail = list(itertools.islice(resumed, 6))
     assert all(_same(x, y) for x, y in zip(full[4:], tail, strict=True))
 
 
 def test_worker_count_does_not_change_stream(dataset):
-    single = list(itertools.islice(BatchStream(_cfg(dataset)), 8))
-    w0 = list(itertools.islice(BatchStream(_cfg(dataset), worker=0, num_workers=2), 4))
-    w1 = list(itertools.islice(BatchStream(_cfg(dataset), worker=1, num_workers=2), 4))
+    single = list(itertools.islice(make_stream(_cfg(dataset)), 8))
+    w0 = list(itertools.islice(make_stream(_cfg(dataset), worker=0, num_workers=2), 4))
+    w1 = list(itertools.islice(make_stream(_cfg(dataset), worker=1, num_workers=2), 4))
     merged = [b for pair in zip(w0, w1, strict=True) for b in pair]
     assert [b["step"] for b in merged] == list(range(8))
     assert all(_same(x, y) for x, y in zip(single, merged, strict=True))
@@ -91,7 +92,7 @@ def test_torch_dataloader_workers_match(dataset):
     from scd_train.data import make_loader
 
     cfg = _cfg(dataset)
-    ref = list(itertools.islice(BatchStream(cfg), 6))
+    ref = list(itertools.islice(make_stream(cfg), 6))
     got = list(itertools.islice(iter(make_loader(cfg, 1, 0, num_workers=2)), 6))
     assert all(_same(x, y) for x, y in zip(ref, got, strict=True))
     assert torch.is_tensor(got[0]["z"]) and got[0]["step"] == 0
@@ -108,8 +109,8 @@ def test_corrupt_shard_is_named_or_skipped(dataset, tmp_path):
     shard.write_bytes(bytes(data))
     cfg = _cfg(root, mixture=MixtureConfig(), max_atoms=4000, views=ViewConfig())
     with pytest.raises(ShardError, match="shard-000000.tar"):
-        list(itertools.islice(BatchStream(cfg), 30))
-    stream = BatchStream(LoaderConfig(**{**cfg.__dict__, "on_corrupt": "skip"}))
+        list(itertools.islice(make_stream(cfg), 30))
+    stream = make_stream(DataConfig(**{**cfg.__dict__, "on_corrupt": "skip"}))
     list(itertools.islice(stream, 30))
     assert stream.corrupt_skipped >= 1
 
@@ -119,8 +120,8 @@ def test_http_stream_equals_local(dataset, http_root, tmp_path):
 
     base, folder = http_root
     shutil.copytree(dataset, folder / "ds")
-    local = list(itertools.islice(BatchStream(_cfg(dataset)), 5))
-    remote = list(itertools.islice(BatchStream(_cfg(f"{base}/ds", cache_dir=str(tmp_path / "cache"))), 5))
+    local = list(itertools.islice(make_stream(_cfg(dataset)), 5))
+    remote = list(itertools.islice(make_stream(_cfg(f"{base}/ds", cache_dir=str(tmp_path / "cache"))), 5))
     assert all(_same(x, y) for x, y in zip(local, remote, strict=True))
     assert any((tmp_path / "cache").iterdir())
 
@@ -132,7 +133,7 @@ def test_every_sample_once_per_pass_over_two_ranks_by_two_workers(real_graphs, t
     cfg = _cfg(root, mixture=MixtureConfig(), max_atoms=60)
     per_rank = []
     for rank in range(2):
-        workers = [list(itertools.islice(BatchStream(cfg, world_size=2, rank=rank, worker=w, num_workers=2), 40))
+        workers = [list(itertools.islice(make_stream(cfg, world_size=2, rank=rank, worker=w, num_workers=2), 40))
                    for w in range(2)]
         merged = sorted((b for w in workers for b in w), key=lambda b: b["step"])
         assert [b["step"] for b in merged] == list(range(80))
@@ -146,11 +147,11 @@ def test_preview_prints_exactly_the_loader_stream(dataset):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "preview", str(dataset), "--steps", "6",
+    out = subprocess.run([sys.executable, "-m", "shards", "shards", "preview", str(dataset), "--steps", "6",
                           "--seed", "7", "--max-atoms", "400", "--world-size", "2", "--rank", "1", "--json"],
                          capture_output=True, text=True, check=True)
     preview = [json.loads(line) for line in out.stdout.splitlines()][:-1]
-    cfg = _cfg(dataset, mixture=MixtureConfig(), views=ViewConfig())
-    stream = list(itertools.islice(BatchStream(cfg, world_size=2, rank=1), 6))
+    cfg = _cfg(dataset, mixture=MixtureConfig(), views=ViewConfig())  # the preview defaults: repeats as views
+    stream = list(itertools.islice(make_stream(cfg, world_size=2, rank=1), 6))
     assert [p["keys"] for p in preview] == [b["keys"] for b in stream]
     assert [p["atoms"] for p in preview] == [int(b["z"].shape[0]) for b in stream]

@@ -9,14 +9,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from scd_train.config import DataConfig
+from scd_train.data import make_stream
+from scd_train.views import ViewConfig
 from shards.config import ConfigError
-from shards.loader import BatchStream, LoaderConfig
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig, group_probabilities, load_mixture
-from shards.plan import Planner, SampleTable
-from shards.schema import AtomGraph, make_key
-from shards.views import ViewConfig
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.schema import AtomGraph, make_key
+from shards.format.writer import WriterConfig
+from shards.stream.mixture import MixtureConfig, group_probabilities, load_mixture
+from shards.stream.plan import Planner, SampleTable
 
 DOMAINS = ["molecule", "protein", "crystal", "md"]
 # samples per domain in the synthetic table; md: 40 trajectories x 50 frames
@@ -109,9 +110,9 @@ def test_loader_keys_follow_the_mixture(tmp_path):
     root = tmp_path / "ds"
     write_dataset(graphs, root, config=WriterConfig(max_shard_samples=16))
     mix = MixtureConfig(strategy="proportions", weights={"molecule": 1, "protein": 2, "crystal": 3, "md": 4})
-    cfg = LoaderConfig(datasets=(str(root),), mixture=mix, seed=5, max_atoms=600, views=ViewConfig(noise=False))
+    cfg = DataConfig(datasets=(str(root),), mixture=mix, seed=5, max_atoms=600, views=ViewConfig(noise=False))
     counts: Counter[str] = Counter()
-    for batch in itertools.islice(BatchStream(cfg), 60):
+    for batch in itertools.islice(make_stream(cfg), 60):
         counts.update(domain_of[k] for k in batch["keys"])
     total = sum(counts.values())
     shares = {d: counts[d] / total for d in DOMAINS}
@@ -194,7 +195,7 @@ def test_nothing_fits_is_an_error_and_one_sample_is_a_whole_mix():
 def test_cell_repeats_per_axis_within_the_budget():
     """Planner-decided cell repeats: only the repeat domains, each axis 1..max_repeat drawn independently,
     and the supercell (index atoms x product of repeats) always within the budget."""
-    from shards.plan import RepeatSpec
+    from shards.stream.plan import RepeatSpec
 
     m = 400
     dom = np.where(np.arange(m) % 4 == 0, 0, 2).astype(np.int16)  # molecules and crystals

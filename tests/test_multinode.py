@@ -18,8 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from shards.manifest import write_dataset
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.writer import WriterConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 STEPS = 20

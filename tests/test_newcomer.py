@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from shards.cli import build_parser, main
-from shards.manifest import write_dataset
+from shards.format.manifest import write_dataset
+from shards.format.writer import WriterConfig
 from shards.progress import Progress
-from shards.writer import WriterConfig
+from shards.tools.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_train_progress_lines_and_ctrl_c_message(mixed, tmp_path) -> None:
     with log.open("w") as fh:
         # a shell that started the tests in the background (nohup, `&`) ignores SIGINT, and a child inherits
         # that: give the child the default handler, as a terminal's Ctrl-C would find it
-        proc = subprocess.Popen([sys.executable, "-m", "shards.cli", "train", str(cfg)], stdout=fh,
+        proc = subprocess.Popen([sys.executable, "-m", "shards", "train", str(cfg)], stdout=fh,
                                 stderr=subprocess.STDOUT, env=_scd_env(),
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
@@ -136,7 +136,7 @@ def test_train_progress_lines_and_ctrl_c_message(mixed, tmp_path) -> None:
     assert lines[-1] == f"scd train: interrupted; kept checkpoint {kept} (later steps are lost); " \
                        "run the same command to resume from it"
     step = int(kept.name.split("-")[1])
-    again = subprocess.run([sys.executable, "-m", "shards.cli", "train", str(cfg), "--set", f"stop_after={step + 1}"],
+    again = subprocess.run([sys.executable, "-m", "shards", "train", str(cfg), "--set", f"stop_after={step + 1}"],
                            capture_output=True, text=True, env=_scd_env(), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.search(rf"^train: {step + 1}/100000 step", again.stderr, re.M)  # one step after the kept one
@@ -173,7 +173,7 @@ def test_sections_named_in_help_exist() -> None:
 @pytest.mark.slow
 def test_demo_prints_progress_lines_when_not_a_terminal(tmp_path) -> None:
     """`scd demo` into a log file: its phase lines, the trainer's progress lines, no colour codes or Ray notices."""
-    res = subprocess.run([sys.executable, "-m", "shards.cli", "demo", "--out", str(tmp_path / "d"), "--steps", "3",
+    res = subprocess.run([sys.executable, "-m", "shards", "demo", "--out", str(tmp_path / "d"), "--steps", "3",
                           "--nproc", "1"], capture_output=True, text=True, env=_scd_env(), timeout=1500,
                          stdin=subprocess.DEVNULL)
     text = res.stdout + res.stderr
@@ -190,7 +190,7 @@ def test_ingest_run_prints_progress_lines_when_not_a_terminal(tmp_path) -> None:
     from scd_train.datakit import package_dir
 
     cifs = sorted((package_dir("ase") / "test/testdata/minerals").glob("cod_*.cif"))[:3]
-    res = subprocess.run([sys.executable, "-m", "shards.cli", "ingest", "run", "--domain", "crystal", "--input",
+    res = subprocess.run([sys.executable, "-m", "shards", "ingest", "run", "--domain", "crystal", "--input",
                           *map(str, cifs), "--out", str(tmp_path / "cod")], capture_output=True, text=True,
                          env=_scd_env(), timeout=600, stdin=subprocess.DEVNULL)
     text = res.stdout + res.stderr

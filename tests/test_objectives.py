@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from scd_train.models import BACKBONE_CONFIGS
 from scd_train.objectives import SCD, Denoise, ObjectiveConfig, build_objective
-from shards.graph import radius_graph
+from shards.stream.graph import radius_graph
 
 TINY = dict(preset="small", hidden=32, layers=2, num_rbf=8, drop_path=0.0)
 

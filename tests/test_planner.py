@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig, group_probabilities
-from shards.plan import Planner, SampleTable, build_table
-from shards.reader import ShardDataset
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardDataset
+from shards.format.writer import WriterConfig
+from shards.stream.mixture import MixtureConfig, group_probabilities
+from shards.stream.plan import Planner, SampleTable, build_table
 
 DOMAINS = ["molecule", "protein", "crystal", "md"]
 
@@ -200,7 +200,7 @@ def mixed_dataset(real_graphs, tmp_path_factory):
 
 
 def _preview(*args: str) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "preview", *args, "--json"],
+    out = subprocess.run([sys.executable, "-m", "shards", "shards", "preview", *args, "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]

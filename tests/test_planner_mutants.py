@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig
-from shards.plan import Planner, RepeatSpec, SampleTable, build_table
-from shards.reader import ShardDataset
-from shards.schema import AtomGraph
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardDataset
+from shards.format.schema import AtomGraph
+from shards.format.writer import WriterConfig
+from shards.stream.mixture import MixtureConfig
+from shards.stream.plan import Planner, RepeatSpec, SampleTable, build_table
 
 UNIT_BLOCK, WINDOW = 1024, 8
 

@@ -11,7 +11,7 @@ import pytest
 
 from ingest.plugin import Converter, Reject, safe_convert
 from ingest.registry import GROUP, PluginError, converter_for, discover, get_converter
-from shards.schema import AtomGraph, make_key
+from shards.format.schema import AtomGraph, make_key
 
 ELEMENTS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "S": 16}
 
@@ -68,8 +68,8 @@ def _polyethylene(n: int) -> list[str]:
 
 
 def test_third_party_plugin_ingests_into_shards(tmp_path: Path) -> None:
-    from shards.manifest import write_dataset
-    from shards.reader import ShardDataset
+    from shards.format.manifest import write_dataset
+    from shards.format.reader import ShardDataset
 
     installed = [_ep(n, f"{c.__module__}:{c.__name__}") for n, c in discover().items()]
     registry_eps = installed + [_ep("polymer", "tests.test_plugins:PolymerConverter")]
@@ -115,7 +115,7 @@ def test_bad_options_name_the_converter() -> None:
 
 
 def test_cli_lists_name_domain_suffixes_version(capsys) -> None:
-    from shards.cli import main
+    from shards.tools.cli import main
 
     assert main(["ingest", "converters"]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from shards.manifest import write_dataset
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.writer import WriterConfig
 
 MODEL = {"kind": "scd", "backbone": "et", "preset": "small", "hidden": 32, "layers": 2, "heads": 4, "num_rbf": 8}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -101,12 +101,12 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_bitwise(tmp
 @pytest.mark.slow
 def test_sigterm_mid_run_checkpoints_exits_143_and_resumes_bitwise(tmp_path, dataset):
     steps = 10
-    ref = subprocess.run([sys.executable, "-m", "shards.cli", "train", str(_config(tmp_path, dataset, "ref", steps))],
+    ref = subprocess.run([sys.executable, "-m", "shards", "train", str(_config(tmp_path, dataset, "ref", steps))],
                          capture_output=True, text=True, env=ENV, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     cfg = _config(tmp_path, dataset, "cut", steps)
     run = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "shards.cli", "train", str(cfg)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "shards", "train", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     _signal_after_rows(proc, run, 2, lambda: proc.send_signal(signal.SIGTERM))
     _, err = proc.communicate(timeout=300)
@@ -115,7 +115,7 @@ def test_sigterm_mid_run_checkpoints_exits_143_and_resumes_bitwise(tmp_path, dat
     (stopped,) = _checkpoints(run)  # checkpoint_every is larger than the run: this one is the signal's
     assert 2 <= stopped < steps and len(_rows(run)) == stopped
     assert not list(run.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
-    again = subprocess.run([sys.executable, "-m", "shards.cli", "train", str(cfg)], capture_output=True, text=True,
+    again = subprocess.run([sys.executable, "-m", "shards", "train", str(cfg)], capture_output=True, text=True,
                            env=ENV, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_same_run(tmp_path / "ref", run, steps)

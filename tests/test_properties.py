@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shards.codec import decode, encode
-from shards.graph import radius_graph_with_offsets
-from shards.mixture import MixtureConfig
-from shards.plan import Planner, SampleTable
-from shards.schema import AtomGraph, SchemaError
+from shards.format.codec import decode, encode
+from shards.format.schema import AtomGraph, SchemaError
+from shards.stream.graph import radius_graph_with_offsets
+from shards.stream.mixture import MixtureConfig
+from shards.stream.plan import Planner, SampleTable
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,7 +1,7 @@
 """Every `scd ...` command in a fenced block of README.md and docs/*.md runs as written.
 
 Each block's command lines run in order, with bash, in a fresh copy of a small workspace that holds
-what the documents assume exists: `demo-out/shards`, `mix.yaml`, `views.yaml`, `pretrain.yaml` (the demo's
+what the documents assume exists: `demo-out/shards`, `mix.yaml`, `pretrain.yaml` (the demo's
 training config), `runs/pretrain-scd` (a checkpoint of the demo's model), `out/qm9` (labelled QM9 molecules),
 `job.yaml`, `cifs/`, `mols.xyz`, `crystal.cif`, `finetune.yaml` (the document's own `# finetune.yaml` block)
 and the datasets the `shards` examples name. Tiny inputs stand in for the real ones; the only changes
@@ -103,8 +103,8 @@ def workspace(real_graphs, tmp_path_factory) -> Path:
     from scd_train.demo import pretrain_config
     from scd_train.qm9 import iter_qm9_csv
     from scd_train.trainer import Trainer
-    from shards.compact import compact
-    from shards.manifest import write_dataset
+    from shards.format.manifest import write_dataset
+    from shards.tools.compact import compact
 
     ws = tmp_path_factory.mktemp("docs") / "ws"
     ws.mkdir()
@@ -119,7 +119,6 @@ def workspace(real_graphs, tmp_path_factory) -> Path:
     write_dataset(crystals[:5], ws / "out/more")
     compact([str(ws / "out/molecules"), str(ws / "out/proteins")], ws / "out/all")
     (ws / "mix.yaml").write_text(yaml.safe_dump({"strategy": "temperature", "temperature": 2.0}))
-    (ws / "views.yaml").write_text(yaml.safe_dump({"rotate": True, "crystal_max_repeat": 2}))
     # the demo's training config, stopped after two steps (the schedule keeps its length)
     cfg = pretrain_config(Path("demo-out/shards"), Path("runs/pretrain"), 2000)
     cfg.update(stop_after=2, log_every=1, tensorboard=False)

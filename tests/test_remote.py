@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards import io
-from shards.fetch import ShardCache
-from shards.loader import BatchStream, LoaderConfig
-from shards.manifest import write_dataset
-from shards.mixture import MixtureConfig
-from shards.reader import ShardDataset
-from shards.writer import WriterConfig
+from scd_train.config import DataConfig
+from scd_train.data import make_stream
+from shards.format import storage
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardDataset
+from shards.format.writer import WriterConfig
+from shards.stream.fetch import ShardCache
+from shards.stream.mixture import MixtureConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,11 @@ def dataset(real_graphs, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fast_backoff(monkeypatch):
-    monkeypatch.setattr(io, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
 
 
-def _cfg(root: str, **kw) -> LoaderConfig:
-    return LoaderConfig(datasets=(root,), mixture=MixtureConfig(crop_protein_atoms=300), seed=3, max_atoms=400,
+def _cfg(root: str, **kw) -> DataConfig:
+    return DataConfig(datasets=(root,), mixture=MixtureConfig(crop_protein_atoms=300), seed=3, max_atoms=400,
                         **kw)
 
 
@@ -84,20 +85,20 @@ class _Server:
 
 
 def test_location_helpers():
-    assert io.scheme("s3://b/ds") == "s3" and io.scheme("/tmp/ds") == "" and io.scheme("GS://b") == "gs"
-    assert all(io.is_url(u) for u in ("http://h/x", "https://h/x", "s3://b/x", "gs://b/x", "az://c/x"))
-    assert not io.is_url("/data/ds") and not io.is_url("file:///data/ds") and not io.is_url("rel/ds")
-    assert io.join("s3://bucket/ds/", "manifest.json") == "s3://bucket/ds/manifest.json"
-    assert io.join("file:///data/ds", "a.tar") == "/data/ds/a.tar"
-    with pytest.raises(io.FetchError, match="not a plain file name"):
-        io.join("s3://bucket/ds", "../secret")
+    assert storage.scheme("s3://b/ds") == "s3" and storage.scheme("/tmp/ds") == "" and storage.scheme("GS://b") == "gs"
+    assert all(storage.is_url(u) for u in ("http://h/x", "https://h/x", "s3://b/x", "gs://b/x", "az://c/x"))
+    assert not storage.is_url("/data/ds") and not storage.is_url("file:///data/ds") and not storage.is_url("rel/ds")
+    assert storage.join("s3://bucket/ds/", "manifest.json") == "s3://bucket/ds/manifest.json"
+    assert storage.join("file:///data/ds", "a.tar") == "/data/ds/a.tar"
+    with pytest.raises(storage.FetchError, match="not a plain file name"):
+        storage.join("s3://bucket/ds", "../secret")
 
 
 def test_malformed_and_missing_backend_are_one_line_errors():
-    with pytest.raises(io.FetchError, match=r"^http:///x: malformed URL"):
-        io.read_bytes("http:///x")
-    with pytest.raises(io.FetchError, match=r"nosuchscheme://b/x: .*") as err:
-        io.read_bytes("nosuchscheme://b/x")
+    with pytest.raises(storage.FetchError, match=r"^http:///x: malformed URL"):
+        storage.read_bytes("http:///x")
+    with pytest.raises(storage.FetchError, match=r"nosuchscheme://b/x: .*") as err:
+        storage.read_bytes("nosuchscheme://b/x")
     assert "\n" not in str(err.value)
 
 
@@ -126,9 +127,9 @@ def test_throttling_429_is_retried_then_gives_up(dataset, tmp_path):
     shutil.copytree(dataset, tmp_path / "ds")
     server = _Server(tmp_path, fail=100, status=429)
     try:
-        with pytest.raises(io.FetchError, match=rf"{server.url}/ds/manifest.json: failed after {io.RETRIES}"):
-            io.read_bytes(f"{server.url}/ds/manifest.json")
-        assert server.state["requests"] == io.RETRIES
+        with pytest.raises(storage.FetchError, match=rf"{server.url}/ds/manifest.json: failed after {storage.RETRIES}"):
+            storage.read_bytes(f"{server.url}/ds/manifest.json")
+        assert server.state["requests"] == storage.RETRIES
     finally:
         server.close()
 
@@ -137,8 +138,8 @@ def test_permanent_errors_are_not_retried(dataset, tmp_path):
     shutil.copytree(dataset, tmp_path / "ds")
     server = _Server(tmp_path, fail=100, status=403)
     try:
-        with pytest.raises(io.FetchError, match=r"manifest.json: HTTP 403"):
-            io.read_bytes(f"{server.url}/ds/manifest.json")
+        with pytest.raises(storage.FetchError, match=r"manifest.json: HTTP 403"):
+            storage.read_bytes(f"{server.url}/ds/manifest.json")
         assert server.state["requests"] == 1
     finally:
         server.close()
@@ -149,13 +150,13 @@ def test_connection_refused_names_the_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/ds/manifest.json"
-    with pytest.raises(io.FetchError, match=rf"^{url}: failed after"):
-        io.read_bytes(url)
+    with pytest.raises(storage.FetchError, match=rf"^{url}: failed after"):
+        storage.read_bytes(url)
 
 
 def test_cli_404_is_one_line_without_traceback(http_root):
     base, _ = http_root
-    proc = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "verify", f"{base}/missing"],
+    proc = subprocess.run([sys.executable, "-m", "shards", "shards", "verify", f"{base}/missing"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode != 0
     err = proc.stderr.strip()
@@ -168,8 +169,8 @@ def test_http_stream_with_bounded_cache(dataset, http_root, tmp_path):
     shutil.copytree(dataset, folder / "ds")
     cache = tmp_path / "cache"
     biggest = max(s["n_bytes"] for s in ShardDataset(str(dataset)).manifest["shards"])
-    local = list(itertools.islice(BatchStream(_cfg(str(dataset))), 6))
-    stream = BatchStream(_cfg(f"{base}/ds", cache_dir=str(cache), cache_bytes=biggest))
+    local = list(itertools.islice(make_stream(_cfg(str(dataset))), 6))
+    stream = make_stream(_cfg(f"{base}/ds", cache_dir=str(cache), cache_bytes=biggest))
     stream.fetcher.cache.max_open = 1
     remote = list(itertools.islice(stream, 6))
     assert all(_same(a, b) for a, b in zip(local, remote, strict=True))
@@ -253,7 +254,7 @@ def test_s3_dataset_reads_like_local(s3_dataset, dataset):
 
 @pytest.mark.slow
 def test_s3_verify_and_inspect_like_local(s3_dataset, dataset):
-    from shards.verify import inspect_dataset, verify_dataset
+    from shards.format.audit import inspect_dataset, verify_dataset
 
     rep = verify_dataset(s3_dataset)
     assert rep.ok and rep.n_samples == 60 and rep.n_shards == 3
@@ -263,8 +264,8 @@ def test_s3_verify_and_inspect_like_local(s3_dataset, dataset):
 
 @pytest.mark.slow
 def test_s3_batch_stream_equals_local(s3_dataset, dataset, tmp_path):
-    local = list(itertools.islice(BatchStream(_cfg(str(dataset))), 5))
-    remote = list(itertools.islice(BatchStream(_cfg(s3_dataset, cache_dir=str(tmp_path / "c"))), 5))
+    local = list(itertools.islice(make_stream(_cfg(str(dataset))), 5))
+    remote = list(itertools.islice(make_stream(_cfg(s3_dataset, cache_dir=str(tmp_path / "c"))), 5))
     assert all(_same(a, b) for a, b in zip(local, remote, strict=True))
     assert any((tmp_path / "c").iterdir())
 
@@ -273,5 +274,5 @@ def test_s3_batch_stream_equals_local(s3_dataset, dataset, tmp_path):
 def test_s3_missing_object_is_a_clear_error(s3_dataset):
     with pytest.raises(FileNotFoundError, match=r"s3://scd-test/nothing: not a shard dataset .*file not found"):
         ShardDataset("s3://scd-test/nothing")
-    with pytest.raises(io.FetchError, match=r"^s3://no-such-bucket-x/m.json: "):
-        io.read_bytes("s3://no-such-bucket-x/m.json")
+    with pytest.raises(storage.FetchError, match=r"^s3://no-such-bucket-x/m.json: "):
+        storage.read_bytes("s3://no-such-bucket-x/m.json")

@@ -9,7 +9,7 @@ from test_ingest_job import BROKEN, four_domain_sources, write_job
 
 from ingest.job import load_job
 from ingest.run import run_job
-from shards.cli import main as scd
+from shards.tools.cli import main as scd
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.schema import FIELDS, AtomGraph, SchemaError, SchemaVersionError, check_schema_version
+from shards.format.schema import FIELDS, AtomGraph, SchemaError, SchemaVersionError, check_schema_version
 
 
 def _base(**kw):
@@ -88,10 +88,10 @@ def test_unknown_major_version_refused():
 
 
 def test_readme_field_table_matches_schema():
-    from shards.doc import field_table
+    from shards.tools.doc import field_table
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = re.search(r"<!-- schema-table:start -->\n(.*?)<!-- schema-table:end -->", readme, re.S)
     assert block, "README has no generated schema table"
-    assert block.group(1) == field_table(), "README schema table is stale: run `python -m shards.doc --write`"
+    assert block.group(1) == field_table(), "README schema table is stale: run `python -m shards.tools.doc --write`"
     assert all(f"`{f.name}`" in block.group(1) for f in FIELDS)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.codec import CodecError, decode, encode
-from shards.manifest import write_dataset
-from shards.reader import ShardDataset, ShardError
-from shards.schema import AtomGraph, SchemaVersionError
-from shards.verify import verify_dataset
-from shards.writer import ShardWriter, WriterConfig
+from shards.format.audit import verify_dataset
+from shards.format.codec import CodecError, decode, encode
+from shards.format.manifest import write_dataset
+from shards.format.reader import ShardDataset, ShardError
+from shards.format.schema import AtomGraph, SchemaVersionError
+from shards.format.writer import ShardWriter, WriterConfig
 
 SMALL = WriterConfig(max_shard_bytes=64 * 1024, max_shard_samples=40)
 
@@ -139,7 +139,7 @@ def sound(real_graphs, tmp_path) -> Path:
 
 
 def _run_verify(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shards.cli", "shards", "verify", str(root)],
+    return subprocess.run([sys.executable, "-m", "shards", "shards", "verify", str(root)],
                           capture_output=True, text=True)
 
 
@@ -208,7 +208,7 @@ def test_export_formats_open_in_ase_and_pymatgen(real_graphs, tmp_path):
     protein = next(g for g in real_graphs if g.domain == "protein")
     for g, fmt in ((mol, "extxyz"), (crystal, "cif"), (protein, "pdb"), (crystal, "extxyz")):
         out = tmp_path / f"{g.key}.{fmt}"
-        res = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "export", str(root), g.key,
+        res = subprocess.run([sys.executable, "-m", "shards", "shards", "export", str(root), g.key,
                               "--format", fmt, "--out", str(out)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         atoms = ase.io.read(out, format={"pdb": "proteindatabank"}.get(fmt, fmt))
@@ -216,13 +216,13 @@ def test_export_formats_open_in_ase_and_pymatgen(real_graphs, tmp_path):
         np.testing.assert_allclose(atoms.positions, g.positions, atol=2e-3)
     s = Structure.from_file(tmp_path / f"{crystal.key}.cif")
     assert len(s) == crystal.n_atoms
-    res = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "export", str(root), mol.key,
+    res = subprocess.run([sys.executable, "-m", "shards", "shards", "export", str(root), mol.key,
                           "--format", "cif"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 1 and "not periodic" in res.stderr
 
 
 def test_inspect_json(sound):
-    res = subprocess.run([sys.executable, "-m", "shards.cli", "shards", "inspect", str(sound), "--json"],
+    res = subprocess.run([sys.executable, "-m", "shards", "shards", "inspect", str(sound), "--json"],
                          capture_output=True, text=True, check=True)
     info = json.loads(res.stdout)
     assert info["samples"] == 80 and info["domains"]["molecule"]["samples"] == 80

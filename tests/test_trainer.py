@@ -14,8 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from shards.config import ConfigError
-from shards.manifest import write_dataset
-from shards.writer import WriterConfig
+from shards.format.manifest import write_dataset
+from shards.format.writer import WriterConfig
 
 TINY_MODEL = {"kind": "scd", "backbone": "et", "preset": "small", "hidden": 32, "layers": 2, "heads": 4,
               "num_rbf": 8}
@@ -41,7 +41,7 @@ def _config(tmp: Path, dataset: Path, name: str, **kw) -> Path:
 
 
 def _scd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "shards.cli", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "shards", *args], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -115,7 +115,7 @@ def test_bad_configs_are_one_line_errors(tmp_path, dataset):
         load_train_config(_config(tmp_path, dataset, "b", steps="many"))
     with pytest.raises(ConfigError, match="not a shard dataset"):
         load_train_config(_config(tmp_path, tmp_path / "nothing", "c"))
-    res = subprocess.run([sys.executable, "-m", "shards.cli", "train", str(_config(tmp_path, dataset, "d", zzz=2))],
+    res = subprocess.run([sys.executable, "-m", "shards", "train", str(_config(tmp_path, dataset, "d", zzz=2))],
                          capture_output=True, text=True)
     assert res.returncode == 1 and "unknown key" in res.stderr and "Traceback" not in res.stderr
 

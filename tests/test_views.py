@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from shards.collate import collate
-from shards.graph import radius_graph_with_offsets
-from shards.schema import AtomGraph
-from shards.views import ViewConfig, crop_indices, make_views, noise_rng, random_rotation, supercell
+from scd_train.views import ViewConfig, crop_indices, make_views, noise_rng, random_rotation, supercell
+from shards.format.schema import AtomGraph
+from shards.stream.collate import collate
+from shards.stream.graph import radius_graph_with_offsets
 
 
 def molecule(n: int = 18, key: str = "mol-1", seed: int = 0, box: float = 4.0) -> AtomGraph:
@@ -53,7 +53,7 @@ def test_noise_rng_keyed_and_process_independent():
     for other in [(4, "k-1", 7, "noise"), (3, "k-2", 7, "noise"), (3, "k-1", 8, "noise"),
                   (3, "k-1", 7, "clean")]:
         assert not np.array_equal(a, noise_rng(*other).random(8))
-    code = ("from shards.views import noise_rng; import sys; "
+    code = ("from scd_train.views import noise_rng; import sys; "
             "sys.stdout.write(noise_rng(3, 'k-1', 7, 'noise').random(8).tobytes().hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == a.tobytes().hex()

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # module name -> (file to mutate, fast tests that exercise it)
 MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "planner": ("shards/plan.py", (
+    "planner": ("shards/stream/plan.py", (
         "tests/test_mixture_oracle.py::test_emitted_domains_match_hand_written_shares",
         "tests/test_mixture_oracle.py::test_mix_holds_on_every_rank",
         "tests/test_mixture_oracle.py::test_domain_draws_depend_on_the_seed_and_only_on_it",
@@ -50,18 +50,18 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "tests/test_properties.py::test_planner_passes_budget_and_equal_steps",
         "tests/test_planner_mutants.py",
     )),
-    "mixture": ("shards/mixture.py", (
+    "mixture": ("shards/stream/mixture.py", (
         "tests/test_mixture_oracle.py",
         "tests/test_planner.py::test_group_probabilities",
     )),
-    "codec": ("shards/codec.py", (
+    "codec": ("shards/format/codec.py", (
         "tests/test_shards.py::test_codec_round_trip_bit_exact",
         "tests/test_shards.py::test_codec_rejects_garbage_and_truncation",
         "tests/test_properties.py::test_codec_round_trip_of_random_valid_graphs",
         "tests/test_schema.py::test_unknown_major_version_refused",
         "tests/test_codec_mutants.py",
     )),
-    "validation": ("shards/validate.py", (
+    "validation": ("shards/format/validate.py", (
         "tests/test_schema.py",
         "tests/test_properties.py::test_validation_rejects_random_invalid_graphs",
         "tests/test_properties.py::test_codec_round_trip_of_random_valid_graphs",

@@ -19,7 +19,7 @@ import numpy as np
 
 from ingest.converters.units import clip, elements, scaled
 from ingest.plugin import Converter, Reject, owned, read_head
-from shards.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 LMDB_SUFFIXES = (".aselmdb", ".lmdb")

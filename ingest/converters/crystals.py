@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ingest.plugin import Converter, InputBounds, Reject, open_input, read_head
-from shards.schema import AtomGraph, make_key
+from shards.format.schema import AtomGraph, make_key
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 

@@ -10,7 +10,7 @@ from typing import IO, Any
 import numpy as np
 
 from ingest.plugin import Converter, InputBounds, Reject, open_input, owned
-from shards.schema import MAX_ATOMS_DEFAULT, NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import MAX_ATOMS_DEFAULT, NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
 def open_maybe_gz(path: Path, bounds: InputBounds | None = None) -> IO[bytes]:

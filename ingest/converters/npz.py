@@ -17,7 +17,7 @@ import numpy as np
 
 from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, owned
-from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 BLOCK_BYTES = 8 * 1024 ** 2
 MAX_SMALL_MEMBER = 64 * 1024 ** 2  # whole-read members (atomic numbers, lattice, Fortran-ordered arrays)

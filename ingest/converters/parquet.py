@@ -16,7 +16,7 @@ import numpy as np
 
 from ingest.converters.units import check_units, clip, elements, energy_factor, length_factor, scaled, scaled_block
 from ingest.plugin import Converter, Reject, owned
-from shards.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 BATCH_ROWS = 1024
 _ALL_PBC = np.ones(3, dtype=bool)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ingest.plugin import Converter, InputBounds, Reject, open_input, owned, read_head
-from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 
 @dataclass(frozen=True)

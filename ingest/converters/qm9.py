@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.plugin import Converter, Reject, owned
-from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 HARTREE_EV = 27.211386245988
 # CSV column -> (property name, factor to the stored unit, unit)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ingest.converters.molecules import xyz_frame_atoms, xyz_frame_count, xyz_records
 from ingest.plugin import Converter, Reject, open_input, owned
-from shards.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
 
 KJ_MOL_TO_EV = 0.010364269656262174
 TOPOLOGY_SUFFIXES = (".psf", ".tpr", ".gro", ".prmtop", ".parm7", ".pdb", ".top")

@@ -116,7 +116,7 @@ class AtomGraph:
     frame_time: float | None = None
 
     def __post_init__(self) -> None:
-        from shards.validate import validate_graph
+        from shards.format.validate import validate_graph
 
         validate_graph(self)
 
@@ -159,26 +159,26 @@ class AtomGraph:
     @classmethod
     def from_ase(cls, atoms: Any, *, key: str, domain: str, source: str, source_file: str = "",
                  index: int = 0, **extra: Any) -> AtomGraph:
-        from shards.interop import graph_from_ase
+        from shards.format.interop import graph_from_ase
 
         return graph_from_ase(atoms, key=key, domain=domain, source=source, source_file=source_file,
                               index=index, **extra)
 
     def to_ase(self) -> Any:
-        from shards.interop import graph_to_ase
+        from shards.format.interop import graph_to_ase
 
         return graph_to_ase(self)
 
     @classmethod
     def from_pymatgen(cls, structure: Any, *, key: str, domain: str, source: str, source_file: str = "",
                       index: int = 0, **extra: Any) -> AtomGraph:
-        from shards.interop import graph_from_pymatgen
+        from shards.format.interop import graph_from_pymatgen
 
         return graph_from_pymatgen(structure, key=key, domain=domain, source=source,
                                    source_file=source_file, index=index, **extra)
 
     def to_pymatgen(self) -> Any:
-        from shards.interop import graph_to_pymatgen
+        from shards.format.interop import graph_to_pymatgen
 
         return graph_to_pymatgen(self)
 

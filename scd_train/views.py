@@ -5,16 +5,19 @@ so a resumed run sees bit-identical views; nothing touches a global RNG.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from shards.graph import radius_graph
-from shards.schema import AtomGraph
+from shards.format.schema import AtomGraph
+from shards.stream.graph import radius_graph
+from shards.stream.loader import SampleContext
+from shards.stream.plan import RepeatSpec
 
-__all__ = ["ViewConfig", "noise_rng", "make_views", "supercell", "random_rotation", "crop_indices"]
+__all__ = ["ViewConfig", "ViewTransform", "noise_rng", "make_views", "supercell", "random_rotation", "crop_indices"]
 
 
 def noise_rng(seed: int, key: str, step: int, stream: str) -> np.random.Generator:
@@ -34,7 +37,7 @@ class ViewConfig:
     periodic ones. ``crop_atoms`` crops larger structures: whole residues nearest to a random centre
     atom when ``residue_index`` exists, otherwise (non-periodic only) the nearest atoms.
     ``max_edges_per_atom`` is the edge budget of a view's graph (times its atom count, pairs within the
-    cutoff before the neighbour cap): a structure over it raises :class:`~shards.graph.EdgeBudgetError`,
+    cutoff before the neighbour cap): a structure over it raises :class:`~shards.stream.graph.EdgeBudgetError`,
     which the loader counts as oversize.
     """
 
@@ -175,3 +178,20 @@ def make_views(g: AtomGraph, cfg: ViewConfig, seed: int, step: int,
     out["pbc"] = pbc
     out["n_atoms"] = np.int64(n)
     return out
+
+
+class ViewTransform:
+    """The loader's per-sample transform for SCD pretraining and fine-tuning: :func:`make_views` with the
+    planner's crop and cell repeats (see :class:`shards.stream.loader.SampleContext`)."""
+
+    def __init__(self, cfg: ViewConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, g: AtomGraph, ctx: SampleContext) -> dict[str, Any]:
+        cfg = dataclasses.replace(self.cfg, crop_atoms=ctx.crop_atoms) if ctx.crop_atoms is not None else self.cfg
+        return make_views(g, cfg, ctx.seed, ctx.step, repeats=np.asarray(ctx.repeats, dtype=np.int64))
+
+    def repeat_spec(self) -> RepeatSpec | None:
+        """Cell repeats for the planner to draw (None unless noising: fine-tuning sees the cell as stored)."""
+        v = self.cfg
+        return RepeatSpec(v.crystal_repeat_p, v.crystal_max_repeat, tuple(v.repeat_domains)) if v.noise else None

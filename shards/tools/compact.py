@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shards.manifest import INDEX_DIR, MANIFEST, finalize_dataset, read_shard_index
-from shards.reader import ShardDataset, ShardError
-from shards.writer import INDEX_SUFFIX, ShardInfo, ShardWriter, WriterConfig, sample_checksum
+from shards.format.manifest import INDEX_DIR, MANIFEST, finalize_dataset, read_shard_index
+from shards.format.reader import ShardDataset, ShardError
+from shards.format.writer import INDEX_SUFFIX, ShardInfo, ShardWriter, WriterConfig, sample_checksum
 
 COMPACT_PREFIX = "c"
 
@@ -73,13 +73,13 @@ def compact(sources: Sequence[str], out_dir: str | Path, *, config: WriterConfig
     """Rewrite the datasets ``sources`` into one dataset of target-size shards in ``out_dir``; returns its
     manifest. The sources' manifests (accounting, ingest config, converters) are kept under
     ``compacted_from``. ``out_dir`` must be new, empty or an earlier compaction output."""
-    from shards import io
+    from shards.format import storage
 
     out = Path(out_dir)
     config = config or WriterConfig()
     _prepare(out, sources)
     datasets = [ShardDataset(s) for s in sources]
-    provenance = [_provenance(s, ds, io.read_bytes(io.join(ds.root, MANIFEST)))
+    provenance = [_provenance(s, ds, storage.read_bytes(storage.join(ds.root, MANIFEST)))
                   for s, ds in zip(sources, datasets, strict=True)]
     with ShardWriter(out, prefix=COMPACT_PREFIX, config=config) as writer:
         for ds in datasets:
@@ -115,30 +115,3 @@ def _prepare(out: Path, sources: Sequence[str]) -> None:
         p.unlink()
     if (out / INDEX_DIR).is_dir():
         shutil.rmtree(out / INDEX_DIR)
-
-
-def shard_sizes(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The shard-size distribution against the writer's targets: fill = max(bytes / max_shard_bytes,
-    samples / max_shard_samples) per shard, in tenths; ``minimum`` is the fewest shards the targets allow."""
-    shards = manifest["shards"]
-    writer = manifest.get("writer") or {}
-    max_bytes = int(writer.get("max_shard_bytes") or WriterConfig().max_shard_bytes)
-    max_samples = int(writer.get("max_shard_samples") or WriterConfig().max_shard_samples)
-    sizes = sorted(int(s["n_bytes"]) for s in shards)
-    counts = sorted(int(s["n_samples"]) for s in shards)
-    fills = [max(s["n_bytes"] / max_bytes, s["n_samples"] / max_samples) for s in shards]
-    histogram = {f"{10 * k}-{10 * k + 10}%": 0 for k in range(10)}
-    for f in fills:
-        k = min(int(f * 10), 9)
-        histogram[f"{10 * k}-{10 * k + 10}%"] += 1
-    total_bytes, total_samples = sum(sizes), sum(counts)
-    minimum = max(-(-total_bytes // max_bytes), -(-total_samples // max_samples), 1 if shards else 0)
-    return {"shards": len(shards), "minimum": minimum, "max_shard_bytes": max_bytes, "max_shard_samples": max_samples,
-            "bytes": _spread(sizes), "samples": _spread(counts),
-            "under_half_target": sum(1 for f in fills if f < 0.5), "fill_histogram": histogram}
-
-
-def _spread(values: list[int]) -> dict[str, int]:
-    if not values:
-        return {}
-    return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from shards import io
-from shards.codec import SUFFIX, decode
-from shards.jsoncheck import DocumentError, load_json
-from shards.manifest import (
+from shards.format import storage
+from shards.format.codec import SUFFIX, decode
+from shards.format.jsoncheck import DocumentError, load_json
+from shards.format.manifest import (
     INDEX_COLUMNS,
     INDEX_DIR,
     INDEX_DTYPES,
@@ -22,8 +22,8 @@ from shards.manifest import (
     key_hash,
     traj_hash,
 )
-from shards.schema import AtomGraph, check_schema_version
-from shards.writer import INDEX_SUFFIX, TAR_BLOCK, sample_checksum
+from shards.format.schema import AtomGraph, check_schema_version
+from shards.format.writer import INDEX_SUFFIX, TAR_BLOCK, sample_checksum
 
 
 class ShardError(ValueError):
@@ -34,12 +34,12 @@ class ShardDataset:
     """A dataset written by :func:`shards.finalize_dataset` (``manifest.json`` + shards + indices)."""
 
     def __init__(self, root: str, *, validate: bool = True) -> None:
-        self.root = str(root).rstrip("/") if io.is_url(str(root)) else str(root)
+        self.root = str(root).rstrip("/") if storage.is_url(str(root)) else str(root)
         self.validate = validate
-        where = io.join(self.root, MANIFEST)
+        where = storage.join(self.root, MANIFEST)
         try:
-            raw = io.read_bytes(where)
-        except io.FetchError as exc:
+            raw = storage.read_bytes(where)
+        except storage.FetchError as exc:
             raise FileNotFoundError(f"{self.root}: not a shard dataset ({exc})") from None
         try:
             self.manifest: dict[str, Any] = check_manifest(load_json(raw, where), where)
@@ -58,14 +58,14 @@ class ShardDataset:
         return [s["name"] for s in self.manifest["shards"]]
 
     def location(self, name: str) -> str:
-        return io.join(self.root, name)
+        return storage.join(self.root, name)
 
     def shard_index(self, name: str) -> dict[str, Any]:
         """The per-shard index (columns key, offset, size, n_atoms, domain, source, trajectory)."""
         where = self.location(name + INDEX_SUFFIX)
         try:
-            raw = io.read_bytes(where)
-        except io.FetchError as exc:
+            raw = storage.read_bytes(where)
+        except storage.FetchError as exc:
             raise ShardError(f"{where}: missing index for shard {name} ({exc})") from None
         if hashlib.sha256(raw).hexdigest() != self.shard_meta(name)["index_sha256"]:
             raise ShardError(f"{where}: shard index does not match the manifest's sha256 (edited or corrupted)")
@@ -79,7 +79,7 @@ class ShardDataset:
     def shard_bytes(self, name: str) -> bytes | Any:
         """The whole shard (memory-mapped when local), checked against the manifest's size."""
         meta = self.shard_meta(name)
-        data = io.map_bytes(self.location(name))
+        data = storage.map_bytes(self.location(name))
         if len(data) != meta["n_bytes"]:
             raise ShardError(f"shard {name}: {len(data)} bytes on disk, manifest says {meta['n_bytes']} "
                              "(truncated or replaced)")
@@ -134,9 +134,9 @@ class ShardDataset:
         """The columnar zarr index as stored (lazy, unchecked; local datasets only): use :meth:`columns`."""
         import zarr
 
-        if io.is_url(self.root):
+        if storage.is_url(self.root):
             raise ShardError(f"{self.root}: the zarr index is read from local datasets; use shard indices for URLs")
-        return zarr.open_group(io.join(self.root, INDEX_DIR), mode="r")
+        return zarr.open_group(storage.join(self.root, INDEX_DIR), mode="r")
 
     @property
     def domain_names(self) -> list[str]:
@@ -154,16 +154,17 @@ class ShardDataset:
         manifest; URLs rebuild the columns from the shard indices (each checked against the manifest).
         Shard numbers and domain/source codes are checked to be in range.
         """
-        cols = self._remote_columns(names) if io.is_url(self.root) else self._zarr_columns(names)
+        cols = self._remote_columns(names) if storage.is_url(self.root) else self._zarr_columns(names)
         limits = {"shard": len(self.manifest["shards"]), "domain": len(self.domain_names),
                   "source": len(self.source_names)}
         for c, limit in limits.items():
             if c in cols and cols[c].size and (int(cols[c].min()) < 0 or int(cols[c].max()) >= limit):
-                raise ShardError(f"{io.join(self.root, INDEX_DIR)}: column {c!r} holds codes outside 0..{limit - 1}")
+                where = storage.join(self.root, INDEX_DIR)
+                raise ShardError(f"{where}: column {c!r} holds codes outside 0..{limit - 1}")
         return cols
 
     def _zarr_columns(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        where = io.join(self.root, INDEX_DIR)
+        where = storage.join(self.root, INDEX_DIR)
         expect = self.manifest["index"]["sha256"]
         out = {}
         for c in names:
@@ -199,11 +200,11 @@ class ShardDataset:
         idx = self.shard_index(name)
         off, size = idx["offset"][row], idx["size"][row]
         start = off - TAR_BLOCK
-        raw = io.read_range(self.location(name), start, TAR_BLOCK + size)
+        raw = storage.read_range(self.location(name), start, TAR_BLOCK + size)
         return self._decode_member(name, _Shifted(memoryview(raw), start), key, off, size, idx["checksum"][row])
 
     def _locate(self, key: str) -> tuple[str, int]:
-        if not io.is_url(self.root):
+        if not storage.is_url(self.root):
             target = key_hash([key])[0]
             group = self.index
             hashes, shard_col = group["key_hash"], group["shard"]
@@ -213,7 +214,7 @@ class ShardDataset:
                 for h in hit.tolist():
                     s_no = int(shard_col[start + h])
                     if not 0 <= s_no < len(self.shard_names):
-                        raise ShardError(f"{io.join(self.root, INDEX_DIR)}: row {start + h} names shard {s_no}, "
+                        raise ShardError(f"{storage.join(self.root, INDEX_DIR)}: row {start + h} names shard {s_no}, "
                                          f"the manifest has {len(self.shard_names)}")
                     name = self.shard_names[s_no]
                     keys = self.shard_index(name)["key"]

@@ -15,11 +15,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from shards import io
-from shards.codec import decode
-from shards.reader import ShardDataset, ShardError
-from shards.schema import AtomGraph
-from shards.writer import sample_checksum, write_atomic
+from shards.format import storage
+from shards.format.codec import decode
+from shards.format.reader import ShardDataset, ShardError
+from shards.format.schema import AtomGraph
+from shards.format.writer import sample_checksum, write_atomic
 
 
 class ShardCache:
@@ -37,8 +37,8 @@ class ShardCache:
             self._open.move_to_end(slot)
             return buf
         loc = ds.location(name)
-        if io.is_url(loc) and self.cache_dir is not None:
-            buf = io.map_bytes(str(self._download(ds, name, loc)))
+        if storage.is_url(loc) and self.cache_dir is not None:
+            buf = storage.map_bytes(str(self._download(ds, name, loc)))
         else:
             buf = ds.shard_bytes(name)
         self._open[slot] = buf
@@ -54,7 +54,7 @@ class ShardCache:
         if path.exists() and path.stat().st_size == meta["n_bytes"]:
             os.utime(path)
             return path
-        data = io.read_bytes(loc)
+        data = storage.read_bytes(loc)
         if len(data) != meta["n_bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ShardError(f"shard {loc}: downloaded bytes do not match the manifest (size or sha256)")
         self._evict(len(data))

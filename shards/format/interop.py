@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from shards.schema import AtomGraph, SchemaError
+from shards.format.schema import AtomGraph, SchemaError
 
 
 def graph_from_ase(atoms: Any, *, key: str, domain: str, source: str, source_file: str = "", index: int = 0,

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shards.jsoncheck import SAFE_NAME
+from shards.format.jsoncheck import SAFE_NAME
 
 MAX_FILE_BYTES = 8 * 1024 ** 3
 RETRIES = 5

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from shards.schema import (
+from shards.format.schema import (
     ARRAY_FIELDS,
     FIELDS,
     MAX_ATOMS_DEFAULT,
@@ -31,7 +31,7 @@ from shards.schema import (
     SchemaError,
     SchemaVersionError,
 )
-from shards.validate import check_invariants, check_key
+from shards.format.validate import check_invariants, check_key
 
 MAGIC = b"SCDG"
 SUFFIX = "scd"

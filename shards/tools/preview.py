@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shards.config import load_yaml
-from shards.loader import LoaderConfig, make_planner
-from shards.mixture import load_mixture
-from shards.plan import build_table
-from shards.reader import ShardDataset
-from shards.views import ViewConfig
+from shards.format.reader import ShardDataset
+from shards.stream.loader import LoaderConfig, make_planner
+from shards.stream.mixture import load_mixture
+from shards.stream.plan import RepeatSpec, build_table
+from shards.stream.shuffle import SHUFFLES
 
 
 def add_parser(sub: Any) -> None:
@@ -25,8 +24,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--max-atoms", type=int, default=4000)
-    p.add_argument("--views", type=Path, help="view config YAML as in the training config's data.views "
-                                              "(cell repeats change the packing; default: the defaults)")
+    p.add_argument("--shuffle", choices=sorted(SHUFFLES), default="windowed", help="per-group order, as data.shuffle")
+    p.add_argument("--repeat-p", type=float, default=0.5,
+                   help="chance per cell axis of a random cell repeat, as data.views.crystal_repeat_p "
+                        "(repeats change the packing; 0: none, as in fine-tuning)")
+    p.add_argument("--max-repeat", type=int, default=2,
+                   help="largest repeat per axis, as data.views.crystal_max_repeat")
+    p.add_argument("--repeat-domains", nargs="+", default=["crystal"],
+                   help="domains whose periodic structures get repeats, as data.views.repeat_domains")
     p.add_argument("--state-in", type=Path, help="continue from a state written by --state-out")
     p.add_argument("--state-out", type=Path, help="write the sampler state after the last step")
     p.add_argument("--json", action="store_true", help="JSON lines (the default output is also JSON lines)")
@@ -36,10 +41,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     datasets = [ShardDataset(d) for d in args.datasets]
     table = build_table(datasets)
-    views = load_yaml(ViewConfig, args.views) if args.views else ViewConfig()
-    cfg = LoaderConfig(datasets=tuple(args.datasets), mixture=load_mixture(args.mixture), views=views,
-                       seed=args.seed, max_atoms=args.max_atoms)
-    planner = make_planner(cfg, table, args.world_size, args.rank)
+    cfg = LoaderConfig(datasets=tuple(args.datasets), mixture=load_mixture(args.mixture), seed=args.seed,
+                       max_atoms=args.max_atoms, shuffle=args.shuffle)
+    repeat = RepeatSpec(args.repeat_p, args.max_repeat, tuple(args.repeat_domains))
+    planner = make_planner(cfg, table, args.world_size, args.rank, repeat)
     if args.state_in:
         planner.load_state_dict(json.loads(args.state_in.read_text()))
     keys: dict[tuple[int, int], dict[int, str]] = {}

@@ -1,4 +1,9 @@
-"""The streaming loader the trainer asks for batches: planner -> fetch/decode -> SCD views -> collate.
+"""The streaming loader the trainer asks for batches: planner -> fetch/decode -> per-sample transform -> collate.
+
+The transform is the objective's hook (the SCD views live in ``scd_train.views``): a callable
+``transform(graph, ctx) -> dict of arrays`` given the decoded :class:`~shards.format.schema.AtomGraph` and a
+:class:`SampleContext` (seed, step, the planner's crop and cell repeats). Without one, :func:`plain_arrays`
+passes the structure through unchanged, so this layer knows nothing of any objective.
 
 Batches are a pure function of (datasets, mixture, seed, world size, rank, atom budget): DataLoader
 workers split *steps* (worker w of k materialises the steps s with s % k == w, all of them run the
@@ -12,21 +17,20 @@ each logged with its key and pair count), or when their bytes are corrupt and ``
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from shards.collate import collate
-from shards.fetch import SampleFetcher, ShardCache
-from shards.graph import EdgeBudgetError
-from shards.mixture import MixtureConfig
-from shards.plan import Planner, RepeatSpec, build_table
-from shards.reader import ShardDataset, ShardError
-from shards.views import ViewConfig, make_views
+from shards.format.reader import ShardDataset, ShardError
+from shards.format.schema import AtomGraph
+from shards.stream.collate import collate
+from shards.stream.fetch import SampleFetcher, ShardCache
+from shards.stream.graph import EdgeBudgetError
+from shards.stream.mixture import MixtureConfig
+from shards.stream.plan import Planner, RepeatSpec, build_table
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +41,64 @@ class LoaderConfig:
 
     datasets: tuple[str, ...] = ()
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
-    views: ViewConfig = field(default_factory=ViewConfig)
     seed: int = 0
     max_atoms: int = 4000
+    shuffle: Literal["windowed", "global", "none"] = "windowed"
     cache_dir: str | None = None
     cache_bytes: int = 4 << 30
     on_corrupt: Literal["error", "skip"] = "error"
 
 
-def make_planner(cfg: LoaderConfig, table: Any, world_size: int, rank: int) -> Planner:
+@dataclass(frozen=True)
+class SampleContext:
+    """What a transform may use besides the graph: the run seed, the step, the planner's decisions.
+
+    ``crop_atoms`` is the atom count to crop to (None: keep all); ``repeats`` the cell repeats per axis
+    (1, 1, 1 when none), decided by the planner so that the atom budget counts the supercell.
+    """
+
+    seed: int
+    step: int
+    crop_atoms: int | None
+    repeats: tuple[int, int, int]
+
+
+Transform = Callable[[AtomGraph, SampleContext], dict[str, Any]]
+
+
+def plain_arrays(g: AtomGraph, ctx: SampleContext) -> dict[str, Any]:
+    """The default transform: the structure's arrays as stored (``z, pos, cell, pbc, n_atoms``), no graph."""
+    if ctx.crop_atoms is not None or ctx.repeats != (1, 1, 1):
+        raise ValueError(f"sample {g.key!r}: the planner asked for a crop or cell repeat; pass a transform that "
+                         "makes them (for example scd_train.views.ViewTransform)")
+    return {"z": g.atomic_numbers.astype(np.int64), "pos": g.positions.astype(np.float32),
+            "cell": g.cell.astype(np.float32), "pbc": g.pbc.astype(bool), "n_atoms": np.int64(g.n_atoms)}
+
+
+def make_planner(cfg: LoaderConfig, table: Any, world_size: int, rank: int,
+                 repeat: RepeatSpec | None = None) -> Planner:
     """The planner of a loader config (shared by the loader and ``scd shards preview``)."""
-    v = cfg.views
-    repeat = RepeatSpec(v.crystal_repeat_p, v.crystal_max_repeat, tuple(v.repeat_domains)) if v.noise else None
     return Planner(table, cfg.mixture, seed=cfg.seed, world_size=world_size, rank=rank,
-                   max_atoms=cfg.max_atoms, repeat=repeat)
+                   max_atoms=cfg.max_atoms, repeat=repeat, shuffle=cfg.shuffle)
 
 
 class BatchStream:
-    """An infinite, deterministic stream of collated batches for one (rank, worker)."""
+    """An infinite, deterministic stream of collated batches for one (rank, worker).
 
-    def __init__(self, cfg: LoaderConfig, *, world_size: int = 1, rank: int = 0, worker: int = 0,
-                 num_workers: int = 1) -> None:
+    ``transform`` turns each decoded sample into the arrays of a batch item (default :func:`plain_arrays`);
+    ``repeat`` lets the planner draw cell repeats (the transform must then make the supercells).
+    """
+
+    def __init__(self, cfg: LoaderConfig, *, transform: Transform = plain_arrays, repeat: RepeatSpec | None = None,
+                 world_size: int = 1, rank: int = 0, worker: int = 0, num_workers: int = 1) -> None:
         if not cfg.datasets:
             raise ValueError("no datasets given (data.datasets is empty)")
         self.cfg = cfg
         self.worker, self.num_workers = worker, num_workers
         self.datasets = [ShardDataset(d) for d in cfg.datasets]
         self.table = build_table(self.datasets)
-        self.planner = make_planner(cfg, self.table, world_size, rank)
+        self.transform = transform
+        self.planner = make_planner(cfg, self.table, world_size, rank, repeat)
         self.fetcher = SampleFetcher(self.datasets, ShardCache(cfg.cache_dir, cfg.cache_bytes))
         self.corrupt_skipped = 0
         self.edge_oversize = 0
@@ -97,9 +131,10 @@ class BatchStream:
                     raise
                 self.corrupt_skipped += 1
                 continue
-            vcfg = dataclasses.replace(self.cfg.views, crop_atoms=n) if crop else self.cfg.views
+            ctx = SampleContext(self.cfg.seed, plan.step, int(n) if crop else None,
+                                (int(reps[0]), int(reps[1]), int(reps[2])))
             try:
-                item = make_views(g, vcfg, self.cfg.seed, plan.step, repeats=reps)
+                item = self.transform(g, ctx)
             except EdgeBudgetError as exc:
                 self.edge_oversize += 1
                 log.warning("left out of step %d as oversize: sample %r: %s", plan.step, g.key, exc)
@@ -110,7 +145,7 @@ class BatchStream:
         if not items:
             raise ValueError(f"step {plan.step}: all {len(plan.rows)} sample(s) of the batch were left out "
                              f"({self.edge_oversize} over the edge budget, {self.corrupt_skipped} corrupt so far); "
-                             "raise data.views.max_edges_per_atom or fix the data")
+                             "raise the edge budget (data.views.max_edges_per_atom) or fix the data")
         batch = collate(items)
         batch["step"] = plan.step
         batch["sampler_state"] = self.planner.state_dict()
@@ -119,8 +154,3 @@ class BatchStream:
         batch["corrupt_skipped"] = self.corrupt_skipped
         return batch
 
-
-def realised_mix_report(planner: Planner) -> dict[str, Any]:
-    """Target and realised shares per group, oversize count: what the user checks before training."""
-    return {"target": planner.target_mix(), "realised": planner.realised_mix(),
-            "samples": int(np.sum(planner.seen)), "oversize": planner.oversize}

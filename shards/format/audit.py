@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import hashlib
-import io as _io
+import io
 import tarfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
 
-from shards import io
-from shards.codec import SUFFIX
-from shards.compact import shard_sizes
-from shards.manifest import INDEX_COLUMNS, INDEX_DIR, INDEX_DTYPES, ZARR_CHUNK, key_hash, traj_hash
-from shards.reader import ShardDataset, ShardError
+from shards.format import storage
+from shards.format.codec import SUFFIX
+from shards.format.manifest import INDEX_COLUMNS, INDEX_DIR, INDEX_DTYPES, ZARR_CHUNK, key_hash, traj_hash
+from shards.format.reader import ShardDataset, ShardError
+from shards.format.writer import WriterConfig
 
 
 @dataclass
@@ -35,7 +36,7 @@ def _tar_members(name: str, data: bytes) -> list[tuple[str, int, int]]:
     """(member name, data offset, size) for every member, read by the standard tarfile module."""
     out = []
     try:
-        with tarfile.open(fileobj=_io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for m in tar:
                 if not m.isfile():
                     raise ShardError(f"shard {name}: member {m.name!r} is not a regular file")
@@ -52,7 +53,7 @@ def verify_dataset(root: str, *, progress: Any = None) -> VerifyReport:
     Over URLs the zarr index is not read: loaders plan from the shard indices there."""
     rep = VerifyReport()
     ds = ShardDataset(root)
-    zarr_rows = None if io.is_url(ds.root) else _ZarrRows(ds, rep)
+    zarr_rows = None if storage.is_url(ds.root) else _ZarrRows(ds, rep)
     seen: set[str] = set()
     for s_no, meta in enumerate(ds.manifest["shards"]):
         name = meta["name"]
@@ -106,7 +107,7 @@ class _ZarrRows:
 
     def __init__(self, ds: ShardDataset, rep: VerifyReport) -> None:
         self.ds, self.rep, self.pos = ds, rep, 0
-        self.where = io.join(ds.root, INDEX_DIR)
+        self.where = storage.join(ds.root, INDEX_DIR)
         self.failed = False
         self.buf: dict[str, np.ndarray] = {}
         self.buf_start = 0
@@ -215,3 +216,29 @@ def inspect_dataset(root: str) -> dict[str, Any]:
         "shard_sizes": shard_sizes(m),
     }
 
+
+def shard_sizes(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The shard-size distribution against the writer's targets: fill = max(bytes / max_shard_bytes,
+    samples / max_shard_samples) per shard, in tenths; ``minimum`` is the fewest shards the targets allow."""
+    shards = manifest["shards"]
+    writer = manifest.get("writer") or {}
+    max_bytes = int(writer.get("max_shard_bytes") or WriterConfig().max_shard_bytes)
+    max_samples = int(writer.get("max_shard_samples") or WriterConfig().max_shard_samples)
+    sizes = sorted(int(s["n_bytes"]) for s in shards)
+    counts = sorted(int(s["n_samples"]) for s in shards)
+    fills = [max(s["n_bytes"] / max_bytes, s["n_samples"] / max_samples) for s in shards]
+    histogram = {f"{10 * k}-{10 * k + 10}%": 0 for k in range(10)}
+    for f in fills:
+        k = min(int(f * 10), 9)
+        histogram[f"{10 * k}-{10 * k + 10}%"] += 1
+    total_bytes, total_samples = sum(sizes), sum(counts)
+    minimum = max(-(-total_bytes // max_bytes), -(-total_samples // max_samples), 1 if shards else 0)
+    return {"shards": len(shards), "minimum": minimum, "max_shard_bytes": max_bytes, "max_shard_samples": max_samples,
+            "bytes": _spread(sizes), "samples": _spread(counts),
+            "under_half_target": sum(1 for f in fills if f < 0.5), "fill_histogram": histogram}
+
+
+def _spread(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}

@@ -5,10 +5,8 @@ It works on index metadata only (no decoding):
 1. The **global stream** is an infinite sequence of positions. Positions come in blocks of ``BLOCK``;
    in block b each position draws its group from a counter-based generator keyed (seed, b) with the
    mixture's probabilities. The k-th draw of group g takes unit k of that group's sequence.
-2. A group's **unit sequence** is pass after pass over its units; each pass is a windowed shuffle
-   (shuffled blocks of ``UNIT_BLOCK`` units, then a full shuffle inside windows of ``WINDOW`` blocks), so
-   every unit appears exactly once per pass and reads stay local to a few shards. For MD, each pass
-   first keeps at most ``max_frames_per_trajectory`` random frames of every trajectory.
+2. A group's **unit sequence** is pass after pass over its units, each pass ordered by a shuffle
+   strategy chosen by name (:mod:`shards.stream.shuffle`), so every unit appears exactly once per pass.
 3. Position i belongs to rank ``i % world_size``. A rank packs its positions in order into batches of
    at most ``max_atoms``; a sample that does not fit opens the next batch (it is carried, never lost);
    a sample larger than the budget is cropped (proteins, when asked) or counted as oversize and reported.
@@ -17,43 +15,18 @@ The state after any batch is a few numbers (:meth:`Planner.state_dict`), so resu
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from shards.mixture import MixtureConfig, group_probabilities
+from shards.stream.mixture import MixtureConfig, group_probabilities
+from shards.stream.shuffle import UnitSequence, keyed_rng
+from shards.stream.table import SampleTable, build_table
+
+__all__ = ["BLOCK", "Batch", "Planner", "RepeatSpec", "SampleTable", "build_table", "keyed_rng"]
 
 BLOCK = 4096
-UNIT_BLOCK = 1024
-WINDOW = 8
-
-
-def keyed_rng(*parts: Any) -> np.random.Generator:
-    """A generator keyed by the given values (no global state; identical in every process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
-    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
-
-
-@dataclass
-class SampleTable:
-    """One row per sample of all datasets: where it is and what the planner needs to know."""
-
-    dataset: np.ndarray      # int16
-    shard: np.ndarray        # int32, shard number within its dataset
-    offset: np.ndarray       # int64, data offset in the tar
-    size: np.ndarray         # int64
-    n_atoms: np.ndarray      # int32
-    domain: np.ndarray       # int16 codes into domain_names
-    source: np.ndarray       # int16 codes into source_names
-    trajectory: np.ndarray   # uint64 hash, 0 = not a trajectory frame
-    domain_names: list[str]
-    source_names: list[str]
-    checksum: np.ndarray | None = None  # uint64 sha256 prefix of each sample's bytes (None: a table never fetched)
-
-    def __len__(self) -> int:
-        return int(self.n_atoms.size)
 
 
 @dataclass(frozen=True)
@@ -84,74 +57,12 @@ class Batch:
         return int(self.atoms.sum())
 
 
-class _Group:
-    """The unit sequence of one group: pass after pass of windowed shuffles."""
-
-    def __init__(self, gid: int, units: np.ndarray, traj: np.ndarray, cap: int | None, seed: int) -> None:
-        self.gid, self.units, self.traj, self.cap, self.seed = gid, units, traj, cap, seed
-        self.n = self._count()
-        self._pass: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._window: tuple[int, int, np.ndarray] | None = None
-
-    def _count(self) -> int:
-        if self.cap is None or not self.traj.any():
-            return int(self.units.size)
-        plain = int((self.traj == 0).sum())
-        _, counts = np.unique(self.traj[self.traj != 0], return_counts=True)
-        return plain + int(np.minimum(counts, self.cap).sum())
-
-    def _members(self, p: int) -> np.ndarray:
-        """The units of pass p (after the per-trajectory frame cap), in storage order."""
-        if self.cap is None or not self.traj.any():
-            return self.units
-        rnd = keyed_rng(self.seed, "cap", self.gid, p).random(self.units.size)
-        order = np.lexsort((rnd, self.traj))
-        t_sorted = self.traj[order]
-        starts = np.flatnonzero(np.r_[True, t_sorted[1:] != t_sorted[:-1]])
-        rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
-        keep = np.zeros(self.units.size, dtype=bool)
-        keep[order[(rank < self.cap) | (t_sorted == 0)]] = True
-        return self.units[keep]
-
-    def _pass_layout(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(members of pass p, shuffled block order, window start positions)."""
-        if self._pass is None or self._pass[0] != p:
-            members = self._members(p)
-            nb = -(-members.size // UNIT_BLOCK)
-            order = keyed_rng(self.seed, "blocks", self.gid, p).permutation(nb)
-            sizes = np.minimum(UNIT_BLOCK, members.size - order * UNIT_BLOCK)
-            win_sizes = np.add.reduceat(sizes, np.arange(0, nb, WINDOW))
-            self._pass = (p, members, order, np.r_[0, np.cumsum(win_sizes)])
-        return self._pass[1], self._pass[2], self._pass[3]
-
-    def _window_units(self, p: int, w: int) -> np.ndarray:
-        if self._window is None or self._window[:2] != (p, w):
-            members, order, _ = self._pass_layout(p)
-            blocks = order[w * WINDOW:(w + 1) * WINDOW]
-            ids = np.concatenate([members[b * UNIT_BLOCK:(b + 1) * UNIT_BLOCK] for b in blocks])
-            self._window = (p, w, ids[keyed_rng(self.seed, "window", self.gid, p, w).permutation(ids.size)])
-        return self._window[2]
-
-    def units_at(self, cursors: np.ndarray) -> np.ndarray:
-        """Table rows for the given (increasing) positions of this group's unit sequence."""
-        out = np.empty(cursors.size, dtype=np.int64)
-        passes, within = np.divmod(cursors, self.n)
-        for p in np.unique(passes):
-            sel = passes == p
-            _, _, starts = self._pass_layout(int(p))
-            wins = np.searchsorted(starts, within[sel], side="right") - 1
-            idx = np.flatnonzero(sel)
-            for w in np.unique(wins):
-                m = wins == w
-                out[idx[m]] = self._window_units(int(p), int(w))[within[sel][m] - starts[w]]
-        return out
-
-
 class Planner:
     """Plans this rank's batches. ``next_batch()`` advances; ``state_dict()`` captures the position."""
 
     def __init__(self, table: SampleTable, mixture: MixtureConfig, *, seed: int, world_size: int = 1,
-                 rank: int = 0, max_atoms: int = 4000, repeat: RepeatSpec | None = None) -> None:
+                 rank: int = 0, max_atoms: int = 4000, repeat: RepeatSpec | None = None,
+                 shuffle: str = "windowed") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if max_atoms < 1:
@@ -162,8 +73,8 @@ class Planner:
         names = table.domain_names if mixture.group_by == "domain" else table.source_names
         present = [c for c in range(len(names)) if (codes == c).any()]
         self.group_names = [names[c] for c in present]
-        self.groups = [_Group(i, np.flatnonzero(codes == c), table.trajectory[codes == c],
-                              mixture.max_frames_per_trajectory, seed) for i, c in enumerate(present)]
+        self.groups = [UnitSequence(i, np.flatnonzero(codes == c), table.trajectory[codes == c],
+                                    mixture.max_frames_per_trajectory, seed, shuffle) for i, c in enumerate(present)]
         probs = group_probabilities(mixture, {g: grp.n for g, grp in zip(self.group_names, self.groups, strict=True)})
         self.probs = np.array([probs[g] for g in self.group_names])
         self.cdf = np.cumsum(self.probs)
@@ -282,31 +193,3 @@ class Planner:
 
     def target_mix(self) -> dict[str, float]:
         return {g: float(p) for g, p in zip(self.group_names, self.probs, strict=True)}
-
-
-_TABLE_COLUMNS = ("shard", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
-
-
-def build_table(datasets: list[Any]) -> SampleTable:
-    """Concatenate the index columns of several :class:`~shards.reader.ShardDataset`, each checked against
-    its manifest (:meth:`~shards.reader.ShardDataset.columns`): the plan never rests on unverified rows."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in _TABLE_COLUMNS + ("dataset",)}
-    domain_names: list[str] = []
-    source_names: list[str] = []
-    for d_no, ds in enumerate(datasets):
-        part = ds.columns(_TABLE_COLUMNS)
-        dmap = np.array([_code(domain_names, n) for n in ds.domain_names], dtype=np.int16)
-        smap = np.array([_code(source_names, n) for n in ds.source_names], dtype=np.int16)
-        part["domain"] = dmap[part["domain"]] if dmap.size else part["domain"]
-        part["source"] = smap[part["source"]] if smap.size else part["source"]
-        part["dataset"] = np.full(part["n_atoms"].size, d_no, dtype=np.int16)
-        for k in cols:
-            cols[k].append(part[k])
-    arrays = {k: np.concatenate(v) for k, v in cols.items()}
-    return SampleTable(domain_names=domain_names, source_names=source_names, **arrays)
-
-
-def _code(names: list[str], name: str) -> int:
-    if name not in names:
-        names.append(name)
-    return names.index(name)

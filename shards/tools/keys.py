@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from shards.reader import ShardDataset
+from shards.format.reader import ShardDataset
 
 __all__ = ["iter_keys"]
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from shards import jsoncheck as jc
-from shards.schema import SCHEMA_VERSION_STR
-from shards.writer import INDEX_SUFFIX, WriterConfig, write_atomic
+from shards.format import jsoncheck as jc
+from shards.format.schema import SCHEMA_VERSION_STR
+from shards.format.writer import INDEX_SUFFIX, WriterConfig, write_atomic
 
 MANIFEST = "manifest.json"
 INDEX_DIR = "index.zarr"
@@ -240,7 +240,7 @@ def iter_index_chunks(root: Any, columns: tuple[str, ...] = INDEX_COLUMNS) -> It
 def write_dataset(graphs: Iterable[Any], out_dir: str | Path, *, config: WriterConfig | None = None,
                   prefix: str = "shard", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write graphs into shards and finalize the dataset in one go (single process)."""
-    from shards.writer import ShardWriter
+    from shards.format.writer import ShardWriter
 
     with ShardWriter(out_dir, prefix=prefix, config=config) as writer:
         for g in graphs:

@@ -11,10 +11,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from shards import preview, report
-from shards.export import EXPORT_FORMATS, export_sample
-from shards.verify import inspect_dataset, verify_dataset
-from shards.writer import WriterConfig
+from shards.format.audit import inspect_dataset, verify_dataset
+from shards.format.writer import WriterConfig
+from shards.tools import preview, report
+from shards.tools.export import EXPORT_FORMATS, export_sample
 
 COMMAND_GROUP = "scd.commands"
 
@@ -65,7 +65,7 @@ def register(sub: Any) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from shards.reader import ShardDataset
+    from shards.format.reader import ShardDataset
 
     total = len(ShardDataset(args.dataset).shard_names)
     with tqdm(total=total, unit="shard", desc="verify", disable=None) as bar:
@@ -102,7 +102,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from shards.compact import compact
+    from shards.tools.compact import compact
 
     cfg = WriterConfig(max_shard_bytes=args.max_shard_bytes, max_shard_samples=args.max_shard_samples)
     m = compact(args.sources, args.out, config=cfg)
@@ -111,7 +111,7 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from shards.keys import iter_keys
+    from shards.tools.keys import iter_keys
 
     try:
         for key in iter_keys(args.dataset, domain=args.domain, limit=args.limit):

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards.codec import SUFFIX, encode
-from shards.jsoncheck import SAFE_NAME
-from shards.schema import SCHEMA_VERSION_STR, AtomGraph
+from shards.format.codec import SUFFIX, encode
+from shards.format.jsoncheck import SAFE_NAME
+from shards.format.schema import SCHEMA_VERSION_STR, AtomGraph
 
 TAR_BLOCK = 512
 INDEX_SUFFIX = ".idx.json"

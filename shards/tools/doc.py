@@ -1,11 +1,11 @@
-"""Generate the README's schema field table from ``FIELDS`` (``python -m shards.doc --write``)."""
+"""Generate the README's schema field table from ``FIELDS`` (``python -m shards.tools.doc --write``)."""
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
 
-from shards.schema import FIELDS, SCHEMA_VERSION_STR
+from shards.format.schema import FIELDS, SCHEMA_VERSION_STR
 
 
 def field_table() -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.reader import ShardDataset
+from shards.format.reader import ShardDataset
 
 # format -> (file suffix, ASE writer name)
 EXPORT_FORMATS = {"extxyz": (".extxyz", "extxyz"), "cif": (".cif", "cif"), "pdb": (".pdb", "proteindatabank")}

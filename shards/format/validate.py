@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shards.schema import ARRAY_FIELDS, KEY_RE, MAX_ATOMS_DEFAULT, NAME_RE, NO_PBC, ZERO_CELL, SchemaError
+from shards.format.schema import ARRAY_FIELDS, KEY_RE, MAX_ATOMS_DEFAULT, NAME_RE, NO_PBC, ZERO_CELL, SchemaError
 
 if TYPE_CHECKING:
-    from shards.schema import AtomGraph
+    from shards.format.schema import AtomGraph
 
 _SET = object.__setattr__
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from shards.reader import ShardDataset
-from shards.verify import inspect_dataset
+from shards.format.audit import inspect_dataset
+from shards.format.reader import ShardDataset
 
 ELEMENT_SAMPLE_LIMIT = 200_000
 
