@@ -1,5 +1,8 @@
 """Pretraining objectives: Self-Conditioned Denoising (SCD) and plain coordinate denoising.
 
+An objective composes a backbone (:mod:`scd_train.models`) with heads (:mod:`scd_train.models.heads`:
+graph pooling for the condition, a gated equivariant vector head for the noise) and owns the loss.
+
 The training loop only sees ``Objective.forward(batch, generator) -> (loss_sum, n_atoms, metrics)``:
 ``loss_sum`` is the SUM over atoms of the per-atom squared error (averaged over the 3 axes) and
 ``n_atoms`` the local atom count, so the loop can divide by the atom count of all ranks.
@@ -17,11 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scd_train.models import Backbone, backbone_config, build_backbone
-from scd_train.models.base import scatter_sum
+from scd_train.models import Backbone, GraphPool, VectorHead, backbone_config, build_backbone
 
-__all__ = ["OBJECTIVES", "Denoise", "GatedEquivariantBlock", "GraphPool", "Objective", "ObjectiveConfig",
-           "SCD", "VectorHead", "build_objective"]
+__all__ = ["OBJECTIVES", "Denoise", "Objective", "ObjectiveConfig", "SCD", "build_objective"]
 
 
 @dataclass(frozen=True)
@@ -39,49 +40,6 @@ class ObjectiveConfig:
     drop_path: float | None = None
     drop_cond: float = 0.2
     freeze_embeddings: bool = True
-
-
-class GraphPool(nn.Module):
-    """Per atom LN -> Linear -> SiLU -> LN, sum over each graph, then LN -> Linear -> SiLU -> LN -> Linear."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.atom = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.LayerNorm(hidden))
-        self.graph = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
-                                   nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
-
-    def forward(self, s: Tensor, batch: Tensor, n_graphs: int) -> Tensor:
-        return self.graph(scatter_sum(self.atom(s), batch, n_graphs))
-
-
-class GatedEquivariantBlock(nn.Module):
-    """Scalars and vectors in, ``out`` scalars and vectors out; vectors gated by invariant scalars."""
-
-    def __init__(self, hidden: int, out: int, scalar_activation: bool, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.out, self.eps, self.scalar_activation = out, eps, scalar_activation
-        self.vec1 = nn.Linear(hidden, hidden, bias=False)
-        self.vec2 = nn.Linear(hidden, out, bias=False)
-        self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * out))
-
-    def forward(self, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        norm = torch.sqrt((self.vec1(v) ** 2).sum(dim=1) + self.eps)
-        x, gate = self.update(torch.cat([s, norm], dim=-1)).split(self.out, dim=-1)
-        v = self.vec2(v) * gate.unsqueeze(1)
-        return (nn.functional.silu(x) if self.scalar_activation else x), v
-
-
-class VectorHead(nn.Module):
-    """Two gated equivariant blocks -> one 3-vector per atom."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.block1 = GatedEquivariantBlock(hidden, hidden // 2, scalar_activation=True)
-        self.block2 = GatedEquivariantBlock(hidden // 2, 1, scalar_activation=False)
-
-    def forward(self, s: Tensor, v: Tensor) -> Tensor:
-        s, v = self.block1(s, v)
-        return self.block2(s, v)[1].squeeze(-1)
 
 
 class Objective(nn.Module):

@@ -1,4 +1,5 @@
-"""Backbone registry: config type -> backbone class, name -> config type, and size presets.
+"""Backbones and heads: the registry (config type -> backbone class, name -> config type, size presets)
+and the heads objectives compose with a backbone (:mod:`scd_train.models.heads`).
 
 The tables are plain dicts written here (no registration by import side effect); a new backbone
 adds one entry to ``BACKBONES`` and one to ``BACKBONE_CONFIGS``.
@@ -10,10 +11,12 @@ from typing import Any
 
 from scd_train.models.base import Backbone, BackboneConfig
 from scd_train.models.et import EquivariantTransformer, ETConfig
+from scd_train.models.heads import GatedEquivariantBlock, GraphPool, VectorHead
 from scd_train.models.painn import PaiNN, PaiNNConfig
 
 __all__ = ["BACKBONES", "BACKBONE_CONFIGS", "PRESETS", "Backbone", "BackboneConfig", "ETConfig",
-           "EquivariantTransformer", "PaiNN", "PaiNNConfig", "backbone_config", "build_backbone"]
+           "EquivariantTransformer", "GatedEquivariantBlock", "GraphPool", "PaiNN", "PaiNNConfig", "VectorHead",
+           "backbone_config", "build_backbone"]
 
 BACKBONES: dict[type[BackboneConfig], type[Backbone]] = {
     ETConfig: EquivariantTransformer,
