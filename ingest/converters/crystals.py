@@ -121,9 +121,9 @@ class CIFConverter(_Crystal):
     default_source = "cif"
 
     def can_convert(self, path: Path) -> bool:
-        from ingest.converters.proteins import _has_atom_site
+        from ingest.converters.proteins import has_atom_site
 
-        return super().can_convert(path) and not _has_atom_site(path)
+        return super().can_convert(path) and not has_atom_site(path)
 
     def convert(self, path: Path, options: CrystalOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:

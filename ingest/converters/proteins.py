@@ -191,7 +191,7 @@ class MMCIFConverter(_Structure):
     suffixes = (".mmcif", ".mmcif.gz", ".cif", ".cif.gz")
 
     def can_convert(self, path: Path) -> bool:
-        return super().can_convert(path) and _has_atom_site(path)
+        return super().can_convert(path) and has_atom_site(path)
 
     def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
         from Bio.PDB import MMCIFParser
@@ -202,7 +202,7 @@ class MMCIFConverter(_Structure):
         return structure, [builder.records.get(m.id, 0) for m in structure]
 
 
-def _has_atom_site(path: Path) -> bool:
+def has_atom_site(path: Path) -> bool:
     """mmCIF (macromolecule) or small-molecule/crystal CIF? Sniff the first 256 kB for ``_atom_site.``."""
     head = read_head(path, 1 << 18)
     return b"_atom_site.group_PDB" in head or b"_atom_site.label_comp_id" in head

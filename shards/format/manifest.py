@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -227,14 +227,6 @@ class _IndexWriter:
 INDEX_DTYPES = {"n_atoms": np.int32, "domain": np.int16, "source": np.int16, "shard": np.int32,
                 "offset": np.int64, "size": np.int64, "key_hash": np.uint64, "trajectory": np.uint64,
                 "checksum": np.uint64}
-
-
-def iter_index_chunks(root: Any, columns: tuple[str, ...] = INDEX_COLUMNS) -> Iterator[dict[str, np.ndarray]]:
-    """Read the zarr index lazily, one chunk of rows at a time."""
-    group = zarr.open_group(root, mode="r")
-    n = group["n_atoms"].shape[0]
-    for start in range(0, n, ZARR_CHUNK):
-        yield {c: group[c][start:start + ZARR_CHUNK] for c in columns}
 
 
 def write_dataset(graphs: Iterable[Any], out_dir: str | Path, *, config: WriterConfig | None = None,
