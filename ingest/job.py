@@ -2,7 +2,9 @@
 
 A job file (YAML)::
 
-    output: out/dataset            # relative paths are relative to the job file's folder
+    output: out/dataset            # relative paths are relative to the job file's folder; or s3://bucket/prefix
+    input_root: null               # relative input paths resolve against this folder or URL (default: the job's folder)
+    spool_bytes: 8589934592        # remote inputs: the most bytes one input may take in a worker's local spool
     writer: {max_shard_bytes: 67108864, max_shard_samples: 50000}
     workers: null                  # parallel units (default: all CPUs Ray offers)
     max_retries: 2                 # retries of a failing unit before it is recorded as failed
@@ -24,6 +26,12 @@ per range); with ``records_per_unit`` or ``max_records`` set every file of the s
 and choosing a converter by content run in the workers (``mapper``), never one file at a time in the driver;
 a file that cannot be sniffed or counted is planned whole and becomes its reject when its unit runs.
 
+Inputs may be object-storage URLs and URL globs (``s3://``, ``gs://``, ``az://``, listed with fsspec) or
+``http(s)://`` files; they are listed here and read through a bounded local spool in the workers
+(:mod:`ingest.spool`). A file's ``file_id`` (and so every sample key) is its path relative to the job's
+folder, or to ``input_root``: the same job run on a local copy and on a bucket holding the same files
+gives the same dataset.
+
 The plan depends only on the job file and the input files, never on the number of workers, so the output
 is byte-identical however it is executed.
 """
@@ -41,7 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ingest.plugin import MAX_FILE_BYTES
+from ingest.spool import SpoolLimitError, list_remote, local_copy
 from shards.config import ConfigError, load_yaml, to_dict
+from shards.format.storage import is_url
 from shards.format.writer import WriterConfig
 
 MAX_INPUT_BYTES = 64 * 1024 ** 3
@@ -83,10 +94,32 @@ class JobConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     workers: int | None = None
     max_retries: int = 2
+    input_root: str | None = None
+    spool_bytes: int = MAX_FILE_BYTES
     base_dir: str = ""
 
+    def __post_init__(self) -> None:
+        if self.spool_bytes < 1:
+            raise ConfigError(f"spool_bytes must be >= 1, got {self.spool_bytes}")
+
+    def output_location(self) -> str:
+        """The output as a URL (kept verbatim) or an absolute-or-job-relative local path."""
+        out = os.path.expandvars(self.output)
+        return out.rstrip("/") if is_url(out) else str(_resolve(self.base_dir, self.output))
+
     def output_dir(self) -> Path:
-        return _resolve(self.base_dir, self.output)
+        """The local output folder; an object-storage output is an error here (never a folder named ``s3:``)."""
+        location = self.output_location()
+        if is_url(location):
+            raise ConfigError(f"output {location} is a URL, not a folder")
+        return Path(location)
+
+    def inputs_base(self) -> str:
+        """What relative input paths resolve against: ``input_root`` (a folder or URL), else the job's folder."""
+        if not self.input_root:
+            return self.base_dir
+        root = os.path.expandvars(self.input_root)
+        return root.rstrip("/") if is_url(root) else str(_resolve(self.base_dir, root))
 
 
 @dataclass(frozen=True)
@@ -98,6 +131,7 @@ class Item:
     converter: str
     start: int | None = None
     stop: int | None = None
+    remote: tuple[int, str] | None = None  # a URL's (size, ETag or mtime) as listed when planned
 
 
 @dataclass(frozen=True)
@@ -122,8 +156,8 @@ class Unit:
         more = f" and {len(self.items) - 1} more file(s)" if len(self.items) > 1 else ""
         return f"{first.file_id}{span}{more}"
 
-    def fingerprint(self, stats: Iterable[tuple[int, int]]) -> str:
-        """Hash of what the unit reads: its items and each file's (size, mtime_ns)."""
+    def fingerprint(self, stats: Iterable[tuple[int, int | str]]) -> str:
+        """Hash of what the unit reads: its items and each file's (size, mtime_ns) or (size, ETag)."""
         payload = json.dumps([self.source, self.domain, self.options,
                               [[i.file_id, i.converter, i.start, i.stop, s, m]
                                for i, (s, m) in zip(self.items, stats, strict=True)]],
@@ -153,26 +187,47 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     return dataclasses.replace(cfg, base_dir=str(Path(path).resolve().parent))
 
 
-def expand(spec: SourceSpec, base_dir: str) -> list[tuple[str, str]]:
-    """Input files of a source, sorted, as (path, file_id); file_id is the path as the job names it
-    (relative to the job's folder when inside it). Plain strings: 100,000 files plan in about a second."""
+Input = tuple[str, str, tuple[int, str] | None]
+
+
+def expand(spec: SourceSpec, base_dir: str) -> list[Input]:
+    """Input files of a source, sorted, as (path or URL, file_id, remote stamp); file_id is the path as the job
+    names it (relative to ``base_dir``, a folder or URL, when inside it); the stamp is (size, ETag) for URLs.
+    Plain strings: 100,000 local files plan in about a second."""
+    out: list[Input] = []
+    for pattern in spec.paths:
+        named = os.path.expandvars(os.path.expanduser(pattern))
+        if is_url(named):
+            out += [(f.url, f.url, (f.size, f.stamp)) for f in list_remote(named, spec.source)]
+        elif is_url(base_dir):
+            if os.path.isabs(named):
+                out += [(p, i, None) for p, i in _expand_local(spec, pattern, "")]
+                continue
+            root = base_dir.rstrip("/") + "/"
+            out += [(f.url, f.url[len(root):] if f.url.startswith(root) else f.url, (f.size, f.stamp))
+                    for f in list_remote(root + named, spec.source)]
+        else:
+            out += [(p, i, None) for p, i in _expand_local(spec, pattern, base_dir)]
+    return out
+
+
+def _expand_local(spec: SourceSpec, pattern: str, base_dir: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     base = os.path.abspath(base_dir) + os.sep if base_dir else ""
-    for pattern in spec.paths:
-        full = str(_resolve(base_dir, pattern))
-        if not glob.has_magic(full) and not os.path.exists(full):
-            raise ConfigError(f"source {spec.source!r}: input {pattern!r} does not exist ({full})")
-        if not glob.has_magic(full) and spec.converter == AUTO and os.path.isdir(full):
-            _check_folder(spec, full)
-        matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
-        if not matches:
-            raise ConfigError(f"source {spec.source!r}: no files match {pattern!r}")
-        for m in matches:
-            if base and m.startswith(base) and ".." not in m[len(base):].split(os.sep):
-                out.append((m, m[len(base):]))
-                continue
-            rel = os.path.relpath(m, base_dir) if base_dir else m
-            out.append((m, rel if not rel.startswith("..") else m))
+    full = str(_resolve(base_dir, pattern))
+    if not glob.has_magic(full) and not os.path.exists(full):
+        raise ConfigError(f"source {spec.source!r}: input {pattern!r} does not exist ({full})")
+    if not glob.has_magic(full) and spec.converter == AUTO and os.path.isdir(full):
+        _check_folder(spec, full)
+    matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
+    if not matches:
+        raise ConfigError(f"source {spec.source!r}: no files match {pattern!r}")
+    for m in matches:
+        if base and m.startswith(base) and ".." not in m[len(base):].split(os.sep):
+            out.append((m, m[len(base):]))
+            continue
+        rel = os.path.relpath(m, base_dir) if base_dir else m
+        out.append((m, rel if not rel.startswith("..") else m))
     return out
 
 
@@ -196,27 +251,35 @@ def _size(path: str) -> int:
     return st.st_size
 
 
-def probe_files(batch: list[tuple[str, str, str | None, dict[str, Any]]]) -> list[tuple[str | None, int | None]]:
-    """For each (path, converter or auto, domain, options): (converter name or None, record count or None).
-    Runs in a worker; a file that cannot be sniffed or counted gives Nones (its unit turns it into a reject)."""
+def probe_files(batch: list[tuple[str, str, str | None, dict[str, Any], int]]) -> list[tuple[str | None, int | None]]:
+    """For each (path or URL, converter or auto, domain, options, spool limit): (converter name or None, record
+    count or None). Runs in a worker (a URL through the spool); a file that cannot be sniffed or counted gives
+    Nones (its unit turns it into a reject)."""
+    out: list[tuple[str | None, int | None]] = []
+    for path, name, domain, options, limit in batch:
+        try:
+            with local_copy(path, limit) as local:
+                out.append(_probe(local, name, domain, options))
+        except SpoolLimitError:
+            out.append((None, None))
+    return out
+
+
+def _probe(path: Path, name: str, domain: str | None, options: dict[str, Any]) -> tuple[str | None, int | None]:
     from ingest.registry import converter_for, get_converter
 
-    out: list[tuple[str | None, int | None]] = []
-    for path, name, domain, options in batch:
-        try:
-            cls = get_converter(name) if name != AUTO else converter_for(Path(path), domain)
-        except Exception:  # noqa: BLE001 - unreadable or unclaimed: decided again (as a reject) in the unit
-            out.append((None, None))
-            continue
-        try:
-            conv = cls()
-            n = conv.count_records(Path(path), conv.parse_options(options))
-        except ConfigError:
-            raise
-        except Exception:  # noqa: BLE001 - counted as unsplittable; the unit records the file's reject
-            n = None
-        out.append((cls.name, n))
-    return out
+    try:
+        cls = get_converter(name) if name != AUTO else converter_for(path, domain)
+    except Exception:  # noqa: BLE001 - unreadable or unclaimed: decided again (as a reject) in the unit
+        return None, None
+    try:
+        conv = cls()
+        n = conv.count_records(path, conv.parse_options(options))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - counted as unsplittable; the unit records the file's reject
+        n = None
+    return cls.name, n
 
 
 def serial_map(fn: Callable[[list[Any]], list[Any]], batches: list[list[Any]]) -> Iterator[list[Any]]:
@@ -245,29 +308,29 @@ def plan_units(cfg: JobConfig, mapper: Mapper = serial_map) -> list[Unit]:
     for spec in cfg.sources:  # every source's converter and inputs checked before any work
         if spec.converter != AUTO:
             _check_named(spec)
-    inputs = [expand(spec, cfg.base_dir) for spec in cfg.sources]
+    inputs = [expand(spec, cfg.inputs_base()) for spec in cfg.sources]
     for spec, files in zip(cfg.sources, inputs, strict=True):
         options = _expand_options(spec.options)
-        for items in _source_items(spec, files, options, mapper):
+        for items in _source_items(spec, files, options, mapper, cfg.spool_bytes):
             units.append(Unit(len(units), spec.source, spec.domain, options, items))
     return units
 
 
-def _source_items(spec: SourceSpec, files: list[tuple[str, str]], options: dict[str, Any],
-                  mapper: Mapper) -> Iterator[tuple[Item, ...]]:
+def _source_items(spec: SourceSpec, files: list[Input], options: dict[str, Any], mapper: Mapper,
+                  spool_bytes: int) -> Iterator[tuple[Item, ...]]:
     """The items of each unit of one source: split files one range per unit, whole files grouped."""
-    sizes = [_size(p) for p, _ in files]
+    sizes = [_size(p) if stamp is None else stamp[0] for p, _, stamp in files]
     count_all = bool(spec.records_per_unit or spec.max_records)
     wanted = [i for i, s in enumerate(sizes) if count_all or s > spec.unit_bytes]
-    jobs = [(files[i][0], spec.converter, spec.domain, options) for i in wanted]
+    jobs = [(files[i][0], spec.converter, spec.domain, options, spool_bytes) for i in wanted]
     batches = [jobs[a:a + PROBE_BATCH] for a in range(0, len(jobs), PROBE_BATCH)]
     probed = dict(zip(wanted, (r for batch in mapper(probe_files, batches) for r in batch), strict=True))
     group: list[Item] = []
     group_bytes = 0
-    for i, ((path, file_id), size) in enumerate(zip(files, sizes, strict=True)):
+    for i, ((path, file_id, stamp), size) in enumerate(zip(files, sizes, strict=True)):
         name, n = probed.get(i, (None, None))
         conv = name or spec.converter
-        item = Item(path, file_id, conv)
+        item = Item(path, file_id, conv, remote=stamp)
         if n is not None:
             n = min(n, spec.max_records) if spec.max_records else n
             step = spec.records_per_unit or max(1, math.ceil(n / max(1, math.ceil(size / spec.unit_bytes))))
@@ -276,9 +339,9 @@ def _source_items(spec: SourceSpec, files: list[tuple[str, str]], options: dict[
                 if group:
                     yield tuple(group)
                 group, group_bytes = [], 0
-                yield from ((Item(path, file_id, conv, a, b),) for a, b in ranges)
+                yield from ((Item(path, file_id, conv, a, b, stamp),) for a, b in ranges)
                 continue
-            item = Item(path, file_id, conv, *ranges[0])
+            item = Item(path, file_id, conv, *ranges[0], stamp)
         if group and (len(group) >= spec.files_per_unit or group_bytes + size > spec.unit_bytes):
             yield tuple(group)
             group, group_bytes = [], 0
@@ -291,6 +354,6 @@ def _source_items(spec: SourceSpec, files: list[tuple[str, str]], options: dict[
 def job_summary_config(cfg: JobConfig) -> dict[str, Any]:
     """The job configuration as recorded in the manifest: sources and writer as written in the job."""
     d = to_dict(cfg)
-    for where in ("base_dir", "output", "workers"):  # where and how it ran does not change the data
+    for where in ("base_dir", "output", "workers", "input_root"):  # where and how it ran does not change the data
         d.pop(where, None)
     return d

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -12,16 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ingest.job import JobConfig, Mapper, Unit, job_summary_config, plan_units
-from ingest.lock import output_lock, remove_temp_files
-from ingest.unit import TAILS_DIR, UNITS_DIR, clear_leftovers, completed, shard_intact
+from ingest.outcome import UnitOutcome
+from ingest.target import BucketTarget, FolderTarget
 from shards.config import ConfigError
-from shards.format.manifest import MANIFEST, finalize_dataset
-from shards.format.writer import WriterConfig, write_atomic
+from shards.format.storage import FetchError, is_url, join
 
 REJECTS = "rejects.jsonl"
 SUMMARY = "ingest_summary.json"
-PACK_PREFIX = "pack"
-PACK_RECORD = f"{UNITS_DIR}/pack.json"
 MIN_IN_FLIGHT = 64
 IN_FLIGHT_PER_CPU = 2
 
@@ -30,7 +26,7 @@ IN_FLIGHT_PER_CPU = 2
 class JobResult:
     """What a job did: per-unit outcomes, failures with tracebacks, and the accounting."""
 
-    output: Path
+    output: str
     units: int
     skipped: int
     failed: list[dict[str, Any]] = field(default_factory=list)
@@ -78,40 +74,34 @@ def ray_mapper(workers: int | None) -> Mapper:
 
 def run_job(cfg: JobConfig, *, workers: int | None = None, progress: bool = True) -> JobResult:
     """Plan, run pending units on Ray with bounded work in flight, pack the units' short tail shards into
-    target-size shards, then write indices and manifest. One job at a time per output folder (a lock);
-    temporary files are removed before and after."""
-    out = cfg.output_dir()
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    folders = (out, out / UNITS_DIR, out / TAILS_DIR)
+    target-size shards, then write indices and manifest. The output is a folder (one job at a time: a lock;
+    temporary files removed before and after) or an object-storage URL (:class:`~ingest.target.BucketTarget`)."""
+    location = cfg.output_location()
+    target: FolderTarget | BucketTarget = BucketTarget(location) if is_url(location) else FolderTarget(Path(location))
     try:
-        with output_lock(out):
-            remove_temp_files(*folders)
+        with target.hold():
             try:
-                return _run_locked(cfg, out, workers, progress)
+                return _run_locked(cfg, target, workers, progress)
             except OSError as exc:
-                if exc.filename is not None:
+                if exc.filename is not None or isinstance(exc, FetchError):
                     raise
-                raise OSError(exc.errno, f"{exc.strerror or exc} (writing {out})") from exc
-            finally:
-                remove_temp_files(*folders)
+                raise OSError(exc.errno, f"{exc.strerror or exc} (writing {location})") from exc
     except ConfigError:
-        if created:  # a job that failed its configuration leaves no output folder behind
-            shutil.rmtree(out, ignore_errors=True)
+        target.discard()  # a job that failed its configuration leaves no output folder behind
         raise
 
 
-def _run_locked(cfg: JobConfig, out: Path, workers: int | None, progress: bool) -> JobResult:
+def _run_locked(cfg: JobConfig, target: FolderTarget | BucketTarget, workers: int | None,
+                progress: bool) -> JobResult:
     t0 = time.perf_counter()
-    (out / TAILS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    target.begin()
     units = plan_units(cfg, ray_mapper(workers or cfg.workers))
     plan_seconds = time.perf_counter() - t0
-    _remove_stale(out, {u.prefix for u in units})
-    outcomes: dict[int, dict[str, Any]] = {}
+    target.remove_stale({u.prefix for u in units})
+    outcomes: dict[int, UnitOutcome] = {}
     pending: list[Unit] = []
     for u in units:
-        done = completed(out, u)
+        done = target.completed(u)
         if done is not None:
             outcomes[u.number] = done
         else:
@@ -119,47 +109,25 @@ def _run_locked(cfg: JobConfig, out: Path, workers: int | None, progress: bool) 
     skipped = len(outcomes)
     failed: list[dict[str, Any]] = []
     if pending:
-        failed = _execute(pending, cfg, out, outcomes, workers or cfg.workers, progress, skipped, len(units))
-    result = JobResult(out, len(units), skipped, failed, plan_seconds=plan_seconds)
+        failed = _execute(pending, cfg, target.location, outcomes, workers or cfg.workers, progress, skipped,
+                          len(units))
+    result = JobResult(target.location, len(units), skipped, failed, plan_seconds=plan_seconds)
     result.accounting = _account([outcomes[u.number] for u in units if u.number in outcomes])
-    _write_reports(out, units, outcomes, result)
+    _write_reports(target, units, outcomes, result)
     if result.ok:
-        packed = _pack_tails(out, [outcomes[u.number] for u in units], cfg.writer)
-        shard_names = [s["name"] for u in units for s in outcomes[u.number]["shards"]] + packed
-        result.shards = len(shard_names)
-        converters = {f"{name} ({version})" for o in outcomes.values() for name, version in o["converters"].items()}
-        finalize_dataset(out, shard_names, writer=cfg.writer,
-                         extra={"ingest": job_summary_config(cfg), "accounting": result.accounting,
-                                "converters": sorted(converters)})
+        done_list = [outcomes[u.number] for u in units]
+        packed = target.pack_tails(done_list, cfg.writer)
+        shards = [s for o in done_list for s in o.shards] + packed
+        result.shards = len(shards)
+        converters = {f"{name} ({version})" for o in outcomes.values() for name, version in o.converters.items()}
+        target.tidy(done_list, packed)
+        target.finalize(shards, cfg.writer, {"ingest": job_summary_config(cfg), "accounting": result.accounting,
+                                             "converters": sorted(converters)})
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _pack_tails(out: Path, outcomes: list[dict[str, Any]], writer: WriterConfig) -> list[str]:
-    """Copy the units' tail shards, in unit order, into target-size ``pack-NNNNNN.tar`` shards; reuse an
-    intact earlier packing of the very same tails (its record is written after the shards)."""
-    from shards.tools.compact import pack_local
-
-    tails = [o["tail"] for o in outcomes if o.get("tail")]
-    inputs = [[t["name"], t["sha256"]] for t in tails]
-    record_path = out / PACK_RECORD
-    try:
-        record = json.loads(record_path.read_bytes()) if record_path.is_file() else None
-    except ValueError:
-        record = None
-    if (isinstance(record, dict) and record.get("inputs") == inputs
-            and all(shard_intact(out, s) for s in record.get("shards", []))):
-        return [s["name"] for s in record["shards"]]
-    record_path.unlink(missing_ok=True)
-    for p in out.glob(f"{PACK_PREFIX}-*"):
-        p.unlink()
-    shards = pack_local(((out / TAILS_DIR / t["name"], t["sha256"]) for t in tails), out, PACK_PREFIX, writer)
-    record = {"inputs": inputs, "shards": [asdict(s) for s in shards]}
-    write_atomic(record_path, json.dumps(record, sort_keys=True).encode())
-    return [s.name for s in shards]
-
-
-def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int, dict[str, Any]],
+def _execute(pending: list[Unit], cfg: JobConfig, out: str, outcomes: dict[int, UnitOutcome],
              workers: int | None, progress: bool, skipped: int, total: int) -> list[dict[str, Any]]:
     from ingest.unit import run_unit
     from shards.progress import Progress
@@ -176,14 +144,14 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: Path, outcomes: dict[int,
         limit = in_flight_limit(ray, workers)
         while queue and len(in_flight) < limit:
             u = queue.pop(0)
-            in_flight[task.remote(u, str(out), cfg.writer)] = u
+            in_flight[task.remote(u, out, cfg.writer, cfg.spool_bytes)] = u
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             u = in_flight.pop(ref)
             try:
                 res = ray.get(ref)
                 outcomes[u.number] = res
-                records += res["inputs"]
+                records += res.inputs
             except Exception as exc:  # noqa: BLE001 - the unit is recorded as failed, others finish
                 failed.append({"unit": u.prefix, "file": u.describe(), "files": len(u.items),
                                "attempts": cfg.max_retries + 1, "error": _error_text(exc)})
@@ -209,18 +177,7 @@ def _error_text(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
 
 
-def _remove_stale(out: Path, prefixes: set[str]) -> None:
-    """Drop shards and outcomes of units that are no longer in the plan (the job file changed)."""
-    for p in sorted((out / UNITS_DIR).glob("u*.json")):
-        if p.stem not in prefixes:
-            clear_leftovers(out, p.stem)
-    for folder in (out, out / TAILS_DIR):
-        for p in sorted(folder.glob("u*-*.tar*")):
-            if p.name.split("-")[0] not in prefixes and p.is_file():
-                p.unlink()
-
-
-def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+def _account(outcomes: list[UnitOutcome]) -> dict[str, Any]:
     """inputs = accepted + rejected, per source and per domain, summed over the files of every unit
     (rejects count under the domain of the file's converter, or the source's declared domain)."""
     per_source: dict[str, dict[str, int]] = {}
@@ -228,27 +185,28 @@ def _account(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     examples: dict[str, str] = {}
     for o in outcomes:
-        for f in o["files"]:
-            for table, name in ((per_source, o["source"]), (per_domain, f["domain"])):
+        for f in o.files:
+            for table, name in ((per_source, o.source), (per_domain, f.domain)):
                 row = table.setdefault(name, {"inputs": 0, "accepted": 0, "rejected": 0})
                 for k in row:
-                    row[k] += f[k]
-        for r in o["rejects"]:
-            reason = r["reason"].split(":")[0][:80]
+                    row[k] += getattr(f, k)
+        for r in o.rejects:
+            reason = r.reason.split(":")[0][:80]
             reasons[reason] = reasons.get(reason, 0) + 1
-            examples.setdefault(reason, r["reason"])
+            examples.setdefault(reason, r.reason)
     total = {k: sum(r[k] for r in per_source.values()) for k in ("inputs", "accepted", "rejected")}
     return {"total": total, "sources": per_source, "domains": per_domain,
             "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
             "reject_examples": {k: examples[k] for k in sorted(examples)}}
 
 
-def _write_reports(out: Path, units: list[Unit], outcomes: dict[int, dict[str, Any]], result: JobResult) -> None:
-    lines = [json.dumps(r, sort_keys=True)
-             for u in units if u.number in outcomes for r in outcomes[u.number]["rejects"]]
-    write_atomic(out / REJECTS, ("\n".join(lines) + ("\n" if lines else "")).encode())
+def _write_reports(target: FolderTarget | BucketTarget, units: list[Unit], outcomes: dict[int, UnitOutcome],
+                   result: JobResult) -> None:
+    lines = [json.dumps(asdict(r), sort_keys=True)
+             for u in units if u.number in outcomes for r in outcomes[u.number].rejects]
+    target.put(REJECTS, ("\n".join(lines) + ("\n" if lines else "")).encode())
     summary = {"units": result.units, "failed": result.failed, "accounting": result.accounting}
-    write_atomic(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
+    target.put(SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
 def print_table(result: JobResult) -> None:
@@ -269,12 +227,10 @@ def print_table(result: JobResult) -> None:
         print(f"{t.get('rejected', 0)} records rejected; top reasons (one full example each):")
         for reason, n in list(reasons.items())[:5]:
             print(f"  {n:>8}  {examples.get(reason, reason)}")
-        print(f"every reject, with its file and record: {result.output / REJECTS}")
+        print(f"every reject, with its file and record: {join(result.output, REJECTS)}")
     for f in result.failed:
         print(f"FAILED unit {f['unit']} ({f['file']}):\n{f['error']}")
 
 
 def result_dict(result: JobResult) -> dict[str, Any]:
-    d = asdict(result)
-    d["output"] = str(result.output)
-    return d
+    return asdict(result)

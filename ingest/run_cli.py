@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.job import JobConfig, SourceSpec, load_job
+from shards.format.storage import is_url, join
 
 
 def add_run_parser(sub: Any) -> None:
@@ -20,8 +21,9 @@ def add_run_parser(sub: Any) -> None:
                                    "skips completed units.")
     p.add_argument("job", nargs="?", type=Path, help="job YAML (its keys: docs/ingest.md, 'The job file')")
     p.add_argument("--domain", help="flag form: the domain of --input files (converter chosen by suffix)")
-    p.add_argument("--input", nargs="+", default=[], help="flag form: input files or globs")
-    p.add_argument("--out", help="flag form: output dataset folder (overrides the job's output)")
+    p.add_argument("--input", nargs="+", default=[], help="flag form: input files or globs (paths or URLs)")
+    p.add_argument("--out", help="output dataset folder or object-storage URL such as s3://bucket/prefix "
+                                 "(overrides the job's output)")
     p.add_argument("--source", help="flag form: source name (default: the domain)")
     p.add_argument("--converter", default="auto", help="flag form: converter name (default: by suffix)")
     p.add_argument("--workers", type=int, help="units in parallel (default: the job's, else all CPUs)")
@@ -36,17 +38,22 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
     if args.job is not None:
         cfg = load_job(args.job, args.overrides)
         if args.out:
-            cfg = dataclasses.replace(cfg, output=str(Path(args.out).resolve()))
+            cfg = dataclasses.replace(cfg, output=_location(args.out))
         return cfg
     if not (args.domain and args.input and args.out):
         raise ValueError("give a job file, or --domain D --input PATH... --out DIR")
-    spec = SourceSpec(source=args.source or args.domain, paths=tuple(str(Path(p).resolve()) for p in args.input),
+    spec = SourceSpec(source=args.source or args.domain, paths=tuple(_location(p) for p in args.input),
                       converter=args.converter, domain=args.domain)
-    return JobConfig(output=str(Path(args.out).resolve()), sources=(spec,))
+    return JobConfig(output=_location(args.out), sources=(spec,))
+
+
+def _location(path: str) -> str:
+    """A URL verbatim (``s3://b/x`` must never become a local folder ``s3:/b/x``), a local path made absolute."""
+    return path if is_url(path) else str(Path(path).resolve())
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ingest.run import print_table, result_dict, run_job
+    from ingest.run import REJECTS, print_table, result_dict, run_job
 
     result = run_job(job_from_args(args), workers=args.workers, progress=not args.no_progress)
     if args.json:
@@ -56,7 +63,7 @@ def run_command(args: argparse.Namespace) -> int:
     total = result.accounting.get("total", {})
     if result.ok and total.get("inputs", 0) > 0 and total.get("accepted", 0) == 0:
         print(f"error: none of the {total['inputs']} input records was accepted; the reasons are in "
-              f"{result.output / 'rejects.jsonl'}")
+              f"{join(result.output, REJECTS)}")
         return 1
     if not result.ok:
         print(f"error: {len(result.failed)} unit(s) failed: {', '.join(f['unit'] for f in result.failed)}; "

@@ -24,7 +24,7 @@ def test_source_domain_restricts_the_sniffed_converter(tmp_path):
     cfg, units = _units(tmp_path, [
         {"source": "free", "converter": "auto", "paths": [str(csv)], "max_records": 2},
         {"source": "wrong", "converter": "auto", "domain": "protein", "paths": [str(csv)], "max_records": 2}])
-    *free, wrong = [run_unit(u, str(tmp_path / "out"), cfg.writer) for u in units]
+    *free, wrong = [run_unit(u, str(tmp_path / "out"), cfg.writer).to_dict() for u in units]
     assert [o["source"] for o in free] == ["free"] * len(free) and wrong["source"] == "wrong"
     assert sum(o["accepted"] for o in free) == 2 and all(o["files"][0]["converter"] == "qm9csv" for o in free)
     assert (wrong["inputs"], wrong["accepted"], wrong["rejected"]) == (1, 0, 1)
@@ -39,9 +39,9 @@ def test_outcome_names_its_unit_and_is_the_recorded_file(tmp_path):
                                     "max_records": 4, "records_per_unit": 2}])
     out = tmp_path / "out"
     outcomes = [run_unit(u, str(out), cfg.writer) for u in units]
-    assert [o["unit"] for o in outcomes] == [u.prefix for u in units]
+    assert [o.unit for o in outcomes] == [u.prefix for u in units]
     assert len({u.prefix for u in units}) == 2
     for u, o in zip(units, outcomes, strict=True):
         recorded = json.loads((out / "_units" / f"{u.prefix}.json").read_text())
-        assert recorded == o and recorded["unit"] == u.prefix and recorded["source"] == "qm9"
+        assert recorded == o.to_dict() and recorded["unit"] == u.prefix and recorded["source"] == "qm9"
         assert completed(out, u) == o

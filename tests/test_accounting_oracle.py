@@ -108,7 +108,7 @@ def test_units_account_for_every_record_against_the_oracle(tmp_path):
     reject_records: Counter[str] = Counter()
     domains: dict[str, Counter[str]] = {}
     for unit in plan_units(cfg):
-        o = run_unit(unit, str(out), cfg.writer)
+        o = run_unit(unit, str(out), cfg.writer).to_dict()
         t = totals.setdefault(unit.source, Counter())
         t.update(inputs=o["inputs"], accepted=o["accepted"], rejected=o["rejected"])
         for row in o["files"]:
@@ -177,21 +177,21 @@ def test_a_finished_unit_is_recognised_until_anything_changes(tmp_path):
 
     cfg, unit, out, sdf = _one_unit(tmp_path)
     outcome = run_unit(unit, str(out), cfg.writer)
-    assert [s["n_samples"] for s in outcome["shards"]] == [20, 20] and outcome["tail"]["n_samples"] == 7
+    assert [s.n_samples for s in outcome.shards] == [20, 20] and outcome.tail and outcome.tail.n_samples == 7
     assert samples_in_tars(out, "*.tar")["cdk2"] == 40 and samples_in_tars(out / TAILS_DIR)["cdk2"] == 7
     assert completed(out, unit) == outcome
-    tail = out / TAILS_DIR / outcome["tail"]["name"]
+    tail = out / TAILS_DIR / outcome.tail.name
     data = tail.read_bytes()
     tail.write_bytes(data[:600] + bytes([data[600] ^ 1]) + data[601:])
     assert completed(out, unit) is None, "a damaged tail"
     tail.write_bytes(data)
     assert completed(out, unit) == outcome
-    shard = out / outcome["shards"][1]["name"]
+    shard = out / outcome.shards[1].name
     shard_bytes = shard.read_bytes()
     shard.write_bytes(shard_bytes[:-512])
     assert completed(out, unit) is None, "a damaged shard"
     shard.write_bytes(shard_bytes)
-    index = out / (outcome["shards"][0]["name"] + ".idx.json")
+    index = out / (outcome.shards[0].name + ".idx.json")
     index.rename(index.with_suffix(".bak"))
     assert completed(out, unit) is None, "a missing shard index"
     index.with_suffix(".bak").rename(index)
@@ -232,10 +232,10 @@ def test_missing_input_fingerprint_and_leftovers_cleared(tmp_path):
 ])
 def test_tail_is_under_half_the_target_in_bytes_and_samples(n_bytes, n_samples, tail):
     from ingest.unit import is_tail
-    from shards.format.writer import WriterConfig
+    from shards.format.writer import ShardInfo, WriterConfig
 
     cfg = WriterConfig(max_shard_bytes=10_000, max_shard_samples=10)
-    assert is_tail({"n_bytes": n_bytes, "n_samples": n_samples}, cfg) is tail
+    assert is_tail(ShardInfo("s.tar", n_samples, n_bytes, "0" * 64, 0), cfg) is tail
 
 
 def test_per_file_rows_sniff_failures_and_domain_hints(tmp_path):
@@ -254,7 +254,7 @@ def test_per_file_rows_sniff_failures_and_domain_hints(tmp_path):
          "records_per_unit": 3}]}))
     cfg = load_job(job)
     (tmp_path / "rows").mkdir()
-    outcomes = [run_unit(u, str(tmp_path / "rows"), cfg.writer) for u in plan_units(cfg)]
+    outcomes = [run_unit(u, str(tmp_path / "rows"), cfg.writer).to_dict() for u in plan_units(cfg)]
     rows = [row for o in outcomes for row in o["files"]]
     base = {"file": str(tmp_path / "mystery.dat"), "converter": "auto", "start": None, "stop": None,
             "inputs": 1, "accepted": 0, "rejected": 1}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,11 @@ def read_shard_index(path: Path) -> dict[str, Any]:
 
 
 def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: WriterConfig | None = None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Checksum the shards, write ``index.zarr`` and then ``manifest.json``; return the manifest."""
+                     extra: dict[str, Any] | None = None,
+                     known: Mapping[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+    """Checksum the shards, write ``index.zarr`` and then ``manifest.json``; return the manifest. ``known``
+    gives (sha256, size) of shards that are not in ``out_dir`` (uploaded to object storage by ingest
+    workers); their indices must be there."""
     out = Path(out_dir)
     shards_meta: list[dict[str, Any]] = []
     domains: dict[str, int] = {}
@@ -158,7 +161,8 @@ def finalize_dataset(out_dir: str | Path, shard_names: list[str], *, writer: Wri
         for s, code in sources.items():
             _update(per_source.setdefault(s, _stats()), n_atoms[src == code])
         _update(total, n_atoms)
-        shards_meta.append({"name": name, "sha256": sha256_file(path), "n_bytes": path.stat().st_size,
+        sha, n_bytes = known[name] if known and name in known else (sha256_file(path), path.stat().st_size)
+        shards_meta.append({"name": name, "sha256": sha, "n_bytes": n_bytes,
                             "n_samples": int(n_atoms.size), "n_atoms": int(n_atoms.sum()),
                             "index_sha256": sha256_file(path.with_name(name + INDEX_SUFFIX))})
     cols.close(attrs={"domains": list(domains), "sources": list(sources), "shards": shard_names})

@@ -20,11 +20,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shards.format.jsoncheck import SAFE_NAME
 
+T = TypeVar("T")
 MAX_FILE_BYTES = 8 * 1024 ** 3
 RETRIES = 5
 BACKOFF_S = 0.25
@@ -64,8 +66,9 @@ def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if is_url(root) else str(Path(_local(root)) / name)
 
 
-def _retrying(location: str, attempt_fn: Any) -> bytes:
-    """Call ``attempt_fn()`` until it succeeds, a permanent error occurs or the retries run out."""
+def retrying(location: str, attempt_fn: Callable[[], T]) -> T:
+    """Call ``attempt_fn()`` until it succeeds, a permanent error occurs or the retries run out (reads here,
+    uploads in :mod:`shards.format.sink`, remote ingest inputs)."""
     last: BaseException | None = None
     for attempt in range(RETRIES):
         try:
@@ -120,10 +123,10 @@ def _http(url: str, byte_range: tuple[int, int] | None = None) -> bytes:
                 data = data[byte_range[0]:byte_range[0] + byte_range[1]]
             return data
 
-    return _retrying(url, attempt)
+    return retrying(url, attempt)
 
 
-def _fs(url: str) -> tuple[Any, str]:
+def object_fs(url: str) -> tuple[Any, str]:
     """The fsspec filesystem and path for an object-storage URL (credentials from the environment)."""
     try:
         import fsspec
@@ -138,7 +141,7 @@ def _fs(url: str) -> tuple[Any, str]:
 
 
 def _object(url: str, byte_range: tuple[int, int] | None = None) -> bytes:
-    fs, path = _fs(url)
+    fs, path = object_fs(url)
 
     def attempt() -> bytes:
         if byte_range is None:
@@ -148,7 +151,7 @@ def _object(url: str, byte_range: tuple[int, int] | None = None) -> bytes:
             return bytes(fs.cat_file(path))
         return bytes(fs.cat_file(path, start=byte_range[0], end=byte_range[0] + byte_range[1]))
 
-    return _retrying(url, attempt)
+    return retrying(url, attempt)
 
 
 def _remote(location: str, byte_range: tuple[int, int] | None = None) -> bytes:
