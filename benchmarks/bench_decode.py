@@ -24,7 +24,7 @@ from shards.format.schema import AtomGraph, make_key
 def qm9_graphs(limit: int) -> list[AtomGraph]:
     """The first ``limit`` QM9 molecules of qm9pack's first CSV (labels in eV)."""
     from scd_train.datakit import qm9_csv
-    from scd_train.qm9 import iter_qm9_csv
+    from shards.format.qm9 import iter_qm9_csv
 
     return list(iter_qm9_csv(qm9_csv(1), max_records=limit))
 

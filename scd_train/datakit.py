@@ -1,8 +1,13 @@
-"""Locate the real structures that ship inside PyPI packages (the data kit) for demos and studies."""
+"""Locate the real structures that ship inside PyPI packages (the data kit) for demos and studies.
+
+The ingest sources here name files, not converters: ``converter: auto`` lets the converter registry
+(the ``scd.converters`` entry points) choose each file's converter, in the ingest workers.
+"""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 
 def package_dir(name: str) -> Path:
@@ -14,10 +19,22 @@ def package_dir(name: str) -> Path:
 
 
 def qm9_csv(part: int = 1) -> Path:
+    """One of the three QM9 CSVs of ``qm9pack``."""
     return package_dir("qm9pack") / "data" / f"qm9_part{part}.csv"
 
 
-def demo_sources() -> list[dict]:
+def qm9_source(part: int = 1, max_records: int | None = None, records_per_unit: int | None = None,
+               source: str = "qm9") -> dict[str, Any]:
+    """An ingest job source of the first ``max_records`` molecules of QM9 CSV ``part``."""
+    spec: dict[str, Any] = {"source": source, "converter": "auto", "paths": [str(qm9_csv(part))]}
+    if max_records is not None:
+        spec["max_records"] = max_records
+    if records_per_unit is not None:
+        spec["records_per_unit"] = records_per_unit
+    return spec
+
+
+def demo_sources() -> list[dict[str, Any]]:
     """A small real set from all four domains, as ingest job sources."""
     import MDAnalysisTests.datafiles as mda
 
@@ -26,8 +43,7 @@ def demo_sources() -> list[dict]:
     ase = package_dir("ase")
     mmcif = Path(mda.PDB_small).parent / "mmcif"
     return [
-        {"source": "qm9", "converter": "qm9csv", "paths": [str(qm9_csv(1))], "max_records": 1500,
-         "records_per_unit": 500},
+        qm9_source(1, max_records=1500, records_per_unit=500),
         {"source": "egfr", "converter": "auto", "paths": [str(rdkit / "Contrib/PBF/testData/egfr.sdf")]},
         {"source": "pdb", "converter": "auto",
          "paths": [str(mmcif / "1YJP.cif"), str(mda.PDB_small), str(mda.PDB_multiframe)],

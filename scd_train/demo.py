@@ -9,36 +9,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from scd_train.launch import run_ingest, run_stage, torchrun_command
 from shards.progress import ENV_INTERVAL, progress_interval
 
 
 def _ingest(out: Path) -> Path:
-    """Run the ingest job as ``scd ingest run`` (a separate process keeps scd_train free of Ray)."""
+    """Run the ingest job with ``scd ingest run`` (a separate process keeps scd_train free of Ray)."""
     from scd_train.datakit import demo_sources
 
-    job = out / "ingest_job.yaml"
-    job.write_text(yaml.safe_dump({"output": str(out / "shards"), "sources": demo_sources(),
-                                   "writer": {"max_shard_samples": 2000}}, sort_keys=False))
-    _run("ingest", [sys.executable, "-m", "shards", "ingest", "run", str(job)])
-    return out / "shards"
-
-
-def _run(what: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-    """Run one step of the demo; a failure is one line (the step's own messages are printed above it)."""
-    rc = subprocess.run(cmd, env=env).returncode
-    if rc in (130, -signal.SIGINT):
-        raise KeyboardInterrupt
-    if rc:
-        raise RuntimeError(f"scd demo: the {what} step failed (exit status {rc}); its messages are above")
+    job = {"output": str(out / "shards"), "sources": demo_sources(), "writer": {"max_shard_samples": 2000}}
+    return run_ingest(job, out / "ingest_job.yaml", who="scd demo")
 
 
 def interrupted_message(out: Path) -> str:
@@ -104,9 +90,7 @@ def run_demo(out: Path, *, steps: int = 300, nproc: int = 2) -> dict[str, Any]:
     print(f"[3/3] SCD pretraining, {nproc} CPU processes, {steps} steps ({cfg_path}); progress every "
           f"{progress_interval():g} s unless in a terminal (${ENV_INTERVAL})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "scd_train", "train", str(cfg_path)]
-    _run("pretraining", cmd, env)
+    run_stage("pretraining", torchrun_command(nproc, "train", str(cfg_path)), who="scd demo", env=env)
     summary = {**_loss_summary(out / "metrics.jsonl"), "seconds": round(time.perf_counter() - t0, 1),
                "steps": steps, "processes": nproc}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

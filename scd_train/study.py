@@ -1,7 +1,7 @@
 """``scd study qm9``: a small, honest reproduction of the paper's QM9 comparison (scratch vs denoising vs SCD).
 
-Steps, all into one folder: ingest QM9 molecules (``scd ingest run`` in a subprocess with the ``qm9csv``
-converter; ``ingest: builtin`` reads the CSV directly), draw the fine-tune train/val/test split by seed
+Steps, all into one folder: ingest QM9 molecules (``scd ingest run`` in a subprocess, the converter
+chosen by the registry; ``ingest: builtin`` reads the CSV directly), draw the fine-tune train/val/test split by seed
 (``splits.json``), write the remaining molecules as a separate pretraining shard dataset, pretrain the
 same backbone with SCD and with plain coordinate denoising (same steps, batches and optimiser), then
 fine-tune every arm (and one from scratch) for each seed and write ``results.md``,
@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import yaml
 
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune, labelled_graphs, make_splits
+from scd_train.launch import ingest_available, run_ingest
 from scd_train.objectives import ObjectiveConfig
 from shards.config import from_dict, to_dict
 
@@ -62,35 +61,25 @@ class StudyConfig:
     threads: int | None = 1
 
 
-def _converter_available(name: str) -> bool:
-    from importlib.metadata import entry_points
-
-    return any(ep.name == name for ep in entry_points(group="scd.converters"))
-
-
 def ingest_qm9(cfg: StudyConfig, out: Path) -> tuple[Path, str]:
-    """The QM9 shard dataset (``out/qm9``) and how it was made (``pipeline`` or ``builtin``)."""
-    from scd_train.datakit import qm9_csv
+    """The QM9 shard dataset (``out/qm9``) and how it was made: ``pipeline`` (``scd ingest run``; the registry
+    picks the converter) or ``builtin`` (:func:`shards.format.qm9.iter_qm9_csv`, no Ray)."""
+    from scd_train.datakit import qm9_csv, qm9_source
 
     dest = out / "qm9"
     mode = cfg.ingest
     if mode == "auto":
-        mode = "pipeline" if _converter_available("qm9csv") else "builtin"
+        mode = "pipeline" if ingest_available() else "builtin"
     if (dest / "manifest.json").is_file():
         return dest, json.loads((out / "ingest.json").read_text())["mode"] if (out / "ingest.json").is_file() else mode
     csv = str(qm9_csv(cfg.csv_part))
     if mode == "pipeline":
-        job = out / "ingest_job.yaml"
-        job.write_text(yaml.safe_dump({"output": str(dest), "writer": {"max_shard_samples": 5000}, "sources": [
-            {"source": "qm9", "converter": "qm9csv", "paths": [csv], "max_records": cfg.max_records,
-             "records_per_unit": max(1, cfg.max_records // 2)}]}, sort_keys=False))
-        cmd = [sys.executable, "-m", "shards", "ingest", "run", str(job), "--no-progress"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"ingest failed ({' '.join(cmd)}): {res.stderr.strip().splitlines()[-1:]}")
+        source = qm9_source(cfg.csv_part, cfg.max_records, records_per_unit=max(1, cfg.max_records // 2))
+        run_ingest({"output": str(dest), "writer": {"max_shard_samples": 5000}, "sources": [source]},
+                   out / "ingest_job.yaml", who="scd study qm9", quiet=True)
     else:
-        from scd_train.qm9 import iter_qm9_csv
         from shards.format.manifest import write_dataset
+        from shards.format.qm9 import iter_qm9_csv
         from shards.format.writer import WriterConfig
 
         write_dataset(iter_qm9_csv(csv, cfg.max_records), dest, config=WriterConfig(max_shard_samples=5000))

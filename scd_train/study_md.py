@@ -2,7 +2,7 @@
 
 Steps, all into one folder: run GFN2-xTB (tblite) Langevin MD of one molecule (aspirin by default,
 ``md.traj``), write its frames as a shard dataset (``md/``, ``ingest: pipeline`` runs ``scd ingest run``
-with the ``ase_traj`` converter instead), draw the train/val/test frame split by seed (``splits.json``),
+instead), draw the train/val/test frame split by seed (``splits.json``),
 pretrain the same backbone with SCD and with plain denoising on QM9 molecules from the data kit (the
 same steps, batches and optimiser), then fine-tune every arm and a from-scratch model with
 ``task: energy_forces`` for each seed and write ``results.md``, ``results.json``, ``learning_curves.png``
@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import yaml
 
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune
+from scd_train.launch import run_ingest
 from scd_train.objectives import ObjectiveConfig
 from scd_train.study import ARMS, PretrainSpec, StudyConfig, load_config_with_defaults, pretrain, start_study
 from shards.config import to_dict
@@ -79,19 +78,14 @@ def make_trajectory(cfg: MDStudyConfig, out: Path, log: Any = print) -> Path:
 
 
 def ingest_trajectory(cfg: MDStudyConfig, traj: Path, out: Path) -> Path:
-    """The trajectory as a shard dataset ``out/md`` (``ase_traj`` converter when ``ingest: pipeline``)."""
+    """The trajectory as a shard dataset ``out/md`` (``scd ingest run`` when ``ingest: pipeline``; the registry
+    picks the converter of ``.traj`` files)."""
     dest = out / "md"
     if (dest / "manifest.json").is_file():
         return dest
     if cfg.ingest == "pipeline":
-        job = out / "ingest_job.yaml"
-        job.write_text(yaml.safe_dump({"output": str(dest), "sources": [
-            {"source": cfg.md.name, "converter": "ase_traj", "paths": [str(traj)]}]}, sort_keys=False))
-        cmd = [sys.executable, "-m", "shards", "ingest", "run", str(job), "--no-progress"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"ingest failed ({' '.join(cmd)}): {res.stderr.strip().splitlines()[-1:]}")
-        return dest
+        job = {"output": str(dest), "sources": [{"source": cfg.md.name, "converter": "auto", "paths": [str(traj)]}]}
+        return run_ingest(job, out / "ingest_job.yaml", who="scd study md", quiet=True)
     from ase.io.trajectory import Trajectory
 
     from shards.format.manifest import write_dataset
@@ -109,8 +103,8 @@ def ingest_trajectory(cfg: MDStudyConfig, traj: Path, out: Path) -> Path:
 def pretraining_data(cfg: MDStudyConfig, out: Path) -> Path:
     """The first ``pretrain_records`` QM9 molecules of the data kit (``out/pretrain_data``)."""
     from scd_train.datakit import qm9_csv
-    from scd_train.qm9 import iter_qm9_csv
     from shards.format.manifest import write_dataset
+    from shards.format.qm9 import iter_qm9_csv
     from shards.format.writer import WriterConfig
 
     dest = out / "pretrain_data"

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from scd_train.datakit import qm9_csv
 from scd_train.finetune import FinetuneConfig, SplitConfig, finetune, make_splits
 from scd_train.objectives import ObjectiveConfig, build_objective
-from scd_train.qm9 import iter_qm9_csv
 from shards.format.manifest import write_dataset
+from shards.format.qm9 import iter_qm9_csv
 from shards.format.writer import WriterConfig
 from shards.tools.cli import main
 

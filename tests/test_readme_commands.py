@@ -101,9 +101,9 @@ def workspace(real_graphs, tmp_path_factory) -> Path:
     from scd_train.config import load_train_config
     from scd_train.datakit import package_dir, qm9_csv
     from scd_train.demo import pretrain_config
-    from scd_train.qm9 import iter_qm9_csv
     from scd_train.trainer import Trainer
     from shards.format.manifest import write_dataset
+    from shards.format.qm9 import iter_qm9_csv
     from shards.tools.compact import compact
 
     ws = tmp_path_factory.mktemp("docs") / "ws"

@@ -1,41 +1,23 @@
-"""QM9 as shipped in the ``qm9pack`` CSVs: a dataset-specific converter (labels in eV with units)."""
+"""QM9 as shipped in the ``qm9pack`` CSVs: a dataset-specific converter (labels in eV with units).
+
+The rows are read and turned into records by :mod:`shards.format.qm9`, the one QM9 reader (the
+studies' ``ingest: builtin`` path uses it too); this module adds the converter's contract: record
+ranges, one reject per bad row, the label choice as options.
+"""
 from __future__ import annotations
 
-import ast
-import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from ingest.plugin import Converter, Reject, owned
-from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
-
-HARTREE_EV = 27.211386245988
-# CSV column -> (property name, factor to the stored unit, unit)
-LABELS = {
-    "HOMO_au": ("homo", HARTREE_EV, "eV"),
-    "LUMO_au": ("lumo", HARTREE_EV, "eV"),
-    "HOMO_LUMO_gap_au": ("gap", HARTREE_EV, "eV"),
-    "InternalEnergy_0K_au": ("u0", HARTREE_EV, "eV"),
-    "InternalEnergy_298K_au": ("u298", HARTREE_EV, "eV"),
-    "Enthalphy_298K_au": ("h298", HARTREE_EV, "eV"),
-    "GibbsFreeEnergy_298K_au": ("g298", HARTREE_EV, "eV"),
-    "ZPVE_au": ("zpve", HARTREE_EV, "eV"),
-    "Dipole_debye": ("mu", 1.0, "D"),
-    "Polarizability_bohr3": ("alpha", 1.0, "bohr^3"),
-    "R2_bohr2": ("r2", 1.0, "bohr^2"),
-    "Heatcapacity_Cv_cal_mol_K": ("cv", 1.0, "cal/mol/K"),
-}
-SYMBOLS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
-MAX_FIELD = 1 << 20
+from ingest.plugin import Converter, Reject
+from shards.format.qm9 import LABELS, NotQM9Error, count_rows, looks_like_qm9, qm9_graph, read_rows
+from shards.format.schema import AtomGraph, make_key
 
 
 @dataclass(frozen=True)
 class QM9Options:
-    """Which labels to store (CSV column names; default all in ``LABELS``)."""
+    """Which labels to store (CSV column names; default all in ``shards.format.qm9.LABELS``)."""
 
     labels: tuple[str, ...] = tuple(LABELS)
 
@@ -50,15 +32,10 @@ class QM9CSVConverter(Converter):
     Options = QM9Options
 
     def can_convert(self, path: Path) -> bool:
-        if not path.name.lower().endswith(".csv") or not path.is_file():
-            return False
-        with open(path, "rb") as fh:
-            head = fh.readline(4096)
-        return b"XYZ_Ang" in head and b"Elements" in head
+        return looks_like_qm9(path)
 
     def count_records(self, path: Path, options: QM9Options) -> int | None:
-        with open(path, newline="") as fh:
-            return sum(1 for _ in csv.reader(fh)) - 1
+        return count_rows(path)
 
     def convert(self, path: Path, options: QM9Options, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
@@ -66,34 +43,10 @@ class QM9CSVConverter(Converter):
         if unknown:
             yield self.reject(file_id, None, f"unknown QM9 label columns {sorted(unknown)}")
             return
-        csv.field_size_limit(MAX_FIELD)
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"Elements", "XYZ_Ang"} - set(reader.fieldnames or ())
-            if missing:
-                yield self.reject(file_id, None, f"not a QM9 CSV: missing columns {sorted(missing)}")
-                return
-            for i, row in enumerate(reader):
-                if records is not None:
-                    if i < records.start:
-                        continue
-                    if i >= records.stop:
-                        break
-                yield self.build(file_id, i, lambda row=row, i=i: self._graph(row, i, options, source, file_id))
-
-    def _graph(self, row: dict, i: int, options: QM9Options, source: str, file_id: str) -> AtomGraph:
-        symbols = json.loads(row["Elements"].replace("'", '"'))  # a Python-literal list of symbols
-        coords = ast.literal_eval(row["XYZ_Ang"])  # not strict JSON: "0." occurs
-        unknown = [s for s in symbols if s not in SYMBOLS]
-        if unknown:
-            raise ValueError(f"unknown element symbols {unknown}")
-        props, units = {}, {}
-        for col in options.labels:
-            name, factor, unit = LABELS[col]
-            props[name] = float(row[col]) * factor
-            units[name] = unit
-        return AtomGraph(key=make_key(source, file_id, i), domain="molecule", source=source, source_file=file_id,
-                         index=i, atomic_numbers=owned([SYMBOLS[s] for s in symbols], np.uint8),
-                         positions=owned(coords, np.float32), cell=ZERO_CELL,
-                         pbc=NO_PBC, charge=0, spin=1, properties=props, property_units=units)
-
+        try:
+            for i, row in read_rows(path, records):
+                yield self.build(file_id, i, lambda row=row, i=i: qm9_graph(
+                    row, key=make_key(source, file_id, i), source=source, source_file=file_id, index=i,
+                    labels=options.labels))
+        except NotQM9Error as exc:
+            yield self.reject(file_id, None, str(exc))
