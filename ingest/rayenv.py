@@ -13,8 +13,9 @@ TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 def embedded_ray_env() -> None:
     """Call before ``ray.init`` of an embedded local Ray: silences Ray's notice that it enabled token
-    authentication (its default, unchanged) and, when stderr is not a terminal, drops the colour codes around
-    worker log prefixes (``RAY_COLOR_PREFIX=0``). A value the user set is kept."""
+    authentication (its default, unchanged) and, unless stdout and stderr are both terminals, drops the colour
+    codes around worker log prefixes (``RAY_COLOR_PREFIX=0``): Ray prints a worker's stdout lines to the
+    driver's stdout, so ``scd demo > log`` in a terminal must not colour them. A value the user set is kept."""
     logging.getLogger(TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
-    if not sys.stderr.isatty():
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")

@@ -197,3 +197,30 @@ def test_ingest_run_prints_progress_lines_when_not_a_terminal(tmp_path) -> None:
     assert res.returncode == 0, text[-3000:]
     assert re.search(r"^ingest: (\d+)/\1 unit \(100%\)", text, re.M), text[-3000:]
     assert "\x1b" not in text and "Token authentication" not in text, text[-3000:]
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("out_tty", "err_tty"), [(False, True), (True, False), (False, False), (True, True)])
+def test_ray_worker_lines_carry_no_colour_codes_into_a_file(monkeypatch, out_tty, err_tty) -> None:
+    """`scd demo > log` in a terminal: Ray prints a worker's stdout lines to the driver's stdout (the log),
+    so they must come without colour codes even though stderr is a terminal; both terminals keep colours."""
+    from ray._private.worker import print_worker_logs
+
+    from ingest.rayenv import embedded_ray_env
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr(sys, "stdout", _Stream(out_tty))
+    monkeypatch.setattr(sys, "stderr", _Stream(err_tty))
+    embedded_ray_env()
+    log = io.StringIO()
+    print_worker_logs({"pid": 4242, "ip": "10.0.0.1", "localhost": "10.0.0.1", "lines": ["hello"]}, log)
+    assert re.sub(r"\x1b\[[0-9;]*m", "", log.getvalue()) == "(pid=4242) hello\n", log.getvalue()
+    assert ("\x1b" in log.getvalue()) == (out_tty and err_tty), log.getvalue()
