@@ -66,24 +66,32 @@ def _plan(mask: int) -> tuple[tuple[str, np.dtype, str, tuple[int, ...], int], .
     return tuple(out)
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)  # what json.dumps builds per call
+_SCALAR_SPECS = tuple((f.name, f.kind == "map") for f in SCALAR_FIELDS)
+_ARRAY_BITS = tuple((f.name, 1 << _BIT[f.name], f.name in ("cell", "pbc")) for f in ARRAY_FIELDS)
+_PADS = tuple(b"\0" * k for k in range(8))
+
+
 def encode(g: AtomGraph) -> bytes:
     """Serialise a validated graph; the same graph always gives the same bytes."""
+    d = g.__dict__
     meta: dict[str, Any] = {}
-    for f in SCALAR_FIELDS:
-        v = getattr(g, f.name)
+    for name, is_map in _SCALAR_SPECS:
+        v = d[name]
         if v is not None:
-            meta[f.name] = dict(sorted(v.items())) if f.kind == "map" else v
-    head = json.dumps(meta, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-    periodic = bool(g.pbc.any()) or bool(g.cell.any())
+            meta[name] = dict(sorted(v.items())) if is_map else v
+    head = _JSON.encode(meta).encode()
+    cell, pbc = d["cell"], d["pbc"]
+    periodic = not (pbc is NO_PBC and cell is ZERO_CELL) and (bool(pbc.any()) or bool(cell.any()))
     mask = 0
-    parts = [b"", head, b"\0" * _pad(HEADER.size + len(head))]
-    for f in ARRAY_FIELDS:
-        a = getattr(g, f.name)
-        if a is None or (f.name in ("cell", "pbc") and not periodic):
+    parts = [b"", head, _PADS[_pad(HEADER.size + len(head))]]
+    for name, bit, lattice in _ARRAY_BITS:
+        a = d[name]
+        if a is None or (lattice and not periodic):
             continue
-        mask |= 1 << _BIT[f.name]
+        mask |= bit
         parts.append(a.tobytes())
-        parts.append(b"\0" * _pad(a.nbytes))
+        parts.append(_PADS[_pad(a.nbytes)])
     parts[0] = HEADER.pack(MAGIC, SCHEMA_VERSION[0], SCHEMA_VERSION[1], len(head), g.n_atoms, g.n_bonds, mask)
     return b"".join(parts)
 

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,12 @@ SCALAR_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.kind != "array")
 def make_key(source: str, file_id: str, index: int) -> str:
     """A stable key from (source, file identity, record index): ``<source>-<16 hex>``."""
     digest = hashlib.blake2b(f"{source}\0{file_id}\0{index}".encode(), digest_size=8).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9_\-]", "_", source)[:40] or "x"
-    return f"{slug}-{digest}"
+    return f"{_slug(source)}-{digest}"
+
+
+@lru_cache(maxsize=1024)
+def _slug(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", source)[:40] or "x"
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,8 +121,6 @@ class AtomGraph:
     frame_time: float | None = None
 
     def __post_init__(self) -> None:
-        from shards.format.validate import validate_graph
-
         validate_graph(self)
 
     @property
@@ -198,3 +201,8 @@ def check_schema_version(version: str, where: str) -> tuple[int, int]:
 
 class SchemaVersionError(ValueError):
     """Data written with a schema major version this reader does not know."""
+
+
+# imported last: the validator is driven by this module's field table (a function-level import per record costs
+# as much as the rest of a small molecule's checks)
+from shards.format.validate import validate_graph  # noqa: E402

@@ -11,7 +11,6 @@ from shards.format.schema import ARRAY_FIELDS, KEY_RE, MAX_ATOMS_DEFAULT, NAME_R
 if TYPE_CHECKING:
     from shards.format.schema import AtomGraph
 
-_SET = object.__setattr__
 
 
 def _coerce(a: Any, dtype: str) -> np.ndarray:
@@ -43,47 +42,64 @@ def check_key(key: Any) -> None:
         raise SchemaError(str(key), "key", "must match [A-Za-z0-9][A-Za-z0-9_-]{0,95} (no dots or slashes)")
 
 
+# (name, dtype, dtype name, required, leading size symbol ("N", "B" or None), trailing shape) per array field
+_ARRAY_SPECS: tuple[tuple[str, np.dtype, str, bool, str | None, tuple[int, ...]], ...] = tuple(
+    (f.name, np.dtype(f.dtype), f.dtype, f.required, f.shape[0] if f.shape[:1] in (("N",), ("B",)) else None,
+     tuple(f.shape[1:]) if f.shape[:1] in (("N",), ("B",)) else tuple(f.shape)) for f in ARRAY_FIELDS)
+
+
 def validate_graph(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     """Coerce arrays to schema dtypes and check every invariant; raise ``SchemaError`` on the first."""
-    key = g.key
+    d = g.__dict__
+    key = d["key"]
     check_key(key)
-    for f in ARRAY_FIELDS:
-        v = getattr(g, f.name)
+    for name, want, dtype_name, required, _, _ in _ARRAY_SPECS:
+        v = d[name]
         if v is None:
-            if f.required:
-                raise SchemaError(key, f.name, "is required")
+            if required:
+                raise SchemaError(key, name, "is required")
             continue
+        # an array the caller cannot mutate, already in the schema dtype and layout, is kept as it is
+        if type(v) is np.ndarray and v.dtype is want:
+            flags = v.flags
+            if not flags.writeable and flags.c_contiguous:
+                continue
         try:
-            _SET(g, f.name, _coerce(v, f.dtype))
+            d[name] = _coerce(v, dtype_name)
         except (ValueError, TypeError, UnicodeError) as exc:
-            raise SchemaError(key, f.name, f"cannot convert to {f.dtype}: {exc}") from None
-    z = g.atomic_numbers
+            raise SchemaError(key, name, f"cannot convert to {dtype_name}: {exc}") from None
+    z = d["atomic_numbers"]
     if z.ndim != 1:
         raise SchemaError(key, "atomic_numbers", f"must be 1-D, got shape {z.shape}")
     n = z.shape[0]
-    n_b = g.bonds.shape[0] if g.bonds is not None and g.bonds.ndim == 2 else None
-    for f in ARRAY_FIELDS:
-        v = getattr(g, f.name)
+    bonds = d["bonds"]
+    n_b = bonds.shape[0] if bonds is not None and bonds.ndim == 2 else None
+    for name, _, _, _, lead, trail in _ARRAY_SPECS:
+        v = d[name]
         if v is None:
             continue
-        want = tuple(n if s == "N" else (n_b if s == "B" else s) for s in f.shape)
-        if v.shape != want:
-            raise SchemaError(key, f.name, f"shape {v.shape} does not match expected {want}")
+        want_shape = trail if lead is None else ((n if lead == "N" else n_b), *trail)
+        if v.shape != want_shape:
+            raise SchemaError(key, name, f"shape {v.shape} does not match expected {want_shape}")
     check_invariants(g, max_atoms)
 
 
 def check_invariants(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     """Value checks on a graph whose arrays already have schema dtypes and shapes."""
-    key = g.key
-    if not isinstance(g.domain, str) or not NAME_RE.match(g.domain):
-        raise SchemaError(key, "domain", f"{g.domain!r} is not a lowercase identifier")
-    if not isinstance(g.source, str) or not g.source:
+    d = g.__dict__
+    key = d["key"]
+    domain = d["domain"]
+    if not isinstance(domain, str) or not NAME_RE.match(domain):
+        raise SchemaError(key, "domain", f"{domain!r} is not a lowercase identifier")
+    if not isinstance(d["source"], str) or not d["source"]:
         raise SchemaError(key, "source", "must be a non-empty string")
-    if not isinstance(g.source_file, str):
+    if not isinstance(d["source_file"], str):
         raise SchemaError(key, "source_file", "must be a string")
-    if isinstance(g.index, bool) or not isinstance(g.index, (int, np.integer)) or g.index < 0:
-        raise SchemaError(key, "index", f"must be a non-negative integer, got {g.index!r}")
-    z = g.atomic_numbers
+    index = d["index"]
+    if type(index) is not int and (isinstance(index, bool) or not isinstance(index, (int, np.integer))) \
+            or index < 0:
+        raise SchemaError(key, "index", f"must be a non-negative integer, got {index!r}")
+    z = d["atomic_numbers"]
     n = len(z)
     if n == 0:
         raise SchemaError(key, "atomic_numbers", "zero atoms")
@@ -97,57 +113,60 @@ def check_invariants(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     if bad:
         raise SchemaError(key, "atomic_numbers", f"values must be in 1..118, got {int(z.min())}..{int(z.max())}")
     for name in ("positions", "forces"):
-        v = getattr(g, name)
+        v = d[name]
         if v is not None and not math.isfinite(np.vdot(v, v)):  # also bounds |x| < ~1e19
             raise SchemaError(key, name, "contains NaN, inf or absurdly large values")
-    if g.cell is not ZERO_CELL and not math.isfinite(np.vdot(g.cell, g.cell)):
+    cell, pbc = d["cell"], d["pbc"]
+    if cell is not ZERO_CELL and not math.isfinite(np.vdot(cell, cell)):
         raise SchemaError(key, "cell", "contains NaN or inf")
-    if g.pbc is not NO_PBC and g.pbc.any() and abs(np.linalg.det(g.cell)) < 1e-6:
+    if pbc is not NO_PBC and pbc.any() and abs(np.linalg.det(cell)) < 1e-6:
         raise SchemaError(key, "cell", "pbc is set but the cell is missing or singular")
-    if g.bonds is not None:
-        if g.bonds.size and (g.bonds.min() < 0 or g.bonds.max() >= n):
+    bonds, bond_order = d["bonds"], d["bond_order"]
+    if bonds is not None:
+        if bonds.size and (bonds.min() < 0 or bonds.max() >= n):
             raise SchemaError(key, "bonds", f"atom index out of range 0..{n - 1}")
-        if g.bond_order is None:
+        if bond_order is None:
             raise SchemaError(key, "bond_order", "is required when bonds are given")
-        if not np.isfinite(g.bond_order).all():
+        if not np.isfinite(bond_order).all():
             raise SchemaError(key, "bond_order", "contains NaN or inf")
-    elif g.bond_order is not None:
+    elif bond_order is not None:
         raise SchemaError(key, "bond_order", "given without bonds")
     check_scalars(g)
 
 
 def check_scalars(g: AtomGraph) -> None:
     """Types and values of the graph-level scalar fields (normalised in place)."""
-    key = g.key
+    d = g.__dict__
+    key = d["key"]
     for name in ("charge", "spin"):
-        v = getattr(g, name)
+        v = d[name]
         if v is not None and type(v) is not int:
             if isinstance(v, bool) or not isinstance(v, np.integer):
                 raise SchemaError(key, name, f"must be an integer, got {v!r}")
-            _SET(g, name, int(v))
-    if g.spin is not None and g.spin < 1:
-        raise SchemaError(key, "spin", f"multiplicity must be >= 1, got {g.spin}")
+            d[name] = int(v)
+    if d["spin"] is not None and d["spin"] < 1:
+        raise SchemaError(key, "spin", f"multiplicity must be >= 1, got {d['spin']}")
     for name in ("energy", "frame_time"):
-        v = getattr(g, name)
-        if v is not None:
-            _SET(g, name, _finite(key, name, v))
-    if g.trajectory_id is not None and (not isinstance(g.trajectory_id, str) or not g.trajectory_id):
+        v = d[name]
+        if v is not None and (type(v) is not float or not math.isfinite(v)):
+            d[name] = _finite(key, name, v)
+    traj = d["trajectory_id"]
+    if traj is not None and (not isinstance(traj, str) or not traj):
         raise SchemaError(key, "trajectory_id", "must be a non-empty string")
-    props = g.properties
+    props = d["properties"]
     if props is not None and (not isinstance(props, dict) or not all(
             type(k) is str and type(v) is float and math.isfinite(v) for k, v in props.items())):
         if not hasattr(props, "items"):
             raise SchemaError(key, "properties", "must be a mapping of name -> number")
-        _SET(g, "properties", {_name(key, k): _finite(key, f"properties[{k}]", v) for k, v in props.items()})
-    units = g.property_units
+        props = d["properties"] = {_name(key, k): _finite(key, f"properties[{k}]", v) for k, v in props.items()}
+    units = d["property_units"]
     if units is not None:
         if not hasattr(units, "items"):
             raise SchemaError(key, "property_units", "must be a mapping of name -> unit")
         if not isinstance(units, dict) or not all(type(k) is str and type(v) is str for k, v in units.items()):
-            units = {str(k): str(v) for k, v in units.items()}
-            _SET(g, "property_units", units)
-        if not units.keys() <= (g.properties or {}).keys():
-            unknown = sorted(set(units) - set(g.properties or {}))
+            units = d["property_units"] = {str(k): str(v) for k, v in units.items()}
+        if not units.keys() <= (props or {}).keys():
+            unknown = sorted(set(units) - set(props or {}))
             raise SchemaError(key, "property_units", f"units for unknown properties {unknown}")
 
 

@@ -8,7 +8,6 @@ of the sample's bytes, checked whenever the sample is decoded) of every sample.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -21,6 +20,14 @@ from shards.format.jsoncheck import SAFE_NAME
 from shards.format.schema import SCHEMA_VERSION_STR, AtomGraph
 
 TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to a multiple of its record size
+_NAME_FIELD = 100
+# the fixed fields of our USTAR member headers (mode 0644, uid/gid 0 / mtime 0, regular file, no user or group
+# names, no device, no prefix) around the name, size and checksum fields, as tarfile writes them
+_MODE_IDS = b"%07o\0%07o\0%07o\0" % (0o644, 0, 0)
+_AFTER_SIZE = (b"%011o\0" % 0 + b" " * 8 + tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC
+               + b"\0" * (32 + 32 + 8 + 8 + 155))
+_TAIL = b"\0" * (TAR_BLOCK - _NAME_FIELD - len(_MODE_IDS) - 12 - len(_AFTER_SIZE))
 INDEX_SUFFIX = ".idx.json"
 INDEX_KEYS = ("key", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
 
@@ -52,10 +59,30 @@ class ShardInfo:
 class _Open:
     path: Path
     tmp: Path
-    tar: tarfile.TarFile
     fileobj: Any
+    digest: Any  # sha256 of every byte written so far
+    offset: int = 0
     index: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in
                                                                INDEX_KEYS})
+
+    def write(self, data: bytes) -> None:
+        self.fileobj.write(data)
+        self.digest.update(data)
+        self.offset += len(data)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The USTAR header block that ``tarfile`` writes for a regular file ``name`` of ``size`` bytes with our fixed
+    metadata (mode 0644, uid/gid 0, mtime 0, empty user and group names), built without a ``TarInfo``."""
+    raw = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(raw) > _NAME_FIELD or not 0 <= size < 8 ** 11:  # a prefix split or a size field overflow: tarfile's way
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    head = b"".join((raw, b"\0" * (_NAME_FIELD - len(raw)), _MODE_IDS, b"%011o\0" % size, _AFTER_SIZE, _TAIL))
+    return b"".join((head[:148], b"%06o\0" % sum(head), head[155:]))  # checksum: all bytes, its field as spaces
 
 
 def sample_checksum(data: bytes | memoryview) -> int:
@@ -127,17 +154,16 @@ class ShardWriter:
         cur = self._cur
         member_bytes = TAR_BLOCK + len(data) + (-len(data)) % TAR_BLOCK
         if cur is not None and (len(cur.index["key"]) >= self.config.max_shard_samples
-                                or cur.fileobj.tell() + member_bytes + 2 * TAR_BLOCK > self.config.max_shard_bytes):
+                                or cur.offset + member_bytes + 2 * TAR_BLOCK > self.config.max_shard_bytes):
             self._finish()
             cur = None
         if cur is None:
             cur = self._cur = self._open(len(self.shards))
-        info = tarfile.TarInfo(f"{key}.{SUFFIX}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header_at = cur.fileobj.tell()
-        cur.tar.addfile(info, io.BytesIO(data))
+        header_at = cur.offset
+        cur.write(tar_header(f"{key}.{SUFFIX}", len(data)))
+        cur.write(data)
+        if len(data) % TAR_BLOCK:
+            cur.write(b"\0" * (TAR_BLOCK - len(data) % TAR_BLOCK))
         idx = cur.index
         idx["key"].append(key)
         idx["offset"].append(header_at + TAR_BLOCK)
@@ -152,26 +178,23 @@ class ShardWriter:
     def _open(self, number: int) -> _Open:
         path = self.out_dir / f"{self.prefix}-{number:06d}.tar"
         tmp = self.out_dir / f".{path.name}.tmp-{os.getpid()}"
-        # both stay open across add() calls; _finish closes them (a with-block cannot span calls)
+        # stays open across add() calls; _finish closes it (a with-block cannot span calls)
         fileobj = open(tmp, "wb")  # noqa: SIM115
-        tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        return _Open(path, tmp, tar, fileobj)
+        return _Open(path, tmp, fileobj, hashlib.sha256())
 
     def _finish(self) -> None:
         cur = self._cur
         assert cur is not None
-        cur.tar.close()
+        cur.write(b"\0" * (2 * TAR_BLOCK))  # end of archive, then padding to a whole record, as tarfile does
+        if cur.offset % TAR_RECORD:
+            cur.write(b"\0" * (TAR_RECORD - cur.offset % TAR_RECORD))
         cur.fileobj.flush()
         os.fsync(cur.fileobj.fileno())
         cur.fileobj.close()
-        digest = hashlib.sha256()
-        with open(cur.tmp, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
         write_atomic(cur.path.with_name(cur.path.name + INDEX_SUFFIX), index_bytes(cur.path.name, cur.index))
         os.replace(cur.tmp, cur.path)
         self.shards.append(ShardInfo(cur.path.name, len(cur.index["key"]), cur.path.stat().st_size,
-                                     digest.hexdigest(), int(sum(cur.index["n_atoms"]))))
+                                     cur.digest.hexdigest(), int(sum(cur.index["n_atoms"]))))
         self._cur = None
 
     def close(self) -> list[ShardInfo]:
