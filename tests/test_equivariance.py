@@ -196,3 +196,112 @@ def test_structure_without_edges(cfg_type):
     assert s.shape[0] == 2 and torch.isfinite(s).all() and torch.isfinite(v).all()
     s1, _ = _run(model, z[:1], pos[:1], *_graph(pos[:1]), _cond(0))
     torch.testing.assert_close(s1[0], s[0], rtol=0, atol=1e-12)
+
+
+# --- model options (issue 14): each passes the same equivariance checks and really changes the model ---
+
+OPTION_VALUES = {"adaln": "ln_zero", "layer_norm": True, "self_loops": True, "vector_cutoff": True}
+OPTION_CASES = [(t, name) for t in BACKBONES for name in OPTION_VALUES
+                if name in {f.name for f in dataclasses.fields(t)}]
+OPTION_IDS = [f"{t.__name__}-{name}" for t, name in OPTION_CASES]
+
+
+def _with_option(cfg_type: type, name: str | None, perturb: bool = True) -> Backbone:
+    """The tiny backbone with one option on; weights perturbed (seeded) so zero-initialised gates act."""
+    base = _tiny(cfg_type)
+    cfg = dataclasses.replace(base.cfg, **({name: OPTION_VALUES[name]} if name else {}))
+    torch.manual_seed(0)
+    model = build_backbone(cfg).double().eval()
+    if perturb:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize(("cfg_type", "name"), OPTION_CASES, ids=OPTION_IDS)
+def test_model_option_is_exactly_equivariant(cfg_type, name):
+    model = _with_option(cfg_type, name)
+    z, pos = _molecule(31)
+    ei, shift = _graph(pos)
+    cond = _cond(32)
+    s, v = _run(model, z, pos, ei, shift, cond)
+    assert v.abs().max() > 1e-3 and s.std() > 1e-3, "trivial features"
+    for reflect in (False, True):
+        rot = _orthogonal(33, reflect)
+        s2, v2 = _run(model, z, pos @ rot.numpy().T + np.array([1.5, -2.0, 0.7]), ei, shift, cond)
+        torch.testing.assert_close(s2, s, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(v2, torch.einsum("ij,njf->nif", rot, v), atol=1e-9, rtol=1e-9)
+    perm = torch.as_tensor(np.random.default_rng(34).permutation(len(z)))
+    inv = torch.argsort(perm)
+    s3, v3 = _run(model, z[perm], pos[perm.numpy()], inv[ei], shift, cond)
+    torch.testing.assert_close(s3, s[perm], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v3, v[perm], atol=1e-9, rtol=1e-9)
+    cell = np.array([[3.2, 0.0, 0.0], [0.9, 3.0, 0.0], [0.4, 0.6, 3.4]])
+    pbc = np.array([True, True, True])
+    cpos = np.random.default_rng(35).uniform(size=(4, 3)) @ cell
+    cz = torch.as_tensor([3, 8, 14, 26])
+    cei, cshift = _graph(cpos, cell, pbc)
+    rot = _orthogonal(36, True)
+    s, v = _run(model, cz, cpos, cei, cshift, cond)
+    s2, v2 = _run(model, cz, cpos @ rot.numpy().T, cei, cshift @ rot.T, cond)
+    torch.testing.assert_close(s2, s, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v2, torch.einsum("ij,njf->nif", rot, v), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("cfg_type", "name"), OPTION_CASES, ids=OPTION_IDS)
+def test_model_option_changes_the_model(cfg_type, name):
+    """Same weights (where they exist) with the option off and on give different features."""
+    on = _with_option(cfg_type, name)
+    off = _with_option(cfg_type, None, perturb=False)
+    missing, unexpected = off.load_state_dict(on.state_dict(), strict=False)
+    assert not missing
+    z, pos = _molecule(37)
+    ei, shift = _graph(pos)
+    s1, v1 = _run(on, z, pos, ei, shift, _cond(38))
+    s0, v0 = _run(off, z, pos, ei, shift, _cond(38))
+    assert (s1 - s0).abs().max() > 1e-4 or (v1 - v0).abs().max() > 1e-4
+
+
+def test_ln_zero_gates_start_at_zero():
+    """adaLN-Zero: every scalar residual update of a fresh model is exactly 0, whatever the condition."""
+    from scd_train.models.base import AdaLN
+
+    ada = AdaLN(16, "ln_zero").double()
+    x = torch.randn(5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, gate = ada(x, _cond(39)[:, :16], torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(gate, torch.zeros_like(gate))
+    _, gate = AdaLN(16).double()(x, _cond(39)[:, :16], torch.zeros(5, dtype=torch.int64))
+    assert gate.abs().min() > 0.05  # the layer-scale default starts open
+
+
+@BACKBONE_TYPES
+def test_self_loops_from_views_are_not_doubled(cfg_type):
+    """The model's self loops replace those a view already has: the same features either way."""
+    model = _with_option(cfg_type, "self_loops")
+    z, pos = _molecule(40)
+    ei, shift = _graph(pos)
+    ei_l, shift_l = radius_graph(pos, None, None, cutoff=CUTOFF, self_loops=True)
+    assert ei_l.shape[1] == ei.shape[1] + len(z)
+    s, v = _run(model, z, pos, ei, shift, _cond(41))
+    s2, v2 = _run(model, z, pos, torch.as_tensor(ei_l), torch.as_tensor(shift_l, dtype=torch.float64), _cond(41))
+    torch.testing.assert_close(s2, s, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(v2, v, atol=1e-10, rtol=1e-10)
+
+
+@BACKBONE_TYPES
+def test_self_loop_gradients_keep_float32_precision(cfg_type):
+    """d(sum s)/d pos with self loops: float32 agrees with float64 (no huge cancelling terms)."""
+    model = _with_option(cfg_type, "self_loops")
+    z, pos = _molecule(42)
+    ei, shift = _graph(pos)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        m = model.to(dtype)
+        p = torch.as_tensor(pos, dtype=dtype).requires_grad_(True)
+        s, v = m(z, p, ei, shift.to(dtype), torch.zeros(len(z), dtype=torch.int64), _cond(43).to(dtype))
+        (s.sum() + v.pow(2).sum()).backward()
+        grads.append(p.grad.double())
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-3 * grads[0].abs().max().item(), rtol=1e-3)

@@ -7,6 +7,11 @@ Edge convention: messages flow ``src = edge_index[0] -> dst = edge_index[1]`` an
 
 Every vector operation is linear in the vectors without bias (channel mixing only) or multiplies
 them by invariant scalars, so the backbones are exactly E(3)-equivariant (O(3) included).
+
+Model options shared by the backbones (all off by default, so existing configs, checkpoints and results
+are unchanged; each is tested for exact equivariance): ``adaln`` picks the conditioning MLP
+(:data:`ADALN_VARIANTS`), ``layer_norm`` adds a LayerNorm on the scalars after every layer, and
+``self_loops`` gives every atom one edge to itself inside the model (:func:`with_self_loops`).
 """
 from __future__ import annotations
 
@@ -32,6 +37,13 @@ class BackboneConfig:
     cutoff: float = 5.0
     drop_path: float = 0.1
     max_z: int = MAX_Z
+    adaln: str = "layerscale"
+    layer_norm: bool = False
+    self_loops: bool = False
+
+    def __post_init__(self) -> None:
+        if self.adaln not in ADALN_VARIANTS:
+            raise ValueError(f"adaln {self.adaln!r} is not one of {sorted(ADALN_VARIANTS)}")
 
 
 class Backbone(nn.Module):
@@ -58,7 +70,24 @@ def edge_geometry(pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> tuple[
     src, dst = edge_index[0], edge_index[1]
     vec = pos.index_select(0, src) - pos.index_select(0, dst) + edge_shift.to(pos.dtype)
     dist = vec.norm(dim=-1)
-    return dist, vec / dist.clamp_min(1e-9).unsqueeze(-1)
+    # a self loop (zero vector) has a zero unit vector and passes no gradient through it: vec / 1e-9
+    # would send +-1e9-sized gradients to the same atom, whose cancellation loses the forces' precision
+    unit = torch.where((dist > 0).unsqueeze(-1), vec / dist.clamp_min(1e-9).unsqueeze(-1), torch.zeros_like(vec))
+    return dist, unit
+
+
+def with_self_loops(edge_index: Tensor, edge_shift: Tensor, n_atoms: int) -> tuple[Tensor, Tensor]:
+    """The graph with exactly one zero-shift ``i -> i`` edge per atom, appended after the other edges.
+
+    Self loops already in the input (zero shift) are dropped first, so a view built with
+    ``views.self_loops`` gets no duplicates; an ``i -> i`` edge to a periodic image is a real neighbour
+    and stays.
+    """
+    loop = (edge_index[0] == edge_index[1]) & (edge_shift == 0).all(dim=-1)
+    keep = ~loop
+    atoms = torch.arange(n_atoms, dtype=edge_index.dtype, device=edge_index.device)
+    return (torch.cat([edge_index[:, keep], atoms.unsqueeze(0).expand(2, -1)], dim=1),
+            torch.cat([edge_shift[keep], edge_shift.new_zeros(n_atoms, 3)]))
 
 
 class CosineCutoff(nn.Module):
@@ -95,32 +124,56 @@ class ExpNormalRBF(nn.Module):
         return rbf * cut.unsqueeze(-1), cut
 
 
+@dataclass(frozen=True)
+class AdaLNVariant:
+    """How the adaLN modulation MLP is built: a LayerNorm on its hidden layer or not, and how the gate
+    outputs start (``zero_gate``: weights and bias 0, so every scalar residual update starts at exactly 0)."""
+
+    hidden_norm: bool
+    zero_gate: bool
+    doc: str
+
+
+ADALN_VARIANTS: dict[str, AdaLNVariant] = {
+    "layerscale": AdaLNVariant(False, False, "Linear -> SiLU -> Linear; gate bias 1, so the residual scale "
+                                             "starts near tanh(0.2) like a layer scale (the default)"),
+    "ln_zero": AdaLNVariant(True, True, "Linear -> LayerNorm -> SiLU -> Linear; gate weights and bias 0, so "
+                                        "each layer starts as the identity on the scalars (adaLN-Zero, as in "
+                                        "the authors' model)"),
+}
+
+
 class AdaLN(nn.Module):
     """Per-atom adaptive LayerNorm: an MLP on ``[c, stop_grad(LN(x))]`` gives shift, scale and gate.
 
     Returns the modulated input ``LN(x) (1 + scale) + shift`` and the scalar residual gate
-    ``tanh(gate * a)`` with a learnable scalar ``a`` (init 0.2). The gate bias starts at 1, so the
-    residual scale starts near ``tanh(0.2)``, like a layer scale. ``stop_gradient`` (default on, as in
+    ``tanh(gate * a)`` with a learnable scalar ``a`` (init 0.2). ``variant`` (:data:`ADALN_VARIANTS`) sets
+    the MLP's hidden LayerNorm and the gate's start. ``stop_gradient`` (default on, as in
     pretraining) detaches ``LN(x)`` in the modulation MLP; force fields turn it off so that forces are the
     exact gradient of the energy (:func:`set_stop_gradient`).
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, variant: str = "layerscale") -> None:
         super().__init__()
+        spec = ADALN_VARIANTS[variant]
         self.stop_gradient = True
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.cond_proj = nn.Linear(hidden, hidden)
         self.x_proj = nn.Linear(hidden, hidden, bias=False)
+        self.hidden_norm: nn.Module = nn.LayerNorm(hidden) if spec.hidden_norm else nn.Identity()
         self.out = nn.Linear(hidden, 3 * hidden)
         self.gate_scale = nn.Parameter(torch.tensor(0.2))
         with torch.no_grad():
             self.out.bias.zero_()
-            self.out.bias[2 * hidden:].fill_(1.0)
+            if spec.zero_gate:
+                self.out.weight[2 * hidden:].zero_()
+            else:
+                self.out.bias[2 * hidden:].fill_(1.0)
 
     def forward(self, x: Tensor, cond: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
         xn = self.norm(x)
         xc = xn.detach() if self.stop_gradient else xn
-        hid = F.silu(self.cond_proj(cond).index_select(0, batch) + self.x_proj(xc))
+        hid = F.silu(self.hidden_norm(self.cond_proj(cond).index_select(0, batch) + self.x_proj(xc)))
         shift, scale, gate = self.out(hid).chunk(3, dim=-1)
         return torch.addcmul(shift, xn, 1.0 + scale), torch.tanh(gate * self.gate_scale)
 

@@ -15,14 +15,20 @@ from scd_train.models.base import (
     ExpNormalRBF,
     drop_path_mask,
     edge_geometry,
+    with_self_loops,
 )
 
 
 @dataclass(frozen=True)
 class ETConfig(BackboneConfig):
-    """Equivariant transformer; presets: small 128/6/8/32, paper 256/8/8/64."""
+    """Equivariant transformer; presets: small 128/6/8/32, paper 256/8/8/64.
+
+    ``vector_cutoff`` multiplies the vector messages by the cosine cutoff, so they go smoothly to 0 at the
+    cutoff like the attention weights do (TorchMD-Net's ET leaves them unenveloped: off by default).
+    """
 
     heads: int = 8
+    vector_cutoff: bool = False
 
 
 class NeighborEmbedding(nn.Module):
@@ -46,12 +52,13 @@ class ETLayer(nn.Module):
     ``vec=None`` stands for all-zero vector features (the first layer).
     """
 
-    def __init__(self, hidden: int, heads: int, num_rbf: int) -> None:
+    def __init__(self, hidden: int, heads: int, num_rbf: int, adaln: str = "layerscale",
+                 vector_cutoff: bool = False) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
-        self.hidden, self.heads = hidden, heads
-        self.ada = AdaLN(hidden)
+        self.hidden, self.heads, self.vector_cutoff = hidden, heads, vector_cutoff
+        self.ada = AdaLN(hidden, adaln)
         self.qkv = nn.Linear(hidden, 5 * hidden)
         self.vec_proj = nn.Linear(hidden, 3 * hidden, bias=False)
         self.dk_proj = nn.Linear(num_rbf, hidden)
@@ -71,6 +78,8 @@ class ETLayer(nn.Module):
         vm = s2.unsqueeze(1) * unit.unsqueeze(-1)
         if vec is not None:
             vm = torch.addcmul(vm, ops.gather(vec, "src"), s1.unsqueeze(1))
+        if self.vector_cutoff:
+            vm = vm * cut.view(e, 1, 1)
         o1, o2, o3 = self.o_proj(ops.scatter(xm, "dst")).split(f, dim=-1)
         dvec = ops.scatter(vm, "dst")
         if vec is None:
@@ -95,19 +104,26 @@ class EquivariantTransformer(Backbone):
         self.embedding = nn.Embedding(cfg.max_z, cfg.hidden)
         self.rbf = ExpNormalRBF(cfg.num_rbf, cfg.cutoff)
         self.neighbor_embedding = NeighborEmbedding(cfg.hidden, cfg.num_rbf, cfg.max_z)
-        self.layers = nn.ModuleList(ETLayer(cfg.hidden, cfg.heads, cfg.num_rbf) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(ETLayer(cfg.hidden, cfg.heads, cfg.num_rbf, cfg.adaln, cfg.vector_cutoff)
+                                    for _ in range(cfg.layers))
+        self.layer_norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(cfg.layers)) \
+            if cfg.layer_norm else None
         self.out_norm = nn.LayerNorm(cfg.hidden)
 
     def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, edge_shift: Tensor, batch: Tensor,
                 cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if self.cfg.self_loops:
+            edge_index, edge_shift = with_self_loops(edge_index, edge_shift, z.shape[0])
         ops = EdgeOps(edge_index, z.shape[0])
         dist, unit = edge_geometry(pos, edge_index, edge_shift)
         rbf, cut = self.rbf(dist)
         x = self.neighbor_embedding(z, self.embedding(z), ops, rbf, cut)
         vec = None  # zero vectors before the first layer: skip their products
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             keep = drop_path_mask(x.shape[0], self.cfg.drop_path, self.training, generator, x)
             x, vec = layer(x, vec, cond, batch, ops, rbf, cut, unit, keep)
+            if self.layer_norms is not None:
+                x = self.layer_norms[i](x)
         if vec is None:
             vec = x.new_zeros(x.shape[0], 3, self.hidden)
         return self.out_norm(x), vec

@@ -14,12 +14,17 @@ from scd_train.models.base import (
     ExpNormalRBF,
     drop_path_mask,
     edge_geometry,
+    with_self_loops,
 )
 
 
 @dataclass(frozen=True)
 class PaiNNConfig(BackboneConfig):
-    """PaiNN (Schuett et al. 2021) with exp-normal RBF; ``vector_eps`` keeps ||v|| differentiable at 0."""
+    """PaiNN (Schuett et al. 2021) with exp-normal RBF; ``vector_eps`` keeps ||v|| differentiable at 0.
+
+    Every PaiNN message, vector messages included, is already multiplied by the cosine cutoff, so it
+    needs no ``vector_cutoff`` option.
+    """
 
     vector_eps: float = 1e-8
 
@@ -27,13 +32,13 @@ class PaiNNConfig(BackboneConfig):
 class PaiNNLayer(nn.Module):
     """One message block and one update block, each an adaLN-conditioned residual update."""
 
-    def __init__(self, hidden: int, num_rbf: int, vector_eps: float) -> None:
+    def __init__(self, hidden: int, num_rbf: int, vector_eps: float, adaln: str = "layerscale") -> None:
         super().__init__()
         self.hidden, self.vector_eps = hidden, vector_eps
-        self.ada_message = AdaLN(hidden)
+        self.ada_message = AdaLN(hidden, adaln)
         self.phi = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
         self.filter = nn.Linear(num_rbf, 3 * hidden)
-        self.ada_update = AdaLN(hidden)
+        self.ada_update = AdaLN(hidden, adaln)
         self.uv = nn.Linear(hidden, 2 * hidden, bias=False)
         self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
 
@@ -69,17 +74,24 @@ class PaiNN(Backbone):
         self.hidden = cfg.hidden
         self.embedding = nn.Embedding(cfg.max_z, cfg.hidden)
         self.rbf = ExpNormalRBF(cfg.num_rbf, cfg.cutoff)
-        self.layers = nn.ModuleList(PaiNNLayer(cfg.hidden, cfg.num_rbf, cfg.vector_eps) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(PaiNNLayer(cfg.hidden, cfg.num_rbf, cfg.vector_eps, cfg.adaln)
+                                    for _ in range(cfg.layers))
+        self.layer_norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(cfg.layers)) \
+            if cfg.layer_norm else None
         self.out_norm = nn.LayerNorm(cfg.hidden)
 
     def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, edge_shift: Tensor, batch: Tensor,
                 cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if self.cfg.self_loops:
+            edge_index, edge_shift = with_self_loops(edge_index, edge_shift, z.shape[0])
         ops = EdgeOps(edge_index, z.shape[0])
         dist, unit = edge_geometry(pos, edge_index, edge_shift)
         rbf, cut = self.rbf(dist)
         x = self.embedding(z)
         vec = x.new_zeros(x.shape[0], 3, self.hidden)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             keep = drop_path_mask(x.shape[0], self.cfg.drop_path, self.training, generator, x)
             x, vec = layer(x, vec, cond, batch, ops, rbf, cut, unit, keep)
+            if self.layer_norms is not None:
+                x = self.layer_norms[i](x)
         return self.out_norm(x), vec
