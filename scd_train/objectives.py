@@ -21,13 +21,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from scd_train.models import Backbone, GraphPool, VectorHead, backbone_config, build_backbone
+from scd_train.models.base import scatter_sum
 
 __all__ = ["OBJECTIVES", "Denoise", "Objective", "ObjectiveConfig", "SCD", "build_objective"]
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Which objective and backbone; backbone fields left None take the ``preset`` values."""
+    """Which objective and backbone; backbone fields left None take the ``preset`` values (or the backbone's
+    defaults: ``adaln``, ``layer_norm``, ``self_loops``, ``vector_cutoff``, see :mod:`scd_train.models.base`).
+
+    ``center_noise`` subtracts each structure's mean noise from the denoising target (the authors' GPU
+    path). Off by default: existing runs and results stay reproducible; the removed part (a translation
+    of the noisy view) is invisible to a translation-invariant model, so centring only removes an
+    unlearnable floor from the loss.
+    """
 
     kind: str = "scd"
     backbone: str = "et"
@@ -40,6 +48,11 @@ class ObjectiveConfig:
     drop_path: float | None = None
     drop_cond: float = 0.2
     freeze_embeddings: bool = True
+    center_noise: bool = False
+    adaln: str | None = None
+    layer_norm: bool | None = None
+    self_loops: bool | None = None
+    vector_cutoff: bool | None = None
 
 
 class Objective(nn.Module):
@@ -62,10 +75,11 @@ class _Denoising(Objective):
     noise_sumsq: Tensor
     noise_count: Tensor
 
-    def __init__(self, backbone: Backbone, drop_cond: float = 0.2, freeze_embeddings: bool = True) -> None:
+    def __init__(self, backbone: Backbone, drop_cond: float = 0.2, freeze_embeddings: bool = True,
+                 center_noise: bool = False) -> None:
         super().__init__()
         hidden = backbone.hidden
-        self.backbone, self.drop_cond = backbone, drop_cond
+        self.backbone, self.drop_cond, self.center_noise = backbone, drop_cond, center_noise
         self.mask_token = nn.Parameter(torch.randn(hidden))
         self.cond_norm = nn.LayerNorm(hidden)
         self.pool = GraphPool(hidden)
@@ -104,6 +118,26 @@ class _Denoising(Objective):
         var = (self.noise_sumsq / count - mean * mean).clamp_min(1e-24)
         return mean, torch.where(self.noise_count > 0, var.sqrt(), torch.ones_like(var))
 
+    def noise_target(self, batch: dict[str, Any]) -> Tensor:
+        """The noise [N, 3] the head learns, before normalisation: ``batch["noise"]``, minus each structure's
+        mean noise when ``center_noise``."""
+        noise = batch["noise"]
+        if not self.center_noise:
+            return noise
+        n_atoms = batch["n_atoms"]
+        mean = scatter_sum(noise, batch["batch"], n_atoms.shape[0]) / n_atoms.clamp_min(1).to(noise.dtype).unsqueeze(-1)
+        return noise - mean.index_select(0, batch["batch"])
+
+    def target(self, batch: dict[str, Any]) -> Tensor:
+        """The normalised denoising target [N, 3] (float64) under the current running statistics."""
+        mean, std = self.noise_stats()
+        return (self.noise_target(batch).to(torch.float64) - mean) / std
+
+    def denoise(self, batch: dict[str, Any], cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Head output [N, 3] on the noisy view conditioned on ``cond [G, F]`` (LayerNormed here, as in pass 2)."""
+        s, v = self._run(batch, "_noisy", cond, generator)
+        return self.head(s, v)
+
     def predict(self, batch: dict[str, Any], generator: torch.Generator | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Head output [N, 3] in normalised noise units, and extra metrics."""
@@ -111,7 +145,7 @@ class _Denoising(Objective):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None
                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        noise = batch["noise"]
+        noise = self.noise_target(batch)
         if self.training:
             self.update_noise_stats(noise)
         pred, metrics = self.predict(batch, generator)
@@ -169,6 +203,7 @@ def build_objective(cfg: ObjectiveConfig) -> _Denoising:
     if cfg.kind not in OBJECTIVES:
         raise KeyError(f"unknown objective {cfg.kind!r}; known: {sorted(OBJECTIVES)}")
     bb = backbone_config(cfg.backbone, cfg.preset, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                         num_rbf=cfg.num_rbf, cutoff=cfg.cutoff, drop_path=cfg.drop_path)
+                         num_rbf=cfg.num_rbf, cutoff=cfg.cutoff, drop_path=cfg.drop_path, adaln=cfg.adaln,
+                         layer_norm=cfg.layer_norm, self_loops=cfg.self_loops, vector_cutoff=cfg.vector_cutoff)
     return OBJECTIVES[cfg.kind](build_backbone(bb), drop_cond=cfg.drop_cond,
-                                freeze_embeddings=cfg.freeze_embeddings)
+                                freeze_embeddings=cfg.freeze_embeddings, center_noise=cfg.center_noise)

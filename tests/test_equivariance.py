@@ -305,3 +305,65 @@ def test_self_loop_gradients_keep_float32_precision(cfg_type):
         grads.append(p.grad.double())
     assert torch.isfinite(grads[1]).all()
     torch.testing.assert_close(grads[1], grads[0], atol=1e-3 * grads[0].abs().max().item(), rtol=1e-3)
+
+
+def _objective_batch(kind: str, center_noise: bool):
+    """A float64 objective (fresh noise statistics: mean 0, std 1) and a two-molecule SCD batch."""
+    from scd_train.objectives import ObjectiveConfig, build_objective
+    from scd_train.views import ViewConfig, make_views
+    from shards.format.schema import AtomGraph
+    from shards.stream.collate import collate
+
+    torch.manual_seed(0)
+    obj = build_objective(ObjectiveConfig(kind=kind, hidden=32, layers=2, heads=4, num_rbf=8, cutoff=CUTOFF,
+                                          drop_path=0.0, center_noise=center_noise)).double().eval()
+    items = []
+    for i, n in enumerate((7, 10)):
+        z, pos = _molecule(50 + i, n)
+        g = AtomGraph(key=f"m{i}", domain="molecule", source="t", source_file="t", index=i,
+                      atomic_numbers=z.numpy().astype(np.uint8), positions=pos.astype(np.float32),
+                      cell=np.zeros((3, 3)), pbc=np.zeros(3, dtype=bool))
+        items.append(make_views(g, ViewConfig(cutoff=CUTOFF), seed=1, step=0))
+    batch = {k: torch.as_tensor(v) for k, v in collate(items).items() if isinstance(v, np.ndarray)}
+    for k in ("pos_clean", "pos_noisy", "noise", "edge_shift_clean", "edge_shift_noisy"):
+        batch[k] = batch[k].double()
+    return obj, batch
+
+
+def _loss(obj, batch) -> float:
+    with torch.no_grad():
+        return float(obj(batch)[0])
+
+
+@pytest.mark.parametrize("kind", ["scd", "denoise"])
+def test_noise_centring_removes_the_unlearnable_translation(kind):
+    """With center_noise the target has zero mean per structure and the loss ignores a translation of one
+    structure's noisy view (which the model cannot see); without it the loss changes."""
+    for centred in (True, False):
+        obj, batch = _objective_batch(kind, centred)
+        target = obj.noise_target(batch)
+        sums = torch.zeros(2, 3, dtype=torch.float64).index_add_(0, batch["batch"], target)
+        if centred:
+            torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-12, rtol=0)
+            manual = batch["noise"][batch["batch"] == 1] - batch["noise"][batch["batch"] == 1].mean(0)
+            torch.testing.assert_close(target[batch["batch"] == 1], manual, atol=1e-12, rtol=0)
+        else:
+            assert torch.equal(target, batch["noise"])
+        moved = dict(batch)
+        shift = torch.where((batch["batch"] == 1).unsqueeze(-1), torch.tensor([0.03, -0.02, 0.05]), 0.0)
+        moved["pos_noisy"], moved["noise"] = batch["pos_noisy"] + shift, batch["noise"] + shift
+        a, b = _loss(obj, batch), _loss(obj, moved)
+        if centred:
+            assert a == pytest.approx(b, rel=1e-6)  # the loss is summed in float32
+        else:
+            assert abs(a - b) > 1e-3 * a
+
+
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_noise_centring_loss_is_invariant(reflect):
+    obj, batch = _objective_batch("scd", True)
+    rot = _orthogonal(60, reflect)
+    turned = dict(batch)
+    for k in ("pos_clean", "pos_noisy", "noise"):
+        turned[k] = batch[k] @ rot.T
+    assert _loss(obj, turned) == pytest.approx(_loss(obj, batch), rel=1e-6)
