@@ -1,10 +1,17 @@
-"""The trainer's view of the loader: a torch IterableDataset over :class:`shards.stream.loader.BatchStream`.
+"""The trainer's view of the loader: :class:`StatefulLoader`, a torch DataLoader over
+:class:`shards.stream.loader.BatchStream` with ``state_dict()`` / ``load_state_dict()``.
 
 DataLoader workers split steps (worker w takes steps s % k == w) and the DataLoader interleaves them
-back in order, so batches do not depend on ``num_workers``.
+back in order, so batches do not depend on ``num_workers``. A worker hands each batch over with the
+planner state after it; the loader keeps the state of the last batch it gave the trainer (never of a
+batch still prefetched), so a checkpoint taken between steps resumes exactly after the last step.
+The loader's state holds every rank's planner state; loading a state saved on another number of ranks
+deals the rest of the global stream again (:func:`shards.stream.plan.redeal_states`).
 """
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,26 +20,77 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scd_train.config import DataConfig
+from scd_train.dist import DistInfo, all_gather_json
 from scd_train.views import ViewTransform
 from shards.stream.loader import BatchStream
+from shards.stream.plan import redeal_states
 
-_META = ("step", "sampler_state", "oversize", "corrupt_skipped", "keys")
+_META = ("step", "positions", "oversize", "corrupt_skipped", "keys")
+STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class StreamDataset(IterableDataset):
-    """Yields collated numpy batches of one rank, starting after ``state`` when given."""
+    """Yields ``(batch, planner state after it as JSON text)`` of one rank, starting after ``state`` when given
+    (JSON text crosses the worker boundary as one string, untouched by the DataLoader's conversion)."""
 
     def __init__(self, cfg: DataConfig, world_size: int, rank: int, state: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg, self.world_size, self.rank, self.state = cfg, world_size, rank, state
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], str]]:
         info = get_worker_info()
         worker, n = (info.id, info.num_workers) if info else (0, 1)
         stream = make_stream(self.cfg, world_size=self.world_size, rank=self.rank, worker=worker, num_workers=n)
         if self.state is not None:
             stream.load_state_dict(self.state)
-        yield from stream
+        for batch in stream:
+            yield batch, json.dumps(stream.state_dict())
+
+
+class StatefulLoader:
+    """This rank's batches in step order, and the state of the whole stream (every rank's planner state).
+
+    ``state_dict()`` gathers from every rank (all ranks call it, as the checkpointer does);
+    ``load_state_dict()`` takes such a state before iteration starts, from this world size or another."""
+
+    def __init__(self, cfg: DataConfig, info: DistInfo, num_workers: int = 0) -> None:
+        self.cfg, self.info, self.num_workers = cfg, info, num_workers
+        self._state: dict[str, Any] | None = None  # this rank's planner state after the last batch handed out
+        self._text: str | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = StreamDataset(self.cfg, self.info.world_size, self.info.rank, self.rank_state())
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+        for batch, text in loader:
+            self._text, self._state = text, None
+            yield batch
+
+    def rank_state(self) -> dict[str, Any] | None:
+        """This rank's planner state after the last batch handed out (None before the first)."""
+        if self._state is None and self._text is not None:
+            self._state = json.loads(self._text)
+        return self._state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "world_size": self.info.world_size,
+                "ranks": all_gather_json(self.rank_state(), self.info)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["ranks"]
+        if not isinstance(ranks, list) or not ranks:
+            raise ValueError("loader state: 'ranks' must be a non-empty list of planner states")
+        if any(r is None for r in ranks):
+            if not all(r is None for r in ranks):
+                raise ValueError("loader state: some ranks have a planner state and others none")
+            self._state = self._text = None
+            return
+        if len(ranks) != self.info.world_size:
+            log.info("resuming a stream saved on %d ranks on %d ranks: the positions not yet taken are dealt "
+                     "again (elastic resume)", len(ranks), self.info.world_size)
+            ranks = redeal_states(ranks, self.info.world_size)
+        self._state, self._text = ranks[self.info.rank], None
 
 
 def to_torch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -56,11 +114,3 @@ def make_stream(cfg: DataConfig, *, world_size: int = 1, rank: int = 0, worker: 
     views = ViewTransform(cfg.views)
     return BatchStream(cfg, transform=views, repeat=views.repeat_spec(), world_size=world_size, rank=rank,
                        worker=worker, num_workers=num_workers)
-
-
-def make_loader(cfg: DataConfig, world_size: int, rank: int, num_workers: int,
-                state: dict[str, Any] | None = None) -> DataLoader:
-    """A DataLoader that yields this rank's batches in step order."""
-    return DataLoader(StreamDataset(cfg, world_size, rank, state), batch_size=None, num_workers=num_workers,
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
-

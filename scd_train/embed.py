@@ -14,13 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from scd_train.budget import Budget, budget_batches
+from scd_train.checkpoint import load_objective
 from scd_train.data import to_torch
-from scd_train.objectives import ObjectiveConfig, build_objective
 from scd_train.views import ViewConfig, make_views
-from shards.config import from_dict
 from shards.format.schema import AtomGraph
 from shards.progress import Progress
 from shards.stream.collate import collate
@@ -30,30 +28,6 @@ __all__ = ["DEFAULT_BUDGET", "count_inputs", "embed_graphs", "iter_inputs", "loa
 
 _PREFIX = "objective."
 DEFAULT_BUDGET = Budget()
-
-
-def load_objective(checkpoint: str | Path) -> tuple[torch.nn.Module, ObjectiveConfig]:
-    """The objective (eval mode) of a pretraining checkpoint/run folder or a ``scd finetune`` output folder."""
-    from scd_train.checkpoint import load_weights, saved_model_config
-    from scd_train.finetune import resolve_checkpoint
-
-    p = Path(checkpoint)
-    if (p / "result.json").is_file() and (p / "model.safetensors").is_file():
-        model = json.loads((p / "result.json").read_text())["config"]["model"]
-        tensors = {k[len(_PREFIX):]: v for k, v in load_file(str(p / "model.safetensors")).items()
-                   if k.startswith(_PREFIX)}
-        cfg = from_dict(ObjectiveConfig, model, "model")
-        objective = build_objective(cfg)
-        objective.load_state_dict(tensors)
-        return objective.eval(), cfg
-    ckpt = resolve_checkpoint(p)
-    saved = saved_model_config(ckpt)
-    if saved is None:
-        raise ValueError(f"{ckpt}: no state.json with a model config next to the weights, so the model is unknown")
-    cfg = from_dict(ObjectiveConfig, saved, "model")
-    objective = build_objective(cfg)
-    load_weights(ckpt, objective)
-    return objective.eval(), cfg
 
 
 def iter_inputs(inputs: list[str]) -> Iterator[AtomGraph]:

@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from scd_train.checkpoint import latest_checkpoint, load_weights, saved_model_config
+from scd_train.checkpoint import load_weights, model_config_from_checkpoint, resolve_checkpoint, saved_model_config
 from scd_train.data import to_torch
 from scd_train.models import backbone_config
 from scd_train.models.base import scatter_sum
 from scd_train.objectives import ObjectiveConfig, build_objective
 from scd_train.views import ViewConfig, make_views
-from shards.config import ConfigError, from_dict, load_yaml, to_dict
+from shards.config import ConfigError, load_yaml, to_dict
 from shards.format.reader import ShardDataset
 from shards.format.schema import AtomGraph
 from shards.stream.collate import collate
@@ -189,32 +189,6 @@ def labelled_graphs(data: str | Path, prop: str) -> dict[str, AtomGraph]:
     return out
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder (``step-*``), a run folder (its newest checkpoint) or a ``.safetensors`` file."""
-    p = Path(path)
-    if p.is_dir() and not (p / "model.safetensors").is_file():
-        found = latest_checkpoint(p)
-        if found is None:
-            raise FileNotFoundError(f"{p}: no checkpoint (step-*/ or model.safetensors) found")
-        return found
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: checkpoint not found")
-    return p
-
-
-def _saved_model(ckpt: Path) -> dict[str, Any] | None:
-    return saved_model_config(ckpt)
-
-
-def model_config_from_checkpoint(ckpt: Path) -> ObjectiveConfig | None:
-    """The model config recorded in the checkpoint's ``state.json`` (None when it has none)."""
-    saved = _saved_model(ckpt)
-    if saved is None:
-        return None
-    names = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    return from_dict(ObjectiveConfig, {k: v for k, v in saved.items() if k in names}, f"{ckpt}/state.json:model")
-
-
 def resolve_model_config(cfg: FinetuneConfig) -> ObjectiveConfig:
     """``cfg.model`` checked against the checkpoint, or the checkpoint's own config when ``model`` is null."""
     if not cfg.checkpoint:
@@ -231,7 +205,7 @@ def resolve_model_config(cfg: FinetuneConfig) -> ObjectiveConfig:
 
 def check_backbone_matches(ckpt: Path, model: ObjectiveConfig) -> None:
     """Compare the backbone recorded next to a checkpoint with ``model``; one-line error on mismatch."""
-    saved = _saved_model(ckpt)
+    saved = saved_model_config(ckpt)
     if saved is None:
         return
     mine = backbone_config(model.backbone, model.preset, **{k: getattr(model, k) for k in _BACKBONE_FIELDS[1:]})

@@ -21,10 +21,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from scd_train.build import build_objective
-from scd_train.checkpoint import remove_stale_temp, resume_latest, save_checkpoint
+from scd_train.checkpoint import Checkpointer, remove_stale_temp
 from scd_train.config import TrainConfig
-from scd_train.data import make_loader, to_torch
-from scd_train.dist import DistInfo, all_gather_json, all_reduce_sum, barrier, init_distributed
+from scd_train.data import StatefulLoader, to_torch
+from scd_train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from scd_train.dynamic import mark_dynamic
 from scd_train.metrics import MetricsLog, plot_loss
 from scd_train.optim import EMA, build_optimizer
@@ -65,18 +65,17 @@ class Trainer:
         self.ema = EMA(self.objective, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.step = 0
         self.stopped_by: int | None = None
-        sampler_state = None
+        self.loader: Any = StatefulLoader(cfg.data, self.info, cfg.num_workers)
+        parts: dict[str, Any] = {"model": self.objective, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                                 "loader": self.loader}
+        if self.ema is not None:
+            parts["ema"] = self.ema.shadow
+        self.checkpointer = Checkpointer(self.run_dir, parts, keep=cfg.keep_checkpoints, is_main=self.info.is_main)
         if self.info.is_main:
             remove_stale_temp(self.run_dir)
-        ckpt, state = resume_latest(self.run_dir, model=self.objective, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None) \
-            if cfg.resume else (None, None)
-        if ckpt is not None and state is not None:
-            if len(state["sampler_states"]) != self.info.world_size:
-                raise ValueError(f"{ckpt}: saved with world size {len(state['sampler_states'])}, this run has "
-                                 f"{self.info.world_size}; exact resume needs the same world size")
+        _, state = self.checkpointer.load_latest() if cfg.resume else (None, None)
+        if state is not None:
             self.step = int(state["step"])
-            sampler_state = state["sampler_states"][self.info.rank]
         self.model: Any = self.objective  # the objective, DDP-wrapped and/or compiled
         if self.info.enabled:
             self.model = DistributedDataParallel(self.objective, find_unused_parameters=True,
@@ -84,8 +83,6 @@ class Trainer:
                                                  if self.info.device.type == "cuda" else None)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.loader = make_loader(cfg.data, self.info.world_size, self.info.rank, cfg.num_workers, sampler_state)
-        self.sampler_state = sampler_state
         self.metrics = MetricsLog(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.tensorboard,
                                   resume_step=self.step)
         if self.info.is_main:
@@ -113,13 +110,10 @@ class Trainer:
         return out
 
     def save(self) -> Path | None:
-        states = all_gather_json(self.sampler_state, self.info)
-        path = None
-        if self.info.is_main:
-            _write_mix(self.run_dir / "realised_mix.json", states)
-            path = save_checkpoint(self.run_dir, self.step, model=self.objective, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, ema=self.ema.shadow if self.ema else None,
-                                   sampler_states=states, config=to_dict(self.cfg), keep=self.cfg.keep_checkpoints)
+        """Checkpoint every stateful part (all ranks take part; rank 0 writes) and the realised mix so far."""
+        path = self.checkpointer.save(self.step, to_dict(self.cfg))
+        if path is not None:
+            _write_mix(self.run_dir / "realised_mix.json", json.loads((path / "state.json").read_text())["loader"])
         barrier()
         return path
 
@@ -168,7 +162,6 @@ class Trainer:
             compute += t2 - t1
             atoms_window += stats["atoms"]
             self.step += 1
-            self.sampler_state = raw["sampler_state"]
             if self.step % cfg.log_every == 0 or self.step == end:
                 dt = time.perf_counter() - t_log
                 row = {**stats, "atoms_per_s": atoms_window / max(dt, 1e-9),
@@ -197,9 +190,9 @@ class Trainer:
         return history
 
 
-def _write_mix(path: Path, states: list[Any]) -> None:
-    """The realised mix over all ranks so far (from the sampler states), next to the metrics."""
-    states = [s for s in states if s]
+def _write_mix(path: Path, loader_state: dict[str, Any]) -> None:
+    """The realised mix over all ranks so far (from the loader's planner states), next to the metrics."""
+    states = [s for s in loader_state["ranks"] if s]
     if not states:
         return
     seen = [sum(s["seen"][i] for s in states) for i in range(len(states[0]["groups"]))]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from scd_train.budget import Budget, budget_batches
-from scd_train.checkpoint import save_checkpoint
+from scd_train.checkpoint import Checkpointer
 from scd_train.objectives import ObjectiveConfig, build_objective
 from scd_train.optim import OptimConfig, build_optimizer
 from shards.format.manifest import write_dataset
@@ -28,8 +28,9 @@ def _checkpoint(run_dir: Path) -> Path:
         torch.manual_seed(0)
         obj = build_objective(ObjectiveConfig(**{k: v for k, v in MODEL.items()}))
     opt, sched = build_optimizer(obj, OptimConfig(), 10)
-    return save_checkpoint(run_dir, 0, model=obj, optimizer=opt, scheduler=sched, ema=None, sampler_states=[None],
-                           config={"model": MODEL})
+    path = Checkpointer(run_dir, {"model": obj, "optimizer": opt, "scheduler": sched}).save(0, {"model": MODEL})
+    assert path is not None
+    return path
 
 
 def _rotated(g: AtomGraph, i: int) -> AtomGraph:

@@ -328,30 +328,33 @@ def test_malformed_shard_index_is_one_line_naming_it(molecules, tmp_path, case):
 def _train_state(seed: int):
     import torch
 
-    from scd_train.checkpoint import save_checkpoint
-
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    return model, opt, sched, save_checkpoint
+    return model, opt, sched
+
+
+def _checkpointer(run: Path, model, opt, sched):
+    from scd_train.checkpoint import Checkpointer
+
+    return Checkpointer(run, {"model": model, "optimizer": opt, "scheduler": sched})
 
 
 def _two_checkpoints(run: Path) -> dict[int, dict]:
     weights = {}
     for step in (1, 2):
-        model, opt, sched, save = _train_state(step)
-        save(run, step, model=model, optimizer=opt, scheduler=sched, ema=None, sampler_states=[{"s": step}],
-             config={"step": step})
+        model, opt, sched = _train_state(step)
+        _checkpointer(run, model, opt, sched).save(step, {"step": step})
         weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
     return weights
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors", "optim.safetensors", "state.json", "state-structure"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
-    from scd_train.checkpoint import CheckpointError, load_training_state, resume_latest
+    from scd_train.checkpoint import CheckpointError
 
     run = tmp_path / "run"
     weights = _two_checkpoints(run)
@@ -365,13 +368,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         bad = newest / damage
         data = bad.read_bytes()
         bad.write_bytes(data[: len(data) // 2])
-    model, opt, sched, _ = _train_state(7)
+    model, opt, sched = _train_state(7)
     with pytest.raises(CheckpointError) as err:
-        load_training_state(newest, model=model, optimizer=opt, scheduler=sched, ema=None)
+        _checkpointer(run, model, opt, sched).load(newest)
     _one_line(str(err.value), str(bad))
 
     with caplog.at_level(logging.WARNING, logger="scd_train.checkpoint"):
-        path, state = resume_latest(run, model=model, optimizer=opt, scheduler=sched, ema=None)
+        path, state = _checkpointer(run, model, opt, sched).load_latest()
     assert path == run / "step-00000001" and state is not None and state["step"] == 1
     assert all(np.array_equal(model.state_dict()[k].numpy(), v.numpy()) for k, v in weights[1].items())
     warned = [r.getMessage() for r in caplog.records if r.name == "scd_train.checkpoint"]

@@ -70,8 +70,10 @@ def test_batches_are_deterministic_and_within_budget(dataset, real_graphs):
 
 def test_resume_is_bitwise_including_noise(dataset):
     full = list(itertools.islice(make_stream(_cfg(dataset)), 10))
-    head = list(itertools.islice(make_stream(_cfg(dataset)), 4))
-    state = json.loads(json.dumps(head[-1]["sampler_state"]))
+    stream = make_stream(_cfg(dataset))
+    head = list(itertools.islice(stream, 4))
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert state["step"] == 4 and head[-1]["step"] == 3
     resumed = make_stream(_cfg(dataset))
     resumed.load_state_dict(state)
     tail = list(itertools.islice(resumed, 6))
@@ -89,13 +91,18 @@ def test_worker_count_does_not_change_stream(dataset):
 
 def test_torch_dataloader_workers_match(dataset):
     torch = pytest.importorskip("torch")
-    from scd_train.data import make_loader
+    from scd_train.data import StatefulLoader
+    from scd_train.dist import DistInfo
 
     cfg = _cfg(dataset)
-    ref = list(itertools.islice(make_stream(cfg), 6))
-    got = list(itertools.islice(iter(make_loader(cfg, 1, 0, num_workers=2)), 6))
+    stream = make_stream(cfg)
+    ref = list(itertools.islice(stream, 6))
+    loader = StatefulLoader(cfg, DistInfo(0, 1, 0, torch.device("cpu")), num_workers=2)
+    got = list(itertools.islice(iter(loader), 6))
     assert all(_same(x, y) for x, y in zip(ref, got, strict=True))
     assert torch.is_tensor(got[0]["z"]) and got[0]["step"] == 0
+    # the state is that after the last batch handed out, not after the batches the workers prefetched
+    assert loader.state_dict()["ranks"] == [json.loads(json.dumps(stream.state_dict()))]
 
 
 def test_corrupt_shard_is_named_or_skipped(dataset, tmp_path):

@@ -161,7 +161,8 @@ def test_sigusr1_to_one_rank_stops_both_ranks_after_the_same_step(tmp_path, data
     (stopped,) = _checkpoints(run)
     assert 2 <= stopped < steps
     state = json.loads((run / f"step-{stopped:08d}" / "state.json").read_text())
-    assert len(state["sampler_states"]) == 2 and all(s["step"] == stopped for s in state["sampler_states"])
+    ranks = state["loader"]["ranks"]
+    assert len(ranks) == 2 and all(s["step"] == stopped for s in ranks)
     again = subprocess.run(_torchrun(cfg), capture_output=True, text=True, env=ENV, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_same_run(tmp_path / "ref", run, steps)

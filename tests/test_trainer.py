@@ -70,7 +70,7 @@ def test_resume_is_bitwise_single_process(tmp_path, dataset):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / "loss_curve.png").is_file()
     state = json.loads((sorted((tmp_path / "full").glob("step-*"))[-1] / "state.json").read_text())
-    assert state["step"] == 10 and len(state["sampler_states"]) == 1
+    assert state["step"] == 10 and len(state["loader"]["ranks"]) == 1
 
 
 def _torchrun(cfg: Path, *extra: str) -> None:
@@ -91,8 +91,8 @@ def test_resume_is_exact_with_two_gloo_processes(tmp_path, dataset):
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((sorted((tmp_path / "part").glob("step-*"))[-1] / "state.json").read_text())
-    assert len(state["sampler_states"]) == 2
-    assert state["sampler_states"][0] != state["sampler_states"][1]
+    assert len(state["loader"]["ranks"]) == 2
+    assert state["loader"]["ranks"][0] != state["loader"]["ranks"][1]
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path, dataset):

@@ -7,8 +7,9 @@ passes the structure through unchanged, so this layer knows nothing of any objec
 
 Batches are a pure function of (datasets, mixture, seed, world size, rank, atom budget): DataLoader
 workers split *steps* (worker w of k materialises the steps s with s % k == w, all of them run the
-cheap planner), so the stream does not depend on the number of workers. Every batch carries the
-sampler state after it (``batch["sampler_state"]``); loading that state resumes exactly after it.
+cheap planner), so the stream does not depend on the number of workers. :meth:`BatchStream.state_dict`,
+taken after a batch is yielded, is the planner state after that batch; loading it resumes exactly after it.
+Each batch also names its samples (``keys``) and their global stream positions (``positions``).
 
 Samples are left out of a batch, and counted, when they are larger than the atom budget (the planner,
 ``oversize_reasons["atoms"]``), when their graph is over the edge budget (``oversize_reasons["edges"]``,
@@ -104,6 +105,7 @@ class BatchStream:
         self.edge_oversize = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The planner state after the last batch this stream yielded (JSON-able)."""
         return self.planner.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,9 +122,9 @@ class BatchStream:
         t = self.table
         checksums = t.checksum
         assert checksums is not None, "tables built by build_table carry checksums"
-        items = []
-        cols = (plan.rows.tolist(), plan.atoms.tolist(), plan.crop.tolist(), plan.repeats)
-        for row, n, crop, reps in zip(*cols, strict=True):
+        items, positions = [], []
+        cols = (plan.rows.tolist(), plan.atoms.tolist(), plan.crop.tolist(), plan.repeats, plan.positions.tolist())
+        for row, n, crop, reps, pos in zip(*cols, strict=True):
             try:
                 g = self.fetcher.get(int(t.dataset[row]), int(t.shard[row]), int(t.offset[row]), int(t.size[row]),
                                      int(checksums[row]))
@@ -142,13 +144,14 @@ class BatchStream:
             item["domain_id"] = int(t.domain[row])
             item["key"] = g.key
             items.append(item)
+            positions.append(pos)
         if not items:
             raise ValueError(f"step {plan.step}: all {len(plan.rows)} sample(s) of the batch were left out "
                              f"({self.edge_oversize} over the edge budget, {self.corrupt_skipped} corrupt so far); "
                              "raise the edge budget (data.views.max_edges_per_atom) or fix the data")
         batch = collate(items)
         batch["step"] = plan.step
-        batch["sampler_state"] = self.planner.state_dict()
+        batch["positions"] = positions
         batch["oversize"] = self.planner.oversize + self.edge_oversize
         batch["oversize_reasons"] = {"atoms": self.planner.oversize, "edges": self.edge_oversize}
         batch["corrupt_skipped"] = self.corrupt_skipped

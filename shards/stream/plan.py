@@ -7,11 +7,15 @@ It works on index metadata only (no decoding):
    mixture's probabilities. The k-th draw of group g takes unit k of that group's sequence.
 2. A group's **unit sequence** is pass after pass over its units, each pass ordered by a shuffle
    strategy chosen by name (:mod:`shards.stream.shuffle`), so every unit appears exactly once per pass.
-3. Position i belongs to rank ``i % world_size``. A rank packs its positions in order into batches of
-   at most ``max_atoms``; a sample that does not fit opens the next batch (it is carried, never lost);
-   a sample larger than the budget is cropped (proteins, when asked) or counted as oversize and reported.
+3. Ranks take positions through a virtual stream (:mod:`shards.stream.partition`): rank r of W takes
+   virtual indices r, r + W, ...; in a fresh run virtual index i is position i, so position i belongs to
+   rank ``i % world_size``. A rank packs its positions in order into batches of at most ``max_atoms``; a
+   sample that does not fit opens the next batch (it is carried, never lost); a sample larger than the
+   budget is cropped (proteins, when asked) or counted as oversize and reported.
 
 The state after any batch is a few numbers (:meth:`Planner.state_dict`), so resume is exact.
+:func:`redeal_states` turns the states of W ranks into states of W' ranks that continue the same global
+stream (elastic resume): no position taken twice or skipped, the mixture draws and group passes unchanged.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from shards.stream.mixture import MixtureConfig, group_probabilities
+from shards.stream.partition import VirtualStream, redeal
 from shards.stream.shuffle import UnitSequence, keyed_rng
 from shards.stream.table import SampleTable, build_table
 
-__all__ = ["BLOCK", "Batch", "Planner", "RepeatSpec", "SampleTable", "build_table", "keyed_rng"]
+__all__ = ["BLOCK", "Batch", "Planner", "RepeatSpec", "SampleTable", "build_table", "keyed_rng", "redeal_states"]
 
 BLOCK = 4096
 
@@ -44,13 +49,15 @@ class RepeatSpec:
 
 @dataclass
 class Batch:
-    """A planned batch: table rows, their atom counts (after crop / cell repeat), crops and repeats."""
+    """A planned batch: table rows, their atom counts (after crop / cell repeat), crops and repeats, and the
+    global stream position of each row."""
 
     step: int
     rows: np.ndarray
     atoms: np.ndarray
     crop: np.ndarray
     repeats: np.ndarray
+    positions: np.ndarray
 
     @property
     def n_atoms(self) -> int:
@@ -89,38 +96,53 @@ class Planner:
 
     def reset(self) -> None:
         self.step = 0
-        self.pos = self.rank
+        self.stream = VirtualStream()
+        self.next_index = self.rank
         self.block_no = 0
         self.block_cursors = np.zeros(len(self.groups), dtype=np.int64)
         self.oversize = 0
         self.seen = np.zeros(len(self.groups), dtype=np.int64)
 
+    @property
+    def position(self) -> int:
+        """The global stream position this rank looks at next."""
+        return self.stream.position(self.next_index)
+
     def state_dict(self) -> dict[str, Any]:
-        """A few numbers that resume the stream exactly."""
-        return {"step": self.step, "pos": self.pos, "block_no": self.block_no,
+        """A few numbers that resume the stream exactly: ``pos`` is the next virtual index, ``explicit`` and
+        ``base`` the virtual stream (:class:`~shards.stream.partition.VirtualStream`)."""
+        return {"step": self.step, "pos": self.next_index, **self.stream.state_dict(), "block_no": self.block_no,
                 "block_cursors": self.block_cursors.tolist(), "oversize": self.oversize,
                 "seen": self.seen.tolist(), "seed": self.seed, "world_size": self.world_size,
                 "rank": self.rank, "max_atoms": self.max_atoms, "groups": self.group_names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state`` (saved by this rank; a state of another world size goes through
+        :func:`redeal_states` first). States without ``explicit``/``base`` are of the identity stream."""
         for name in ("seed", "world_size", "rank", "max_atoms", "groups"):
             mine = self.group_names if name == "groups" else getattr(self, name)
             if state[name] != mine:
                 raise ValueError(f"sampler state was saved with {name}={state[name]!r}, this run has {mine!r}; "
-                                 "resume needs the same datasets, seed, world size, rank and budget")
-        self.step, self.pos, self.block_no = int(state["step"]), int(state["pos"]), int(state["block_no"])
+                                 "resume needs the same datasets, seed and budget (another world size: "
+                                 "redeal_states)")
+        self.stream = VirtualStream.from_state(state)
+        self.step, self.next_index, self.block_no = int(state["step"]), int(state["pos"]), int(state["block_no"])
         self.block_cursors = np.asarray(state["block_cursors"], dtype=np.int64)
         self.oversize = int(state["oversize"])
         self.seen = np.asarray(state["seen"], dtype=np.int64)
         self._block = None
 
     def _rows_of_block(self, b: int) -> np.ndarray:
-        """Table rows of every position of block b (cached), advancing the stored group cursors."""
+        """Table rows of every position of block b (cached), moving the stored group cursors to block b
+        (forward by adding each block's draws, back by subtracting them)."""
         if self._block is not None and self._block[0] == b:
             return self._block[1]
         while self.block_no < b:
             self.block_cursors += np.bincount(self._draw(self.block_no), minlength=len(self.groups))
             self.block_no += 1
+        while self.block_no > b:
+            self.block_no -= 1
+            self.block_cursors -= np.bincount(self._draw(self.block_no), minlength=len(self.groups))
         groups = self._draw(b)
         rows = np.empty(BLOCK, dtype=np.int64)
         for gi, grp in enumerate(self.groups):
@@ -141,11 +163,13 @@ class Planner:
         atoms: list[int] = []
         crop: list[int] = []
         repeats: list[tuple[int, int, int]] = []
+        positions: list[int] = []
         budget = self.max_atoms
         crop_to = self.mixture.crop_protein_atoms
         skipped = 0
         while True:
-            b, j = divmod(self.pos, BLOCK)
+            pos = self.position
+            b, j = divmod(pos, BLOCK)
             row = int(self._rows_of_block(b)[j])
             n = int(self.table.n_atoms[row])
             cropped = False
@@ -154,13 +178,13 @@ class Planner:
                     n, cropped = min(crop_to, self.max_atoms), True
                 else:
                     self.oversize += 1
-                    self.pos += self.world_size
+                    self.next_index += self.world_size
                     skipped += 1
                     if skipped > 4 * BLOCK and not rows:
                         raise ValueError(f"no sample fits the atom budget of {self.max_atoms} "
                                          f"({self.oversize} oversize samples so far); raise max_atoms or crop")
                     continue
-            reps = self._repeats(row, n)
+            reps = self._repeats(row, n, pos)
             n *= int(np.prod(reps))
             if n > budget:
                 break
@@ -168,19 +192,20 @@ class Planner:
             atoms.append(n)
             crop.append(cropped)
             repeats.append(reps)
+            positions.append(pos)
             self.seen[self._block_groups[j]] += 1
             budget -= n
-            self.pos += self.world_size
+            self.next_index += self.world_size
         batch = Batch(self.step, np.array(rows, np.int64), np.array(atoms, np.int64), np.array(crop, bool),
-                      np.array(repeats, np.int64).reshape(-1, 3))
+                      np.array(repeats, np.int64).reshape(-1, 3), np.array(positions, np.int64))
         self.step += 1
         return batch
 
-    def _repeats(self, row: int, n: int) -> tuple[int, int, int]:
+    def _repeats(self, row: int, n: int, pos: int) -> tuple[int, int, int]:
         """Cell repeats per axis for this occurrence (keyed by its stream position); 1s if none or too big."""
         if not self.repeatable[row]:
             return (1, 1, 1)
-        rng = keyed_rng(self.seed, "repeat", self.pos)
+        rng = keyed_rng(self.seed, "repeat", pos)
         hit = rng.random(3) < self.repeat.p
         reps = np.where(hit, rng.integers(2, self.repeat.max_repeat + 1, size=3), 1)
         if n * int(np.prod(reps)) > self.max_atoms:
@@ -193,3 +218,33 @@ class Planner:
 
     def target_mix(self) -> dict[str, float]:
         return {g: float(p) for g, p in zip(self.group_names, self.probs, strict=True)}
+
+
+_SAME = ("seed", "max_atoms", "groups", "step", "explicit", "base")
+
+
+def redeal_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """The planner states of ``world_size`` ranks that continue the global stream where the ranks of a run
+    (``states``, one per rank, in rank order) stopped. The same world size returns ``states`` unchanged (exact
+    resume); another deals the positions no rank has taken yet again (:func:`~shards.stream.partition.redeal`).
+    The step carries over; the seen and oversize counts are summed into rank 0."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if len(states) == world_size:
+        return states
+    old = len(states)
+    for r, s in enumerate(states):
+        if s["world_size"] != old or s["rank"] != r:
+            raise ValueError(f"sampler state {r} of {old} says rank {s['rank']} of {s['world_size']}; "
+                             "the states of every rank are needed, in rank order")
+        for name in _SAME:
+            if s.get(name) != states[0].get(name):
+                raise ValueError(f"sampler states of ranks 0 and {r} differ in {name!r}: not one run's states")
+    stream = redeal(VirtualStream.from_state(states[0]), [int(s["pos"]) for s in states])
+    start = min(states, key=lambda s: int(s["block_no"]))
+    seen = [sum(int(s["seen"][g]) for s in states) for g in range(len(states[0]["seen"]))]
+    oversize = sum(int(s["oversize"]) for s in states)
+    return [{**states[0], **stream.state_dict(), "pos": r, "world_size": world_size, "rank": r,
+             "block_no": start["block_no"], "block_cursors": start["block_cursors"],
+             "seen": seen if r == 0 else [0] * len(seen), "oversize": oversize if r == 0 else 0}
+            for r in range(world_size)]
