@@ -17,6 +17,7 @@ import numpy as np
 from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, read_head
 from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.validate import FrameStack
 
 BLOCK_BYTES = 8 * 1024 ** 2
 MAX_SMILES = 10_000
@@ -188,45 +189,40 @@ class HDF5Converter(Converter):
         read = {k: ds[v] for k, v in names.items() if v in ds} | {k: ds[k] for k in extras}
         row_bytes = sum(d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64)) for d in read.values())
         step = max(1, BLOCK_BYTES // max(1, row_bytes))
+        common = {"domain": "molecule", "source": source, "source_file": file_id, "atomic_numbers": z,
+                  "cell": ZERO_CELL, "pbc": NO_PBC, "charge": charge, "trajectory_id": g.name}
         for a in range(lo, hi, step):
             b = min(a + step, hi)
             s = slice(a - g.start, b - g.start)
-            blk = _Block(scaled_block(read["positions"][s], l_f),
+            forces = scaled_block(read["forces"][s], f_f) if "forces" in read else None
+            blk = _Block(FrameStack(common, scaled_block(read["positions"][s], l_f), forces),
                          labels(read["energy"][s], e_f) if "energy" in read else None,
-                         scaled_block(read["forces"][s], f_f) if "forces" in read else None,
+                         # ANI-1x: forces all NaN where a method was not computed: no forces label
+                         None if forces is None else ~np.isnan(forces).all(axis=(1, 2)),
                          {k: labels(read[k][s], e_f) for k in extras})
             for r in range(a, b):
-                yield self.build(file_id, r, lambda r=r, i=r - a, blk=blk: self._graph(
-                    z, blk, i, r, charge, g.name, source, file_id))
-
-    @staticmethod
-    def _graph(z: np.ndarray, blk: _Block, i: int, r: int, charge: int | None, group: str, source: str,
-               file_id: str) -> AtomGraph:
-        props: dict[str, float] = {}
-        for k, values in blk.extras.items():
-            v = values[i]
-            if v is not None:
-                props[k] = v
-        forces = None
-        if blk.forces is not None:
-            forces = blk.forces[i]
-            if np.isnan(forces).all():  # ANI-1x: NaN where a method was not computed
-                forces = None
-        return AtomGraph(key=make_key(source, file_id, r), domain="molecule", source=source, source_file=file_id,
-                         index=r, atomic_numbers=z, positions=blk.positions[i], cell=ZERO_CELL, pbc=NO_PBC,
-                         charge=charge, energy=None if blk.energy is None else blk.energy[i], forces=forces,
-                         trajectory_id=group, properties=props or None,
-                         property_units=dict.fromkeys(props, "eV") or None)
+                yield self.build(file_id, r, lambda r=r, i=r - a, blk=blk: blk.graph(
+                    i, make_key(source, file_id, r), r))
 
 
 @dataclass(frozen=True)
 class _Block:
     """One slice of conformations, converted to schema units."""
 
-    positions: np.ndarray
+    frames: FrameStack
     energy: list[float | None] | None
-    forces: np.ndarray | None
+    has_forces: np.ndarray | None  # per conformation: forces present (not all NaN)
     extras: dict[str, list[float | None]]
+
+    def graph(self, i: int, key: str, r: int) -> AtomGraph:
+        props: dict[str, float] = {}
+        for k, values in self.extras.items():
+            v = values[i]
+            if v is not None:
+                props[k] = v
+        return self.frames.graph(i, key=key, index=r, with_forces=self.has_forces is not None and
+                                 bool(self.has_forces[i]), energy=None if self.energy is None else self.energy[i],
+                                 properties=props or None, property_units=dict.fromkeys(props, "eV") or None)
 
 
 def _names(lay: H5Layout, options: HDF5Options) -> dict[str, str]:

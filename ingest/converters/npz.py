@@ -18,6 +18,7 @@ import numpy as np
 from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, owned
 from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.validate import FrameStack
 
 BLOCK_BYTES = 8 * 1024 ** 2
 MAX_SMALL_MEMBER = 64 * 1024 ** 2  # whole-read members (atomic numbers, lattice, Fortran-ordered arrays)
@@ -221,21 +222,21 @@ class NPZConverter(Converter):
             traj = options.trajectory_id or Path(file_id).stem
             idx_member = m.get(lay.index_property[0]) if lay.index_property else None
             step = max(1, BLOCK_BYTES // max(1, pos.row_bytes + (m[lay.forces].row_bytes if lay.forces in m else 0)))
+            common = {"domain": "md", "source": source, "source_file": file_id, "atomic_numbers": z, "cell": cell,
+                      "pbc": pbc, "trajectory_id": traj}
             for a in range(inside.start, inside.stop, step):
                 b = min(a + step, inside.stop)
-                positions = scaled_block(pos.rows(a, b), l_f)
+                frames = FrameStack(common, scaled_block(pos.rows(a, b), l_f),
+                                    scaled_block(m[lay.forces].rows(a, b), e_f / l_f) if lay.forces in m else None)
                 energy = labels(m[lay.energy].rows(a, b), e_f) if lay.energy in m else None
-                forces = scaled_block(m[lay.forces].rows(a, b), e_f / l_f) if lay.forces in m else None
                 index = idx_member.rows(a, b).tolist() if idx_member is not None else None
                 for r in range(a, b):
                     i = r - a
                     props = None if index is None or lay.index_property is None else \
                         {lay.index_property[1]: float(index[i])}
-                    yield self.build(file_id, r, lambda r=r, i=i, p=positions, e=energy, f=forces, pr=props: AtomGraph(
-                        key=make_key(source, file_id, r), domain="md", source=source, source_file=file_id, index=r,
-                        atomic_numbers=z, positions=p[i], cell=cell, pbc=pbc, energy=None if e is None else e[i],
-                        forces=None if f is None else f[i], trajectory_id=traj, properties=pr,
-                        property_units=None if pr is None else dict.fromkeys(pr, "-")))
+                    yield self.build(file_id, r, lambda r=r, i=i, fs=frames, e=energy, pr=props: fs.graph(
+                        i, key=make_key(source, file_id, r), index=r, energy=None if e is None else e[i],
+                        properties=pr, property_units=None if pr is None else dict.fromkeys(pr, "-")))
         for r in beyond:
             yield self.reject(file_id, r, "frame beyond the end of the trajectory")
 

@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shards.format.schema import ARRAY_FIELDS, KEY_RE, MAX_ATOMS_DEFAULT, NAME_RE, NO_PBC, ZERO_CELL, SchemaError
+from shards.format.schema import (
+    ARRAY_FIELDS,
+    FIELDS,
+    KEY_RE,
+    MAX_ATOMS_DEFAULT,
+    NAME_RE,
+    NO_PBC,
+    ZERO_CELL,
+    SchemaError,
+)
 
 if TYPE_CHECKING:
     from shards.format.schema import AtomGraph
@@ -184,3 +193,93 @@ def _finite(key: str, name: str, v: Any) -> float:
     if not math.isfinite(fv):
         raise SchemaError(key, name, "is NaN or inf")
     return fv
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# fields a FrameStack may share between its frames, and the per-frame scalars its ``graph`` accepts
+_STACK_COMMON = frozenset({"domain", "source", "source_file", "atomic_numbers", "cell", "pbc", "charge", "spin",
+                           "trajectory_id"})
+_FRAME_SCALARS = frozenset({"energy", "properties", "property_units", "frame_time", "charge", "spin",
+                            "trajectory_id"})
+_NONE_FIELDS = {f.name: None for f in FIELDS}
+
+
+def finite_rows(stack: np.ndarray) -> np.ndarray:
+    """Per leading row of a float32 stack, the validator's own test ``math.isfinite(np.vdot(row, row))`` (NaN, inf,
+    or a sum of squares that overflows float32), computed for all rows at once: exactly in float64, with ``vdot``
+    itself only for the rows whose sum is within a factor 2 of the float32 limit, where rounding could decide."""
+    flat = stack.reshape(stack.shape[0], -1)
+    sums = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+    ok = sums < 0.5 * _FLOAT32_MAX  # False for NaN
+    for i in np.flatnonzero(~ok & (sums < 2.0 * _FLOAT32_MAX)).tolist():
+        ok[i] = math.isfinite(np.vdot(flat[i], flat[i]))
+    return ok
+
+
+class FrameStack:
+    """Frames that share their atoms and graph-level fields (``common``: atomic numbers, cell, pbc, domain, source,
+    source file, charge, spin, trajectory id) and take their positions (and forces) from rows of one ``[C, N, 3]``
+    block, as container files store conformations and MD frames. Construction validates what the frames share once
+    (a probe ``AtomGraph`` through the full validator) and the finiteness of every row with one vectorised pass.
+
+    ``graph(i, ...)`` then builds frame ``i``. A frame that passed every block check is built by this module's
+    trusted constructor, which skips only the checks already done for the whole block and still runs the per-frame
+    ones (key, index, every scalar, in the validator's order), so it is accepted or refused exactly as
+    ``AtomGraph(...)`` would accept or refuse it, with the same arrays. Any other frame (or every frame of a block
+    that is not read-only float32 of the right shape, or whose shared fields are invalid) is built by
+    ``AtomGraph(...)`` itself and raises the validator's own ``SchemaError``. The trusted constructor is used
+    nowhere else."""
+
+    def __init__(self, common: dict[str, Any], positions: np.ndarray, forces: np.ndarray | None = None) -> None:
+        unknown = set(common) - _STACK_COMMON
+        if unknown:
+            raise TypeError(f"FrameStack cannot share {sorted(unknown)} between frames")
+        self._common, self._positions, self._forces = common, positions, forces
+        self._ok_pos: np.ndarray | None = None
+        self._ok_forces: np.ndarray | None = None
+        self._base: dict[str, Any] = {}
+        from shards.format.schema import AtomGraph
+
+        try:
+            probe = AtomGraph(key="probe", index=0, positions=np.zeros((len(common.get("atomic_numbers", ())), 3),
+                                                                        dtype=np.float32), **common)
+        except (SchemaError, TypeError):
+            return  # the shared fields are invalid: every frame takes the validator's path and its reason
+        n = probe.n_atoms
+        if not _trusted_block(positions, n) or (forces is not None and (
+                not _trusted_block(forces, n) or len(forces) != len(positions))):
+            return
+        self._base = {**_NONE_FIELDS, **{k: probe.__dict__[k] for k in common}}
+        self._ok_pos = finite_rows(positions)
+        self._ok_forces = None if forces is None else finite_rows(forces)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def graph(self, i: int, *, key: str, index: int, with_forces: bool = True, **scalars: Any) -> AtomGraph:
+        """Frame ``i`` as a validated ``AtomGraph`` (forces from the block unless ``with_forces`` is False)."""
+        from shards.format.schema import AtomGraph
+
+        if not _FRAME_SCALARS.issuperset(scalars) or not self._common.keys().isdisjoint(scalars):
+            bad = sorted(set(scalars) - (_FRAME_SCALARS - self._common.keys()))
+            raise TypeError(f"FrameStack frames take no {bad} (not a per-frame scalar, or shared by the stack)")
+        forces = self._forces[i] if with_forces and self._forces is not None else None
+        ok = self._ok_pos is not None and bool(self._ok_pos[i]) and (
+            forces is None or self._ok_forces is None or bool(self._ok_forces[i]))
+        if not ok or not (type(index) is int and index >= 0):
+            return AtomGraph(**self._common, key=key, index=index, positions=self._positions[i], forces=forces,
+                             **scalars)
+        check_key(key)
+        g = object.__new__(AtomGraph)  # the trusted constructor: every array check was done for the whole block
+        d = g.__dict__
+        d.update(self._base)
+        d["key"], d["index"], d["positions"], d["forces"] = key, index, self._positions[i], forces
+        d.update(scalars)
+        check_scalars(g)
+        return g
+
+
+def _trusted_block(block: Any, n: int) -> bool:
+    """A block whose rows the validator would keep as they are: read-only, C-contiguous float32 ``[C, n, 3]``."""
+    return (type(block) is np.ndarray and block.dtype == np.float32 and block.ndim == 3
+            and block.shape[1:] == (n, 3) and block.flags.c_contiguous and not block.flags.writeable)
