@@ -292,10 +292,11 @@ def _check_named(spec: SourceSpec) -> None:
     from ingest.registry import get_converter
 
     cls = get_converter(spec.converter)
-    if spec.domain is not None and cls.domain != spec.domain:
-        raise ConfigError(f"source {spec.source!r}: converter {cls.name!r} is of domain {cls.domain!r}, "
+    conv = cls()
+    domain = conv.output_domain(conv.parse_options(_expand_options(spec.options)))
+    if spec.domain is not None and domain != spec.domain:
+        raise ConfigError(f"source {spec.source!r}: converter {cls.name!r} is of domain {domain!r}, "
                           f"not {spec.domain!r}")
-    cls().parse_options(_expand_options(spec.options))
 
 
 def _ranges(n: int, step: int) -> list[tuple[int, int]]:

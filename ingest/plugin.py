@@ -146,6 +146,13 @@ class Converter(abc.ABC):
         """Cheap record count for splitting a large file into ranges; None when not splittable."""
         return None
 
+    def output_domain(self, options: Any) -> str:
+        """The domain of the samples made under ``options``: an option ``domain`` other than ``auto`` fixes it
+        (XYZ frames read as ``md``), else the class's ``domain`` (with ``auto``, each sample's own domain
+        counts; the accounting takes accepted samples by their domain)."""
+        fixed = getattr(options, "domain", None)
+        return fixed if isinstance(fixed, str) and fixed != "auto" else self.domain
+
     @abc.abstractmethod
     def convert(self, path: Path, options: Any, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:

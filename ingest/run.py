@@ -178,18 +178,27 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _account(outcomes: list[UnitOutcome]) -> dict[str, Any]:
-    """inputs = accepted + rejected, per source and per domain, summed over the files of every unit
-    (rejects count under the domain of the file's converter, or the source's declared domain)."""
+    """inputs = accepted + rejected, per source and per domain, summed over the files of every unit.
+    Accepted samples count under their own domain (as the manifest counts them); rejects under the domain
+    the file's converter gives (its options may fix one), or the source's declared domain."""
     per_source: dict[str, dict[str, int]] = {}
     per_domain: dict[str, dict[str, int]] = {}
     reasons: dict[str, int] = {}
     examples: dict[str, str] = {}
+
+    def add(table: dict[str, dict[str, int]], name: str, accepted: int, rejected: int) -> None:
+        row = table.setdefault(name, {"inputs": 0, "accepted": 0, "rejected": 0})
+        row["inputs"] += accepted + rejected
+        row["accepted"] += accepted
+        row["rejected"] += rejected
+
     for o in outcomes:
         for f in o.files:
-            for table, name in ((per_source, o.source), (per_domain, f.domain)):
-                row = table.setdefault(name, {"inputs": 0, "accepted": 0, "rejected": 0})
-                for k in row:
-                    row[k] += getattr(f, k)
+            add(per_source, o.source, f.accepted, f.rejected)
+            if f.rejected or not f.inputs:
+                add(per_domain, f.domain, 0, f.rejected)
+        for domain, n in sorted(o.domains.items()):
+            add(per_domain, domain, n, 0)
         for r in o.rejects:
             reason = r.reason.split(":")[0][:80]
             reasons[reason] = reasons.get(reason, 0) + 1

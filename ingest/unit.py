@@ -136,6 +136,11 @@ class _Files:
             self.versions[name] = converter_version(name)
         return self.convs[name]
 
+    def domain(self, name: str) -> str:
+        """The domain converter ``name`` gives this unit's samples (its options may fix one)."""
+        conv, options = self.converter(name)
+        return str(conv.output_domain(options))
+
 
 def _convert_item(files: _Files, item: Any, w: ShardWriter, rejects: list[Any], domains: dict[str, int]) -> FileRow:
     """Convert one file (or record range) of the unit, read through the spool when remote."""
@@ -147,7 +152,7 @@ def _convert_item(files: _Files, item: Any, w: ShardWriter, rejects: list[Any], 
     except SpoolLimitError as exc:
         name = item.converter
         rejects.append(Reject(item.file_id, None, name, str(exc)))
-        domain = files.unit.domain or (files.converter(name)[0].domain if name != "auto" else "unknown")
+        domain = files.unit.domain or (files.domain(name) if name != "auto" else "unknown")
         return FileRow(item.file_id, name, domain, item.start, item.stop, inputs=1, rejected=1)
 
 
@@ -180,7 +185,8 @@ def _convert_local(files: _Files, item: Any, path: Path, w: ShardWriter, rejects
     if records is not None and accepted + rejected != len(records):
         raise RuntimeError(f"converter {name} yielded {accepted + rejected} items for {len(records)} records of "
                            f"{item.file_id} [{item.start}, {item.stop}): accounting broken")
-    return FileRow(item.file_id, name, conv.domain, item.start, item.stop, accepted + rejected, accepted, rejected)
+    return FileRow(item.file_id, name, files.domain(name), item.start, item.stop, accepted + rejected, accepted,
+                   rejected)
 
 
 def run_unit(unit: Any, out_dir: str, writer: WriterConfig, spool_bytes: int = MAX_FILE_BYTES) -> UnitOutcome:
