@@ -26,7 +26,6 @@ from shards.stream.collate import collate
 __all__ = ["DEFAULT_BUDGET", "count_inputs", "embed_graphs", "iter_inputs", "load_objective", "read_inputs",
            "ridge_cv"]
 
-_PREFIX = "objective."
 DEFAULT_BUDGET = Budget()
 
 

@@ -19,7 +19,7 @@ from shards.format.manifest import write_dataset
 from shards.format.writer import WriterConfig
 from shards.stream.mixture import MixtureConfig
 from shards.stream.partition import VirtualStream, redeal
-from shards.stream.plan import Planner, SampleTable, redeal_states
+from shards.stream.plan import BLOCK, Planner, SampleTable, redeal_states
 
 
 def _take(stream: VirtualStream, world: int, counts: list[int], start: list[int] | None = None
@@ -146,6 +146,25 @@ def test_planner_redeal_continues_the_global_stream(worlds):
         assert sorted(planned[pos] for pos in first_pass) == members.tolist(), f"group {g}: not each row once"
     seen = sum(p.seen for p in planners)
     assert seen.tolist() == [sum(t.source[row] == g for row in planned.values()) for g in (0, 1)]
+
+
+def test_planner_moves_its_group_cursors_back_to_an_earlier_block():
+    """A state whose next position lies blocks before its cached cursors (as after a redeal that hands a slow
+    rank's gaps to a rank that was ahead) plans the rows of the uninterrupted stream there."""
+    t = _table(500)
+    mix = MixtureConfig(group_by="source")
+    reference = Planner(t, mix, seed=4, max_atoms=200_000)
+    ref_rows = np.concatenate([reference.next_batch().rows for _ in range(2)])
+    assert ref_rows.size > 2 * BLOCK + 200
+    ahead = Planner(t, mix, seed=4, max_atoms=200_000)
+    ahead.next_batch()
+    ahead.next_batch()
+    state = ahead.state_dict()
+    assert state["block_no"] >= 2
+    back = Planner(t, mix, seed=4, max_atoms=300)
+    back.load_state_dict({**state, "pos": 100, "max_atoms": 300})
+    b = back.next_batch()
+    assert b.positions[0] == 100 and b.rows.tolist() == ref_rows[100:100 + b.rows.size].tolist()
 
 
 def test_same_world_size_resume_keeps_every_rank_state():
