@@ -78,7 +78,7 @@ class StatefulLoader:
                 "ranks": all_gather_json(self.rank_state(), self.info)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ranks = state["ranks"]
+        ranks = state.get("ranks") if isinstance(state, dict) else None
         if not isinstance(ranks, list) or not ranks:
             raise ValueError("loader state: 'ranks' must be a non-empty list of planner states")
         if any(r is None for r in ranks):

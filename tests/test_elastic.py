@@ -266,3 +266,69 @@ def test_two_ranks_then_one_and_three_ranks_see_the_pass_once(molecules, tmp_pat
         assert all(math.isfinite(r["loss"]) for r in rows)
         state = json.loads((run / f"step-{TOTAL:08d}" / "state.json").read_text())
         assert len(state["loader"]["ranks"]) == world
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _parts(tmp: Path, world: int = 1, rank: int = 0):
+    from scd_train.config import DataConfig
+    from scd_train.data import StatefulLoader
+    from scd_train.dist import DistInfo
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    loader = StatefulLoader(DataConfig(datasets=(str(tmp / "unused"),)), info)
+    return {"model": model, "optimizer": opt, "scheduler": sched, "loader": loader}
+
+
+def _planner_state(t: SampleTable, world: int, rank: int, steps: int) -> dict:
+    p = _planners(t, world)[rank]
+    for _ in range(steps):
+        p.next_batch()
+    return p.state_dict()
+
+
+def test_checkpointer_round_trip_reads_format_1_and_refuses_newer_formats(tmp_path):
+    from scd_train.checkpoint import Checkpointer
+
+    t = _table(200)
+    saved = _parts(tmp_path)
+    saved["loader"].load_state_dict({"ranks": [_planner_state(t, 1, 0, 3)]})
+    path = Checkpointer(tmp_path / "run", saved).save(7, {"note": "x"})
+    assert path is not None and sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optim.safetensors",
+                                                                           "state.json"]
+    doc = json.loads((path / "state.json").read_text())
+    assert doc["format"] == 2 and doc["step"] == 7 and doc["parts"] == ["loader", "model", "optimizer", "scheduler"]
+
+    fresh = _parts(tmp_path)
+    torch.nn.init.zeros_(fresh["model"].weight)
+    Checkpointer(tmp_path / "run", fresh).load(path)
+    assert torch.equal(fresh["model"].weight, saved["model"].weight)
+    assert fresh["scheduler"].state_dict() == saved["scheduler"].state_dict()
+    a, b = fresh["optimizer"].state_dict()["state"], saved["optimizer"].state_dict()["state"]
+    assert all(torch.equal(a[0][k], b[0][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert fresh["loader"].rank_state() == _planner_state(t, 1, 0, 3)
+
+    # the layout written before the format key (2 ranks' states under "sampler_states"): rank 1 of 2 gets its
+    # own state, one rank the re-dealt stream
+    two = [_planner_state(t, 2, r, 3) for r in range(2)]
+    old = {k: v for k, v in doc.items() if k not in ("format", "parts", "loader")}
+    (path / "state.json").write_text(json.dumps({**old, "sampler_states": two}))
+    again = _parts(tmp_path, world=2, rank=1)
+    assert Checkpointer(tmp_path / "run", again).load(path)["step"] == 7
+    assert again["loader"].rank_state() == two[1]
+    one = _parts(tmp_path)
+    Checkpointer(tmp_path / "run", one).load(path)
+    assert one["loader"].rank_state() == redeal_states(two, 1)[0] and one["loader"].rank_state()["explicit"]
+
+    (path / "state.json").write_text(json.dumps({**doc, "format": 3}))
+    with pytest.raises(ValueError, match="format 3 is newer"):
+        Checkpointer(tmp_path / "run", _parts(tmp_path)).load(path)
+    (path / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"no \['ema'\] part"):
+        Checkpointer(tmp_path / "run", {**_parts(tmp_path), "ema": torch.nn.Linear(3, 2)}).load(path)
