@@ -59,6 +59,8 @@ def list_remote(pattern: str, source: str) -> list[RemoteFile]:
     """The files a URL or URL glob names, sorted; a missing object or an empty glob is a ``ConfigError``,
     a 403 or a missing bucket a one-line ``FetchError``."""
     if is_http(pattern):
+        if glob.has_magic(pattern):
+            raise ConfigError(f"source {source!r}: {pattern!r}: http(s) cannot be listed; name each file")
         return [_http_head(pattern)]
     fs, path = object_fs(pattern)
     prefix = _scheme_prefix(pattern)

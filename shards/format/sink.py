@@ -30,9 +30,10 @@ BLOCK = 1 << 20
 
 
 def check_name(name: str) -> str:
-    """A relative object name: ``/``-separated plain file names (``[A-Za-z0-9._-]``, not starting with a dot)."""
-    parts = name.split("/")
-    if not name or not all(SAFE_NAME.fullmatch(p) for p in parts):
+    """A relative object name: ``/``-separated plain file names (``[A-Za-z0-9._-]``, starting with a letter or
+    digit; folders may also start with ``_``, as ingest's ``_units``)."""
+    *folders, base = name.split("/")
+    if not SAFE_NAME.fullmatch(base) or not all(SAFE_NAME.fullmatch(f.removeprefix("_")) for f in folders):
         raise FetchError(f"refusing object name {name!r}: not a relative path of plain file names")
     return name
 

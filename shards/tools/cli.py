@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     v = s.add_parser("verify", help="check checksums, index/tar agreement and every sample",
                      description="Check every shard's sha256 and size, that each tar agrees with its index, "
                                  "that every sample decodes and validates, and the zarr index. Exit 0 when sound.")
-    v.add_argument("dataset", help="dataset folder or http(s) URL")
+    v.add_argument("dataset", help="dataset folder or URL (http(s)://, s3://, gs://, az://)")
     v.set_defaults(func=_verify)
     i = s.add_parser("inspect", help="counts per domain/source, atoms per sample, bytes",
                      description="Summarise a dataset from its manifest and zarr index.")
@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
                                  "Every shard read is checked against its manifest; the sources' accounting and "
                                  "provenance are kept in the new manifest under compacted_from.")
     c.add_argument("sources", nargs="+", help="dataset folders or URLs")
-    c.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    c.add_argument("--out", required=True, help="new (or empty) output folder or object-storage URL")
     c.add_argument("--max-shard-bytes", type=int, default=WriterConfig().max_shard_bytes)
     c.add_argument("--max-shard-samples", type=int, default=WriterConfig().max_shard_samples)
     c.set_defaults(func=_compact)

@@ -72,9 +72,12 @@ def _provenance(src: str, ds: ShardDataset, raw_manifest: bytes) -> dict[str, An
 def compact(sources: Sequence[str], out_dir: str | Path, *, config: WriterConfig | None = None) -> dict[str, Any]:
     """Rewrite the datasets ``sources`` into one dataset of target-size shards in ``out_dir``; returns its
     manifest. The sources' manifests (accounting, ingest config, converters) are kept under
-    ``compacted_from``. ``out_dir`` must be new, empty or an earlier compaction output."""
+    ``compacted_from``. ``out_dir`` must be new, empty or an earlier compaction output; it may be an
+    object-storage URL (see :func:`compact_to_url`)."""
     from shards.format import storage
 
+    if storage.is_url(str(out_dir)):
+        return compact_to_url(sources, str(out_dir), config=config)
     out = Path(out_dir)
     config = config or WriterConfig()
     _prepare(out, sources)
@@ -90,6 +93,34 @@ def compact(sources: Sequence[str], out_dir: str | Path, *, config: WriterConfig
     if converters:
         extra["converters"] = converters
     return finalize_dataset(out, [s.name for s in writer.shards], writer=config, extra=extra)
+
+
+def compact_to_url(sources: Sequence[str], url: str, *, config: WriterConfig | None = None) -> dict[str, Any]:
+    """:func:`compact` into a local staging folder (it needs room for the output), then upload under ``url``:
+    shards (each index first), ``index.zarr``, and ``manifest.json`` last; shards of an earlier compaction
+    that the new one does not have are deleted. Refuses a prefix that holds anything else."""
+    import tempfile
+
+    from shards.format.sink import ObjectSink, publish_dataset
+
+    sink = ObjectSink(url)
+    if url.rstrip("/") in (s.rstrip("/") for s in sources):
+        raise ValueError(f"compact: the output {url} is one of the sources")
+    sink.check_writable()
+    present = sink.find()
+    if MANIFEST in present and "compacted_from" not in json.loads(sink.get_bytes(MANIFEST)):
+        raise ValueError(f"compact: {url} holds a dataset that compact did not write; choose another --out")
+    if any(not (n.startswith(f"{COMPACT_PREFIX}-") or n.startswith(f"{INDEX_DIR}/") or n == MANIFEST)
+           for n in present):
+        raise ValueError(f"compact: {url} is not empty; choose a new or empty prefix")
+    sink.delete([MANIFEST] if MANIFEST in present else [])  # a dataset exists iff its manifest does
+    with tempfile.TemporaryDirectory(prefix="scd-compact-") as tmp:
+        manifest = compact(sources, Path(tmp) / "out", config=config)
+        names = [s["name"] for s in manifest["shards"]]
+        keep = {n + x for n in names for x in ("", INDEX_SUFFIX)}
+        sink.delete(n for n in present if n.startswith(f"{COMPACT_PREFIX}-") and n not in keep)
+        publish_dataset(Path(tmp) / "out", sink, names)
+    return manifest
 
 
 def _prepare(out: Path, sources: Sequence[str]) -> None:

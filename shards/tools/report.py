@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from shards.format import storage
 from shards.format.audit import inspect_dataset
 from shards.format.reader import ShardDataset
 
@@ -42,11 +43,12 @@ def _elements(ds: ShardDataset, limit: int) -> Counter:
     return counts
 
 
-def _rejects(root: Path) -> Counter:
-    path = root / "rejects.jsonl"
+def _rejects(root: str) -> Counter:
+    """Rejects by reason from the ingest job's ``rejects.jsonl`` beside the dataset (a folder or a URL)."""
+    location = storage.join(root, "rejects.jsonl")
     reasons: Counter = Counter()
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    if storage.exists(location):
+        for line in storage.read_bytes(location).decode().splitlines():
             if line.strip():
                 reasons[json.loads(line)["reason"].split(":")[0][:60]] += 1
     return reasons
@@ -102,7 +104,7 @@ def write_report(dataset: str, out: Path, max_samples: int = ELEMENT_SAMPLE_LIMI
     ax.set_yscale("log")
     ax.set_ylabel("atoms")
     save(fig, "elements.png", "Element frequencies (30 most common)")
-    reasons = _rejects(Path(dataset))
+    reasons = _rejects(dataset)
     if reasons:
         fig, ax = plt.subplots(figsize=(10, 0.4 * len(reasons) + 1.5))
         items = reasons.most_common(20)
