@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import http.server
 import itertools
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from s3help import moto_s3  # noqa: F401 - the shared moto S3 server fixture
 
 from scd_train.config import DataConfig
 from scd_train.data import make_stream
@@ -190,50 +189,8 @@ def test_cache_rejects_bytes_that_disagree_with_the_manifest(dataset, http_root,
 
 
 # ----------------------------------------------------------------------------------------------- S3
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moto_s3():
-    """A moto S3 server on 127.0.0.1 with credentials and endpoint in the environment (as in production)."""
-    pytest.importorskip("s3fs")  # pip install 'scd-atoms[s3]'; a failure in CI (see tests/conftest.py)
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        pytest.skip("missing dependency: moto[server] (no moto_server executable)")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def s3_dataset(moto_s3, dataset) -> str:
+def s3_dataset(moto_s3, dataset) -> str:  # noqa: F811 - the fixture imported above
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
