@@ -68,7 +68,7 @@ def detect_layout(h5: Any) -> str | None:
     import h5py
 
     for name in h5:
-        if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
+        if not _is_hard(h5, name):
             continue
         grp = h5[name]
         if not isinstance(grp, h5py.Group):
@@ -124,14 +124,15 @@ class HDF5Converter(Converter):
         for name in h5:
             if stop is not None and start >= stop:
                 break
-            if not isinstance(h5.get(name, getlink=True), h5py.HardLink):
+            if not _is_hard(h5, name):
                 out.append(_Group(name, start, 1, f"group {name!r} is a soft or external link, which is not followed"))
                 start += 1
                 continue
             grp = h5[name]
             if not isinstance(grp, h5py.Group):
                 continue
-            ds = grp.get(lay.positions)
+            ds = _child(grp, lay.positions) if lay.positions in grp and _is_hard(grp, lay.positions) else \
+                grp.get(lay.positions)
             if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
                 count, problem = 1, f"group {name!r} has no {lay.positions} dataset"
             else:
@@ -240,14 +241,35 @@ def _datasets(grp: Any, g: _Group, lay: H5Layout, names: dict[str, str]) -> tupl
     for k in grp:
         if k not in wanted and not _is_extra(k, lay):
             continue
-        if not isinstance(grp.get(k, getlink=True), h5py.HardLink):
+        if not _is_hard(grp, k):
             return {}, f"group {g.name!r}: {k} is a soft or external link, which is not followed"
-        ds = grp[k]
+        ds = _child(grp, k)
         if isinstance(ds, h5py.Dataset):
             if ds.is_virtual or ds.external:
                 return {}, f"group {g.name!r}: {k} is stored outside the file, which is not read"
             out[k] = ds
     return out, None
+
+
+def _is_hard(grp: Any, name: str) -> bool:
+    """Whether ``name`` in an open group is a hard link (h5py's ``get(name, getlink=True)`` is a ``HardLink``)."""
+    from h5py import h5l
+
+    return bool(grp.id.links.get_info(name.encode("utf-8", "surrogateescape")).type == h5l.TYPE_HARD)
+
+
+def _child(grp: Any, name: str) -> Any:
+    """The group or dataset behind the hard link ``name`` of a group of a read-only file, as ``grp[name]`` gives
+    it, without the ``File`` object h5py builds on every access to ask for the file's mode; None for a named
+    datatype."""
+    import h5py
+    from h5py import h5i, h5o
+
+    oid = h5o.open(grp.id, name.encode("utf-8", "surrogateescape"))
+    kind = h5i.get_type(oid)
+    if kind == h5i.GROUP:
+        return h5py.Group(oid)
+    return h5py.Dataset(oid, readonly=True) if kind == h5i.DATASET else None
 
 
 def _shape_problem(ds: dict[str, Any], g: _Group, names: dict[str, str], n: int) -> str | None:

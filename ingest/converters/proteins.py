@@ -122,7 +122,13 @@ class _Structure(Converter):
     def _graph(self, model: Any, i: int, options: ProteinOptions, has_elements: bool, source: str,
                file_id: str, element: dict[tuple[str, str, str], int]) -> AtomGraph:
         """One model as a sample; ``element`` memoises atomic numbers by (element, atom name, residue)."""
-        z, pos, names, res_idx, res_names, chains, hetero = [], [], [], [], [], [], []
+        z: list[int] = []
+        pos: list[Any] = []
+        names: list[str] = []
+        res_idx: list[int] = []
+        res_names: list[str] = []
+        chains: list[str] = []
+        hetero: list[bool] = []
         for r_no, residue in enumerate(model.get_residues()):
             flag = residue.id[0]
             if flag == "W" and not options.waters:
@@ -130,20 +136,23 @@ class _Structure(Converter):
             if flag.startswith("H_") and not options.hetero:
                 continue
             resname, chain, is_het = residue.resname[:4], str(residue.get_parent().id)[:4], flag != " "
-            for atom in residue:
-                memo = (atom.element, atom.name, resname)
-                zi = element.get(memo)
-                if zi is None:
-                    zi = element[memo] = _element(atom, has_elements, options.infer_elements)
-                if zi == 1 and not options.hydrogens:
-                    continue
-                z.append(zi)
-                pos.append(atom.coord)
-                names.append(atom.name[:4])
-                res_idx.append(r_no)
-                res_names.append(resname)
-                chains.append(chain)
-                hetero.append(is_het)
+            atoms = list(residue)
+            known = [element.get((a.element, a.name, resname)) for a in atoms]
+            zs: list[int] = [  # elements not memoised yet (for this atom name and residue) are looked up
+                zi if zi is not None else element.setdefault(
+                    (a.element, a.name, resname), _element(a, has_elements, options.infer_elements))
+                for zi, a in zip(known, atoms, strict=True)]
+            if not options.hydrogens and 1 in zs:
+                atoms = [a for a, zi in zip(atoms, zs, strict=True) if zi != 1]
+                zs = [zi for zi in zs if zi != 1]
+            k = len(atoms)
+            z += zs
+            pos += [a.coord for a in atoms]
+            names += [a.name[:4] for a in atoms]
+            res_idx += [r_no] * k
+            res_names += [resname] * k
+            chains += [chain] * k
+            hetero += [is_het] * k
         if not z:
             raise ValueError("no atoms left after the selection")
         return AtomGraph(key=make_key(source, file_id, i), domain="protein", source=source, source_file=file_id,
