@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from scd_train.diagnostics import DiagnosticsConfig
 from scd_train.objectives import ObjectiveConfig
 from scd_train.optim import OptimConfig
 from scd_train.views import ViewConfig
@@ -45,6 +46,7 @@ class TrainConfig:
     stop_after: int | None = None
     tensorboard: bool = True
     progress: bool = True
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:

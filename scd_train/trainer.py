@@ -24,6 +24,7 @@ from scd_train.build import build_objective
 from scd_train.checkpoint import Checkpointer, remove_stale_temp
 from scd_train.config import TrainConfig
 from scd_train.data import StatefulLoader, to_torch
+from scd_train.diagnostics import build_diagnostics, plot_diagnostics
 from scd_train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from scd_train.dynamic import mark_dynamic
 from scd_train.metrics import MetricsLog, plot_loss
@@ -85,6 +86,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.metrics = MetricsLog(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.tensorboard,
                                   resume_step=self.step)
+        self.diagnostics = build_diagnostics(cfg.diagnostics, cfg.data.views, self.info.device, self.info.is_main)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -173,6 +175,8 @@ class Trainer:
                                 wait=f"{row['data_wait']:.0%}")
                 wait = compute = atoms_window = 0.0
                 t_log = time.perf_counter()
+            if self.diagnostics is not None:
+                self.diagnostics.maybe_log(self.step, self.objective, self.metrics)
             bar.update(1)
             stopping = self._stop_signal(stop) is not None
             if stopping or self.step % cfg.checkpoint_every == 0 or self.step == end:
@@ -187,6 +191,7 @@ class Trainer:
         self.metrics.close()
         if info.is_main and (self.run_dir / "metrics.jsonl").is_file():
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+            plot_diagnostics(self.run_dir / "metrics.jsonl", self.run_dir / "diagnostics.png")
         return history
 
 
