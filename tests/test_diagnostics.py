@@ -152,3 +152,23 @@ def test_trainer_logs_diagnostics_and_resume_stays_bitwise(tmp_path, qm9_sets):
     b = load_file(str(sorted((tmp_path / "part").glob("step-*"))[-1] / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / "diagnostics.png").stat().st_size > 1000
+
+
+def test_readme_documents_every_diagnostics_key_and_model_option():
+    """The README's YAML block loads into the configs and names every diagnostics key and model option."""
+    import dataclasses
+    import re
+
+    from shards.config import parse_yaml
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Conditioning diagnostics and model options", 1)[1]
+    block = parse_yaml(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    assert set(block["diagnostics"]) == {f.name for f in dataclasses.fields(DiagnosticsConfig)}
+    from_dict(DiagnosticsConfig, block["diagnostics"], "diagnostics")
+    options = {"center_noise", "adaln", "layer_norm", "self_loops", "vector_cutoff"}
+    assert set(block["model"]) == options
+    model = from_dict(ObjectiveConfig, block["model"], "model")
+    build_objective(dataclasses.replace(model, **TINY))
+    for name in options:
+        assert f"| `{name}` |" in section, f"{name} has no row in the options table"
