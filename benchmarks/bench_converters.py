@@ -7,6 +7,7 @@ Goal: each converter within 25% of the bare parse (ratio <= 1.25 in time per rec
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import warnings
 from collections.abc import Callable
@@ -71,6 +72,7 @@ def _best_pair(bare: Callable[[], int], ours: Callable[[], int], repeat: int) ->
     n_bare = n_ours = 0
     for _ in range(repeat):
         for fn, is_bare in ((bare, True), (ours, False)):
+            gc.collect()  # neither side pays for collecting the other's garbage (parsers leave reference cycles)
             t0 = time.perf_counter()
             n = fn()
             dt = time.perf_counter() - t0

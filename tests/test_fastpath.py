@@ -292,3 +292,22 @@ def test_tar_header_is_the_header_tarfile_writes(name, size) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     assert tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_singular_cell_is_the_determinant_rule_near_the_threshold() -> None:
+    """Periodic cells are refused when abs(det) < 1e-6; the fast decision agrees with np.linalg.det on cells
+    far from, near and at the threshold, ill-conditioned ones, and non-finite ones."""
+    from shards.format.validate import singular_cell
+
+    rng = np.random.default_rng(9)
+    cells = [np.eye(3) * 5.0, np.zeros((3, 3)), np.diag([1e-2, 1e-2, 1e-2]), np.diag([1e-2, 1e-2, 1.0001e-2]),
+             np.diag([1e-2, 1e-2, 0.9999e-2]), np.diag([1e5, 1e5, 1e-16]), np.full((3, 3), np.nan)]
+    for _ in range(3000):
+        base = rng.normal(size=(3, 3)) * rng.choice([1e-3, 1.0, 1e4])
+        base[2] = base[0] * rng.uniform(0.5, 2) + base[1] * rng.normal() + rng.normal(size=3) * rng.choice(
+            [0.0, 1e-12, 1e-9, 1e-6, 1e-3])  # nearly dependent rows: determinants around the threshold
+        cells.append(base)
+    got = [singular_cell(c) for c in cells]
+    expected = [bool(abs(np.linalg.det(c)) < 1e-6) for c in cells]
+    assert got == expected
+    assert 100 < sum(got) < len(got) - 100  # both outcomes well represented
