@@ -27,13 +27,22 @@ class DistInfo:
         return self.world_size > 1
 
 
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device of this process: ``auto`` is ``cuda:<local_rank>`` when CUDA is available, else the CPU;
+    ``cuda`` is ``cuda:<local_rank>``; any other name (``cpu``, ``cuda:1``, ``mps``) is that device
+    (pretraining, fine-tuning and embedding all choose here)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    dev = select_device(device, local)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -111,7 +111,7 @@ def ridge_cv(x: np.ndarray, y: np.ndarray, *, alpha: float = 1.0, folds: int = 5
 
 def embed_command(args: argparse.Namespace) -> int:
     """``scd embed CHECKPOINT INPUT... --out FILE [--probe PROP]``."""
-    from scd_train.finetune import select_device
+    from scd_train.dist import select_device
 
     objective, _ = load_objective(args.checkpoint)
     inputs = list(args.inputs)

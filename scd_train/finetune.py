@@ -26,18 +26,20 @@ from torch import Tensor, nn
 
 from scd_train.checkpoint import load_weights, model_config_from_checkpoint, resolve_checkpoint, saved_model_config
 from scd_train.data import to_torch
+from scd_train.dist import select_device
 from scd_train.models import backbone_config
 from scd_train.models.base import scatter_sum
 from scd_train.objectives import ObjectiveConfig, build_objective
+from scd_train.optim import OptimConfig, build_optimizer
 from scd_train.views import ViewConfig, make_views
 from shards.config import ConfigError, load_yaml, to_dict
 from shards.format.reader import ShardDataset
 from shards.format.schema import AtomGraph
 from shards.stream.collate import collate
 
-__all__ = ["TASKS", "TASK_DEFAULTS", "FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "labelled_graphs",
-           "load_finetune_config", "make_splits", "model_config_from_checkpoint", "resolve_checkpoint",
-           "resolve_model_config", "setting"]
+__all__ = ["TASKS", "TASK_DEFAULTS", "FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "finetune_optimizer",
+           "labelled_graphs", "load_finetune_config", "make_splits", "model_config_from_checkpoint",
+           "resolve_checkpoint", "resolve_model_config", "setting"]
 
 _BACKBONE_FIELDS = ("backbone", "hidden", "layers", "heads", "num_rbf", "cutoff")
 
@@ -280,10 +282,14 @@ def predict(model: PropertyModel, views: list[dict[str, Any]], max_atoms: int, d
     return np.concatenate(outs) if outs else np.zeros(0)
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def finetune_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float, steps_per_epoch: int, *,
+                       head_lr: float | None = None
+                       ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The trainer's optimiser (:func:`scd_train.optim.build_optimizer`: AdamW with its decay exclusions,
+    linear warmup over ``warmup_epochs`` then cosine) over all ``cfg.epochs``; ``model.head`` at ``head_lr``
+    when given."""
+    ocfg = OptimConfig(lr=lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_epochs * steps_per_epoch)
+    return build_optimizer(model, ocfg, cfg.epochs * steps_per_epoch, {"head.": head_lr} if head_lr else None)
 
 
 def load_splits(cfg: FinetuneConfig, graphs: dict[str, AtomGraph], what: str) -> dict[str, list[str]]:
@@ -327,15 +333,8 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     y_ev = {k: np.array([(graphs[key].properties or {})[cfg.property] for key in keys]) for k, keys in splits.items()}
     mean, std = float(y_ev["train"].mean()), float(y_ev["train"].std() or 1.0)
     y = {k: (v - mean) / std for k, v in y_ev.items()}
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    opt = torch.optim.AdamW([{"params": body, "lr": lr},
-                             {"params": head_params, "lr": cfg.head_lr or lr}], weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
-    total, warm = cfg.epochs * steps_per_epoch, max(1, cfg.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    opt, sched = finetune_optimizer(cfg, model, lr, math.ceil(len(splits["train"]) / batch_size),
+                                    head_lr=cfg.head_lr)
     loss_fn = nn.L1Loss() if setting(cfg, "loss") == "l1" else nn.MSELoss()
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)

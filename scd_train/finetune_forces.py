@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scd_train.dist import select_device
 from scd_train.finetune import (
     FinetuneConfig,
     build_objective_for,
+    finetune_optimizer,
     load_splits,
     resolve_model_config,
-    select_device,
     setting,
 )
 from scd_train.forcefield import (
@@ -138,11 +139,7 @@ def finetune_energy_forces(cfg: FinetuneConfig, log: Any = print) -> dict[str, A
     data = {k: _Split([graphs[key] for key in keys], model.cutoff) for k, keys in splits.items()}
     elements = sorted({int(z) for g in train_graphs for z in g.atomic_numbers})
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
-    total, warm = cfg.epochs * steps_per_epoch, max(1, cfg.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    opt, sched = finetune_optimizer(cfg, model, lr, math.ceil(len(splits["train"]) / batch_size))
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -62,6 +62,41 @@ def test_splits_deterministic_and_disjoint() -> None:
         make_splits(keys, SplitConfig(400, 50, 51))
 
 
+def test_finetune_uses_the_trainer_optimiser_with_a_head_rate(qm9, tmp_path) -> None:
+    """Fine-tuning's optimiser is the trainer's: every trainable parameter in exactly one group, the head
+    (and only it) at ``head_lr``, no weight decay on 1-D tensors; the schedule warms up linearly to the
+    base rate at the end of the warmup epochs and decays to 0 at the last step (cosine)."""
+    from scd_train.finetune import build_model, finetune_optimizer
+
+    cfg = _cfg(qm9, tmp_path, weight_decay=0.1, warmup_epochs=2, epochs=5, head_lr=7e-3)
+    model = build_model(cfg)
+    opt, sched = finetune_optimizer(cfg, model, 2e-3, steps_per_epoch=4, head_lr=cfg.head_lr)
+    head = {id(p) for p in model.head.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [(id(p), g["initial_lr"], g["weight_decay"], p.ndim) for g in opt.param_groups for p in g["params"]]
+    assert sorted(i for i, *_ in grouped) == sorted(id(p) for p in trainable)
+    assert all((lr == 7e-3) == (i in head) for i, lr, _, _ in grouped)
+    assert all(wd == 0.0 for _, _, wd, ndim in grouped if ndim <= 1)
+    assert any(wd == 0.1 for *_, wd, ndim in grouped if ndim > 1)
+    factors = []
+    for _ in range(20):
+        factors.append(sched.get_last_lr()[0] / 2e-3)
+        opt.step()
+        sched.step()
+    assert factors[:8] == pytest.approx([(s + 1) / 8 for s in range(8)])
+    assert factors[8] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 11 / 12)))
+    assert all(a >= b for a, b in zip(factors[8:], factors[9:], strict=False))
+
+
+def test_device_choice_shared_by_training_and_finetuning() -> None:
+    from scd_train.dist import select_device
+
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert select_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
+    assert select_device("auto", 2) == (torch.device("cuda", 2) if torch.cuda.is_available() else torch.device("cpu"))
+
+
 def test_finetune_lowers_validation_error_and_is_deterministic(qm9, tmp_path) -> None:
     r1 = finetune(_cfg(qm9, tmp_path / "a"), log=lambda *_: None)
     curve = [c["val_mae_eV"] for c in r1["curve"]]
