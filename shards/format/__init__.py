@@ -4,7 +4,8 @@ and manifest, and the checks that guard every byte.
 A sample is an :class:`AtomGraph` (``schema``), checked by ``validate`` and encoded by ``codec``;
 ``writer`` packs samples into tar shards atomically, ``manifest`` writes the dataset's zarr index and
 ``manifest.json`` last, ``reader`` opens a dataset from a folder or URL (``storage`` does the byte access,
-with retries), ``audit`` re-checks a whole dataset, ``interop`` converts to and from ASE and pymatgen.
+with retries), ``audit`` re-checks a whole dataset, ``interop`` converts to and from ASE and pymatgen;
+``qm9`` is the one reader of the data kit's QM9 CSVs (ingest's ``qm9csv`` converter and the studies).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from shards.format.codec import CodecError, decode, encode
 from shards.format.interop import graph_from_ase, graph_from_pymatgen, graph_to_ase, graph_to_pymatgen
 from shards.format.jsoncheck import DocumentError
 from shards.format.manifest import finalize_dataset, read_shard_index, write_dataset
+from shards.format.qm9 import iter_qm9_csv
 from shards.format.reader import ShardDataset, ShardError
 from shards.format.schema import (
     FIELDS,
@@ -31,6 +33,7 @@ __all__ = [
     "FIELDS", "SCHEMA_VERSION_STR", "AtomGraph", "CodecError", "DocumentError", "FetchError", "SchemaError",
     "SchemaVersionError", "ShardDataset", "ShardError", "ShardInfo", "ShardWriter", "VerifyReport", "WriterConfig",
     "check_invariants", "check_schema_version", "decode", "encode", "finalize_dataset", "graph_from_ase",
-    "graph_from_pymatgen", "graph_to_ase", "graph_to_pymatgen", "inspect_dataset", "make_key", "read_shard_index",
-    "sample_checksum", "shard_sizes", "validate_graph", "verify_dataset", "write_atomic", "write_dataset",
+    "graph_from_pymatgen", "graph_to_ase", "graph_to_pymatgen", "inspect_dataset", "iter_qm9_csv", "make_key",
+    "read_shard_index", "sample_checksum", "shard_sizes", "validate_graph", "verify_dataset", "write_atomic",
+    "write_dataset",
 ]
