@@ -179,6 +179,20 @@ def test_entry_points_stay_in_their_layer():
         .isdisjoint({"ingest", "scd_train"})
 
 
+def test_trainer_names_no_converter():
+    """The ingest jobs scd_train writes (demo, studies) leave the converter to the registry (``auto``): a
+    converter name in scd_train would tie the trainer to one plugin."""
+    bad = []
+    for path in sorted((ROOT / "scd_train").rglob("*.py")):
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values, strict=True):
+                    if (isinstance(k, ast.Constant) and k.value == "converter"
+                            and not (isinstance(v, ast.Constant) and v.value == "auto")):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} names converter {ast.unparse(v)}")
+    assert not bad, "\n".join(bad)
+
+
 LAUNCH_RE = re.compile(r"(?:^|\s)-m\s+([A-Za-z_][\w.]*)")
 
 
