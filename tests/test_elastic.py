@@ -18,7 +18,7 @@ import yaml
 from shards.format.manifest import write_dataset
 from shards.format.writer import WriterConfig
 from shards.stream.mixture import MixtureConfig
-from shards.stream.partition import VirtualStream, redeal
+from shards.stream.partition import VirtualStream, redeal, stream_of
 from shards.stream.plan import BLOCK, Planner, SampleTable, redeal_states
 
 
@@ -83,8 +83,7 @@ def test_bad_states_are_refused():
         VirtualStream((4, 2), 9)
     with pytest.raises(ValueError, match="below base"):
         VirtualStream((4, 9), 9)
-    assert VirtualStream.from_state(VirtualStream((1, 5), 7).state_dict()) == VirtualStream((1, 5), 7)
-    assert VirtualStream.from_state({}) == VirtualStream()
+    assert stream_of([]) == VirtualStream() and stream_of([[6, 3], [6, 1, 5]]) == VirtualStream((5, 8, 9), 10)
 
 
 # ------------------------------------------------------------------------------------------- the planner
@@ -324,7 +323,7 @@ def test_checkpointer_round_trip_reads_format_1_and_refuses_newer_formats(tmp_pa
     assert again["loader"].rank_state() == two[1]
     one = _parts(tmp_path)
     Checkpointer(tmp_path / "run", one).load(path)
-    assert one["loader"].rank_state() == redeal_states(two, 1)[0] and one["loader"].rank_state()["explicit"]
+    assert one["loader"].rank_state() == redeal_states(two, 1)[0] and one["loader"].rank_state()["deals"]
 
     (path / "state.json").write_text(json.dumps({**doc, "format": 3}))
     with pytest.raises(ValueError, match="format 3 is newer"):

@@ -15,12 +15,12 @@ from shards.stream.fetch import SampleFetcher, ShardCache
 from shards.stream.graph import EdgeBudgetError, radius_graph, radius_graph_with_offsets
 from shards.stream.loader import BatchStream, LoaderConfig, SampleContext, Transform, make_planner, plain_arrays
 from shards.stream.mixture import MixtureConfig, group_probabilities, load_mixture
-from shards.stream.partition import VirtualStream, redeal
+from shards.stream.partition import VirtualStream, redeal, stream_of
 from shards.stream.plan import Batch, Planner, RepeatSpec, SampleTable, build_table, keyed_rng, redeal_states
 
 __all__ = [
     "Batch", "BatchStream", "EdgeBudgetError", "LoaderConfig", "MixtureConfig", "Planner", "RepeatSpec",
     "SampleContext", "SampleFetcher", "SampleTable", "ShardCache", "Transform", "build_table", "collate",
     "group_probabilities", "keyed_rng", "load_mixture", "make_planner", "plain_arrays", "radius_graph",
-    "radius_graph_with_offsets", "redeal", "redeal_states", "VirtualStream",
+    "radius_graph_with_offsets", "redeal", "redeal_states", "stream_of", "VirtualStream",
 ]

@@ -13,16 +13,18 @@ A run saved on W ranks that resumes on W' != W calls :func:`redeal` with the W n
 rank has taken yet (those below the furthest rank's index, then the rest of E) become the new E', in order,
 followed by everything from the new base on. Every position is taken exactly once across the switch, and V'
 is again increasing, so re-dealing composes over any number of resumes.
+
+V is a pure function of its deals (:func:`stream_of`: the next indices of the ranks at each switch), so a
+resume state stays a few numbers per switch however long the list E is.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-__all__ = ["VirtualStream", "redeal"]
+__all__ = ["VirtualStream", "redeal", "stream_of"]
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,6 @@ class VirtualStream:
         inside = v < e.size
         return np.where(inside, e[np.where(inside, v, 0)] if e.size else 0, self.base + v - e.size)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"explicit": list(self.explicit), "base": self.base}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> VirtualStream:
-        """The stream of a state written by :meth:`state_dict` (absent keys: the identity)."""
-        return cls(tuple(int(x) for x in state.get("explicit", ())), int(state.get("base", 0)))
-
 
 def redeal(stream: VirtualStream, next_index: Sequence[int]) -> VirtualStream:
     """The stream that continues ``stream`` after W ranks stopped at the given next virtual indices
@@ -74,3 +68,12 @@ def redeal(stream: VirtualStream, next_index: Sequence[int]) -> VirtualStream:
     explicit = stream.positions(np.concatenate([left, rest]))
     base = stream.base + max(0, vmax - len(stream.explicit))
     return VirtualStream(tuple(int(x) for x in explicit), base)
+
+
+def stream_of(deals: Sequence[Sequence[int]]) -> VirtualStream:
+    """The virtual stream after the given deals, in order (each: the next virtual indices of the ranks that
+    stopped, as given to :func:`redeal`), starting from the identity."""
+    stream = VirtualStream()
+    for next_index in deals:
+        stream = redeal(stream, next_index)
+    return stream

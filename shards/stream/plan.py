@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from shards.stream.mixture import MixtureConfig, group_probabilities
-from shards.stream.partition import VirtualStream, redeal
+from shards.stream.partition import stream_of
 from shards.stream.shuffle import UnitSequence, keyed_rng
 from shards.stream.table import SampleTable, build_table
 
@@ -96,7 +96,8 @@ class Planner:
 
     def reset(self) -> None:
         self.step = 0
-        self.stream = VirtualStream()
+        self.deals: list[list[int]] = []
+        self.stream = stream_of(self.deals)
         self.next_index = self.rank
         self.block_no = 0
         self.block_cursors = np.zeros(len(self.groups), dtype=np.int64)
@@ -109,23 +110,25 @@ class Planner:
         return self.stream.position(self.next_index)
 
     def state_dict(self) -> dict[str, Any]:
-        """A few numbers that resume the stream exactly: ``pos`` is the next virtual index, ``explicit`` and
-        ``base`` the virtual stream (:class:`~shards.stream.partition.VirtualStream`)."""
-        return {"step": self.step, "pos": self.next_index, **self.stream.state_dict(), "block_no": self.block_no,
-                "block_cursors": self.block_cursors.tolist(), "oversize": self.oversize,
+        """A few numbers that resume the stream exactly: ``pos`` is the next virtual index, ``deals`` the
+        re-deals that made the virtual stream (:func:`~shards.stream.partition.stream_of`; none in a run
+        that never changed its world size)."""
+        return {"step": self.step, "pos": self.next_index, "deals": [list(d) for d in self.deals],
+                "block_no": self.block_no, "block_cursors": self.block_cursors.tolist(), "oversize": self.oversize,
                 "seen": self.seen.tolist(), "seed": self.seed, "world_size": self.world_size,
                 "rank": self.rank, "max_atoms": self.max_atoms, "groups": self.group_names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after ``state`` (saved by this rank; a state of another world size goes through
-        :func:`redeal_states` first). States without ``explicit``/``base`` are of the identity stream."""
+        :func:`redeal_states` first). States without ``deals`` (older ones) are of the identity stream."""
         for name in ("seed", "world_size", "rank", "max_atoms", "groups"):
             mine = self.group_names if name == "groups" else getattr(self, name)
             if state[name] != mine:
                 raise ValueError(f"sampler state was saved with {name}={state[name]!r}, this run has {mine!r}; "
                                  "resume needs the same datasets, seed and budget (another world size: "
                                  "redeal_states)")
-        self.stream = VirtualStream.from_state(state)
+        self.deals = [[int(v) for v in d] for d in state.get("deals", [])]
+        self.stream = stream_of(self.deals)
         self.step, self.next_index, self.block_no = int(state["step"]), int(state["pos"]), int(state["block_no"])
         self.block_cursors = np.asarray(state["block_cursors"], dtype=np.int64)
         self.oversize = int(state["oversize"])
@@ -220,7 +223,7 @@ class Planner:
         return {g: float(p) for g, p in zip(self.group_names, self.probs, strict=True)}
 
 
-_SAME = ("seed", "max_atoms", "groups", "step", "explicit", "base")
+_SAME = ("seed", "max_atoms", "groups", "step", "deals")
 
 
 def redeal_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -240,11 +243,12 @@ def redeal_states(states: list[dict[str, Any]], world_size: int) -> list[dict[st
         for name in _SAME:
             if s.get(name) != states[0].get(name):
                 raise ValueError(f"sampler states of ranks 0 and {r} differ in {name!r}: not one run's states")
-    stream = redeal(VirtualStream.from_state(states[0]), [int(s["pos"]) for s in states])
+    deals = [*states[0].get("deals", []), [int(s["pos"]) for s in states]]
+    stream_of(deals)  # checks the new deal
     start = min(states, key=lambda s: int(s["block_no"]))
     seen = [sum(int(s["seen"][g]) for s in states) for g in range(len(states[0]["seen"]))]
     oversize = sum(int(s["oversize"]) for s in states)
-    return [{**states[0], **stream.state_dict(), "pos": r, "world_size": world_size, "rank": r,
+    return [{**states[0], "deals": deals, "pos": r, "world_size": world_size, "rank": r,
              "block_no": start["block_no"], "block_cursors": start["block_cursors"],
              "seen": seen if r == 0 else [0] * len(seen), "oversize": oversize if r == 0 else 0}
             for r in range(world_size)]
