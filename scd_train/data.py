@@ -81,14 +81,19 @@ class StatefulLoader:
         ranks = state.get("ranks") if isinstance(state, dict) else None
         if not isinstance(ranks, list) or not ranks:
             raise ValueError("loader state: 'ranks' must be a non-empty list of planner states")
+        if int(state.get("version", 1)) > STATE_VERSION:
+            raise ValueError(f"loader state version {state['version']} is newer than this version reads "
+                             f"({STATE_VERSION})")
         if any(r is None for r in ranks):
             if not all(r is None for r in ranks):
                 raise ValueError("loader state: some ranks have a planner state and others none")
             self._state = self._text = None
             return
         if len(ranks) != self.info.world_size:
-            log.info("resuming a stream saved on %d ranks on %d ranks: the positions not yet taken are dealt "
-                     "again (elastic resume)", len(ranks), self.info.world_size)
+            if self.info.is_main:
+                log.warning("resuming a stream saved on %d ranks on %d ranks: the positions not yet taken are "
+                            "dealt again; every sample of the pass is still seen once, batches differ from an "
+                            "uninterrupted run", len(ranks), self.info.world_size)
             ranks = redeal_states(ranks, self.info.world_size)
         self._state, self._text = ranks[self.info.rank], None
 
