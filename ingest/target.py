@@ -32,9 +32,10 @@ from ingest.lock import output_lock, remove_temp_files
 from ingest.outcome import UnitOutcome
 from ingest.spool import spool_root
 from ingest.unit import TAILS_DIR, UNITS_DIR, clear_leftovers, completed, object_intact, shard_intact
-from shards.format.manifest import INDEX_DIR, MANIFEST, finalize_dataset
+from shards.format.manifest import INDEX_DIR, MANIFEST, finalize_dataset, read_shard_index
+from shards.format.reader import ShardError
 from shards.format.sink import ObjectSink
-from shards.format.writer import INDEX_SUFFIX, ShardInfo, WriterConfig, write_atomic
+from shards.format.writer import INDEX_SUFFIX, ShardInfo, ShardWriter, WriterConfig, write_atomic
 
 PACK_PREFIX = "pack"
 PACK_RECORD = f"{UNITS_DIR}/pack.json"
@@ -190,9 +191,11 @@ class BucketTarget:
         self.sink.put_bytes(name, data)
 
     def pack_tails(self, outcomes: list[UnitOutcome], writer: WriterConfig) -> list[ShardInfo]:
-        """As :meth:`FolderTarget.pack_tails`: the tails are downloaded to the staging folder, packed there
-        (checked against their recorded sha256), and the packed shards uploaded before the record."""
-        from shards.tools.compact import pack_local
+        """As :meth:`FolderTarget.pack_tails`, streaming: one tail at a time is downloaded into the staging
+        folder, checked against its recorded sha256 and copied; each packed shard is uploaded (index first)
+        as soon as it is closed and its tar deleted locally (its index stays for :meth:`finalize`). The record
+        is uploaded after every packed shard."""
+        from shards.tools.compact import copy_samples
 
         tails, inputs = _tail_inputs(outcomes)
         data = self.sink.get_bytes(PACK_RECORD) if self.sink.sha256(PACK_RECORD) is not None else None
@@ -202,15 +205,30 @@ class BucketTarget:
         self.sink.delete([PACK_RECORD])
         local = self.stage / TAILS_DIR
         local.mkdir(parents=True, exist_ok=True)
-        for t in tails:
-            for suffix in (INDEX_SUFFIX, ""):
-                self.sink.get_file(f"{TAILS_DIR}/{t.name}{suffix}", local / (t.name + suffix))
-        shards = pack_local(((local / t.name, t.sha256) for t in tails), self.stage, PACK_PREFIX, writer)
-        for s in shards:
-            for suffix in (INDEX_SUFFIX, ""):
-                self.sink.put_file(s.name + suffix, self.stage / (s.name + suffix))
-        self.sink.put_bytes(PACK_RECORD, _pack_record(inputs, shards))
-        return shards
+        published = 0
+        with ShardWriter(self.stage, prefix=PACK_PREFIX, config=writer) as w:
+            for t in tails:
+                for suffix in (INDEX_SUFFIX, ""):
+                    self.sink.get_file(f"{TAILS_DIR}/{t.name}{suffix}", local / (t.name + suffix))
+                blob = (local / t.name).read_bytes()
+                if hashlib.sha256(blob).hexdigest() != t.sha256:
+                    raise ShardError(f"{self.sink.url(TAILS_DIR + '/' + t.name)}: sha256 does not match the "
+                                     "unit's record (changed since it was written)")
+                copy_samples(w, t.name, blob, read_shard_index(local / t.name))
+                for suffix in (INDEX_SUFFIX, ""):
+                    (local / (t.name + suffix)).unlink()
+                published = self._publish(w.shards, published)
+        self._publish(w.shards, published)
+        self.sink.put_bytes(PACK_RECORD, _pack_record(inputs, w.shards))
+        return list(w.shards)
+
+    def _publish(self, shards: list[ShardInfo], done: int) -> int:
+        """Upload the closed shards from ``done`` on (index first), deleting each local tar; returns the count."""
+        for s in shards[done:]:
+            self.sink.put_file(s.name + INDEX_SUFFIX, self.stage / (s.name + INDEX_SUFFIX))
+            self.sink.put_file(s.name, self.stage / s.name)
+            (self.stage / s.name).unlink()
+        return len(shards)
 
     def finalize(self, shards: list[ShardInfo], writer: WriterConfig, extra: dict[str, Any]) -> None:
         """Build the zarr index and manifest locally from the shard indices and the recorded digests, then

@@ -17,7 +17,7 @@ import yaml
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 YAMLS = sorted(p for p in INFRA.rglob("*.yaml"))
-LAUNCHERS = ("ray/cluster.yaml", "k8s/rayjob-ingest.yaml", "k8s/pytorchjob-pretrain.yaml",
+LAUNCHERS = ("ray/cluster.yaml", "k8s/rayjob-ingest.yaml", "k8s/rayjob-ingest-s3.yaml", "k8s/pytorchjob-pretrain.yaml",
              "slurm/pretrain.sbatch", "docker/Dockerfile", "README.md")
 SHELLS = ("sh", "bash", "/bin/sh", "/bin/bash")
 _PUNCT = ";&|()`"
@@ -245,6 +245,28 @@ def test_rayjob_entrypoint_and_config_mount():
     assert "configMap" in vols[mounts["/config"]]
 
 
+def test_bucket_ingest_needs_no_shared_filesystem():
+    """The bucket-to-bucket job: output and inputs are URLs (loaded by the real JobConfig), and its RayJob
+    mounts no volume claim, only the config, a size-bounded spool named by SCD_SPOOL_DIR, and the secret."""
+    from ingest.job import JobConfig
+    from shards.config import load_yaml
+
+    job = load_yaml(JobConfig, INFRA / "configs/ingest-s3.yaml")
+    assert job.output_location().startswith("s3://") and (job.input_root or "").startswith("s3://")
+    (doc,) = yaml.safe_load_all((INFRA / "k8s/rayjob-ingest-s3.yaml").read_text())
+    assert doc["spec"]["entrypoint"].startswith("scd ingest run /config/ingest-s3.yaml")
+    cluster = doc["spec"]["rayClusterSpec"]
+    for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                                 for g in cluster["workerGroupSpecs"]]:
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert not any("persistentVolumeClaim" in v for v in vols.values()), "no shared filesystem"
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert vols[mounts[env["SCD_SPOOL_DIR"]]]["emptyDir"]["sizeLimit"]
+        assert container["envFrom"] == [{"secretRef": {"name": "scd-s3", "optional": True}}]
+
+
 def test_ray_cluster_installs_the_cpu_torch_build_and_runtime_extras():
     doc = yaml.safe_load((INFRA / "ray/cluster.yaml").read_text())
     setup = [shlex.split(c) for c in doc["setup_commands"]]
@@ -262,6 +284,8 @@ SCHEMAS = Path(__file__).resolve().parent / "data" / "schemas"
 CRD_SPECS = [  # (stored CRD schema, spec validated against it, the apiVersion and kind the CRD serves)
     ("kuberay-v1.1.0-rayjob.json", "k8s/rayjob-ingest.yaml", "ray.io/v1", "RayJob"),
     ("kuberay-v1.7.0-rayjob.json", "k8s/rayjob-ingest.yaml", "ray.io/v1", "RayJob"),
+    ("kuberay-v1.1.0-rayjob.json", "k8s/rayjob-ingest-s3.yaml", "ray.io/v1", "RayJob"),
+    ("kuberay-v1.7.0-rayjob.json", "k8s/rayjob-ingest-s3.yaml", "ray.io/v1", "RayJob"),
     ("training-operator-v1.9.0-pytorchjob.json", "k8s/pytorchjob-pretrain.yaml", "kubeflow.org/v1", "PyTorchJob"),
 ]
 

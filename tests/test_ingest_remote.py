@@ -242,7 +242,7 @@ def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatc
 
 
 @pytest.mark.slow  # Ray start-up and three ingest runs: ~40 s on 2 busy cores
-def test_compact_and_report_accept_urls(moto_s3, bucket_run, local_run, tmp_path):  # noqa: F811
+def test_compact_keys_export_report_accept_urls(moto_s3, bucket_run, local_run, tmp_path, capsys):  # noqa: F811
     out = bucket_run
     assert scd(["shards", "compact", out, "--out", f"s3://{BUCKET}/compacted", "--max-shard-samples", "20"]) == 0
     assert scd(["shards", "compact", str(local_run), "--out", str(tmp_path / "compacted"),
@@ -255,9 +255,19 @@ def test_compact_and_report_accept_urls(moto_s3, bucket_run, local_run, tmp_path
     b = json.loads(fs.cat_file(f"{BUCKET}/compacted/manifest.json"))
     assert a["shards"] == b["shards"] and a["index"] == b["index"] and a["n_samples"] == b["n_samples"]
     assert scd(["shards", "verify", f"s3://{BUCKET}/compacted"]) == 0
+    capsys.readouterr()
+    assert scd(["shards", "keys", out]) == 0
+    remote_keys = capsys.readouterr().out.split()
+    assert scd(["shards", "keys", str(local_run)]) == 0
+    assert remote_keys == capsys.readouterr().out.split() and len(remote_keys) == b["n_samples"]
+    for root, name in ((out, "remote.xyz"), (str(local_run), "local.xyz")):
+        assert scd(["shards", "export", root, remote_keys[-1], "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "remote.xyz").read_bytes() == (tmp_path / "local.xyz").read_bytes()
     assert scd(["shards", "report", out, "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "cannot choose a converter" in page or "unreadable" in page or "reject" in page.lower()
+    n_rejects = len((local_run / "rejects.jsonl").read_text().splitlines())
+    assert n_rejects and f"{n_rejects} rejected records" in page, "the bucket's rejects.jsonl is read"
+    assert (tmp_path / "report" / "rejects.png").is_file()
 
 
 @pytest.mark.slow
