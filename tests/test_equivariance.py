@@ -248,6 +248,14 @@ def test_model_option_is_exactly_equivariant(cfg_type, name):
     s2, v2 = _run(model, cz, cpos @ rot.numpy().T, cei, cshift @ rot.T, cond)
     torch.testing.assert_close(s2, s, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(v2, torch.einsum("ij,njf->nif", rot, v), atol=1e-9, rtol=1e-9)
+    c2 = _cond(44, 2)
+    s1, v1 = _run(model, z, pos, ei, shift, c2[:1])
+    s2, v2 = _run(model, cz, cpos, cei, cshift, c2[1:])
+    both = torch.repeat_interleave(torch.arange(2), torch.tensor([len(z), len(cz)]))
+    s3, v3 = _run(model, torch.cat([z, cz]), np.concatenate([pos, cpos]), torch.cat([ei, cei + len(z)], 1),
+                  torch.cat([shift, cshift]), c2, both)
+    torch.testing.assert_close(s3, torch.cat([s1, s2]), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(v3, torch.cat([v1, v2]), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize(("cfg_type", "name"), OPTION_CASES, ids=OPTION_IDS)
