@@ -246,15 +246,16 @@ class FrameStack:
     nowhere else."""
 
     def __init__(self, common: dict[str, Any], positions: np.ndarray, forces: np.ndarray | None = None) -> None:
+        from shards.format.schema import AtomGraph
+
         unknown = set(common) - _STACK_COMMON
         if unknown:
             raise TypeError(f"FrameStack cannot share {sorted(unknown)} between frames")
-        self._common, self._positions, self._forces = common, positions, forces
-        self._ok_pos: np.ndarray | None = None
-        self._ok_forces: np.ndarray | None = None
+        self._cls, self._common, self._positions, self._forces = AtomGraph, common, positions, forces
+        self._per_frame = _FRAME_SCALARS - common.keys()
+        self._trusted: list[bool] | None = None  # per frame: positions, and forces if any, passed the block check
+        self._trusted_without_forces: list[bool] | None = None
         self._base: dict[str, Any] = {}
-        from shards.format.schema import AtomGraph
-
         try:
             probe = AtomGraph(key="probe", index=0, positions=np.zeros((len(common.get("atomic_numbers", ())), 3),
                                                                         dtype=np.float32), **common)
@@ -265,30 +266,32 @@ class FrameStack:
                 not _trusted_block(forces, n) or len(forces) != len(positions))):
             return
         self._base = {**_NONE_FIELDS, **{k: probe.__dict__[k] for k in common}}
-        self._ok_pos = finite_rows(positions)
-        self._ok_forces = None if forces is None else finite_rows(forces)
+        ok_pos = finite_rows(positions)
+        self._trusted_without_forces = ok_pos.tolist()
+        self._trusted = self._trusted_without_forces if forces is None else (ok_pos & finite_rows(forces)).tolist()
+        self._rows = list(positions)  # row views, as the validator would keep them
+        self._force_rows = None if forces is None else list(forces)
 
     def __len__(self) -> int:
         return len(self._positions)
 
     def graph(self, i: int, *, key: str, index: int, with_forces: bool = True, **scalars: Any) -> AtomGraph:
         """Frame ``i`` as a validated ``AtomGraph`` (forces from the block unless ``with_forces`` is False)."""
-        from shards.format.schema import AtomGraph
-
-        if not _FRAME_SCALARS.issuperset(scalars) or not self._common.keys().isdisjoint(scalars):
-            bad = sorted(set(scalars) - (_FRAME_SCALARS - self._common.keys()))
+        if not self._per_frame.issuperset(scalars):
+            bad = sorted(set(scalars) - self._per_frame)
             raise TypeError(f"FrameStack frames take no {bad} (not a per-frame scalar, or shared by the stack)")
-        forces = self._forces[i] if with_forces and self._forces is not None else None
-        ok = self._ok_pos is not None and bool(self._ok_pos[i]) and (
-            forces is None or self._ok_forces is None or bool(self._ok_forces[i]))
-        if not ok or not (type(index) is int and index >= 0):
-            return AtomGraph(**self._common, key=key, index=index, positions=self._positions[i], forces=forces,
-                             **scalars)
+        with_forces = with_forces and self._forces is not None
+        trusted = self._trusted if with_forces else self._trusted_without_forces
+        if trusted is None or not trusted[i] or type(index) is not int or index < 0:
+            return self._cls(**self._common, key=key, index=index, positions=self._positions[i],
+                             forces=self._forces[i] if with_forces and self._forces is not None else None, **scalars)
         check_key(key)
-        g = object.__new__(AtomGraph)  # the trusted constructor: every array check was done for the whole block
+        g = object.__new__(self._cls)  # the trusted constructor: every array check was done for the whole block
         d = g.__dict__
         d.update(self._base)
-        d["key"], d["index"], d["positions"], d["forces"] = key, index, self._positions[i], forces
+        d["key"], d["index"], d["positions"] = key, index, self._rows[i]
+        if with_forces and self._force_rows is not None:
+            d["forces"] = self._force_rows[i]
         d.update(scalars)
         check_scalars(g)
         return g
