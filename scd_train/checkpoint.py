@@ -104,6 +104,9 @@ class Checkpointer:
     does); only ``is_main`` writes. Every rank calls :meth:`load_latest` and restores its own objects."""
 
     def __init__(self, run_dir: Path, parts: Mapping[str, Stateful], *, keep: int = 3, is_main: bool = True) -> None:
+        reserved = sorted(set(parts) & set(_STATE))
+        if reserved:
+            raise ValueError(f"checkpoint part names {reserved} are reserved for state.json's own keys")
         self.run_dir, self.parts, self.keep, self.is_main = Path(run_dir), dict(parts), keep, is_main
 
     def save(self, step: int, config: dict[str, Any]) -> Path | None:
