@@ -127,7 +127,8 @@ def test_xyz_accounting_in_a_planned_job_counts_records(tmp_path: Path) -> None:
         {"source": "x", "converter": "xyz", "paths": [str(tmp_path / "in" / "*.xyz")], "records_per_unit": 5}]}))
     cfg = load_job(job)
     (tmp_path / "out").mkdir()
-    rows = [row for unit in plan_units(cfg) for row in run_unit(unit, str(tmp_path / "out"), WriterConfig()).to_dict()["files"]]
+    rows = [row for unit in plan_units(cfg)
+            for row in run_unit(unit, str(tmp_path / "out"), WriterConfig()).to_dict()["files"]]
     per_file: dict[str, list[int]] = {}
     for row in rows:
         acc = per_file.setdefault(Path(row["file"]).name, [0, 0, 0])
