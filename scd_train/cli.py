@@ -111,7 +111,8 @@ def register_downstream(sub: Any) -> None:
                                    "with plain denoising on molecules outside the fine-tune split, fine-tune both "
                                    "and a from-scratch model for several seeds; writes results.md, "
                                    "learning_curves.png, splits.json, configs and per-run results.")
-    s.add_argument("name", choices=sorted(STUDIES), help="qm9: property fine-tuning; md: energy + forces on an "
+    s.add_argument("name", choices=sorted(STUDIES), help="qm9: property fine-tuning; qm9-v2: its second edition "
+                   "(matched compute, the authors' fine-tuning protocol, diagnostics); md: energy + forces on an "
                    "xTB trajectory (run with OMP_NUM_THREADS=1)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--config", type=Path, help="study YAML; keys not given keep their defaults")
@@ -148,5 +149,6 @@ def study_command(args: argparse.Namespace) -> int:
 # study name -> (module, config loader, runner)
 STUDIES: dict[str, tuple[str, str, str]] = {
     "qm9": ("scd_train.study", "load_study_config", "run_study"),
+    "qm9-v2": ("scd_train.study_v2", "load_study_v2_config", "run_study_v2"),
     "md": ("scd_train.study_md", "load_md_study_config", "run_md_study"),
 }

@@ -3,7 +3,10 @@
 ``property``: the objective's backbone run once, conditioned on the mask token (``objective.embed``),
 plus a per-atom scalar MLP head with a sum or mean readout. Targets are standardised with the train
 split's mean/std; early stopping watches the validation MAE; the test MAE of the best-validation weights
-is written to ``out/result.json`` together with the exact split keys. ``energy_forces`` is
+is written to ``out/result.json`` together with the exact split keys. The authors' fine-tuning protocol
+is a set of options (off by default, see :class:`FinetuneConfig`): an auxiliary denoising loss through the
+pretrained vector head, random rotations, a drop-path schedule, a step-based warmup + cosine schedule and
+an EMA of the weights for evaluation; every random draw is keyed by (seed, sample key, step). ``energy_forces`` is
 :mod:`scd_train.finetune_forces`. The backbone configuration is read from the checkpoint unless the
 config names one (then it is checked against the checkpoint).
 """
@@ -30,7 +33,7 @@ from scd_train.dist import select_device
 from scd_train.models import backbone_config
 from scd_train.models.base import scatter_sum
 from scd_train.objectives import ObjectiveConfig, build_objective
-from scd_train.optim import OptimConfig, build_optimizer
+from scd_train.optim import EMA, OptimConfig, build_optimizer
 from scd_train.views import ViewConfig, make_views
 from shards.config import ConfigError, load_yaml, to_dict
 from shards.format.reader import ShardDataset
@@ -72,6 +75,16 @@ class FinetuneConfig:
     ``train_embeddings`` apply to fine-tuning. ``loss``, ``batch_size``, ``lr`` and ``grad_clip`` left
     null take the task's defaults (:data:`TASK_DEFAULTS`). ``energy_weight``/``force_weight`` weigh
     the ``energy_forces`` loss; ``eval_max_atoms`` is the atom budget of evaluation batches.
+
+    The authors' protocol (``task: property`` only; the defaults keep the original behaviour):
+    ``steps`` (total optimiser steps, replacing ``epochs``; validation still after every pass over the
+    train split and at the last step) with ``warmup_steps`` of linear warmup (default: ``warmup_epochs``)
+    then a cosine to 0; ``aux_denoise_weight`` > 0 adds ``weight * MSE`` of the pretrained vector head's
+    prediction of the noise added to the training inputs (``aux_noise`` Å per atom and axis; target
+    noise / ``aux_noise``); ``rotate`` draws a random rotation of every training input;
+    ``drop_path_final`` moves the drop-path rate linearly from ``drop_path`` to it over training;
+    ``ema_decay`` evaluates (and keeps) an exponential moving average of the weights. A lower learning
+    rate for the pretrained body is ``lr`` (body) below ``head_lr`` (the new property head).
     """
 
     data: str = ""
@@ -101,12 +114,35 @@ class FinetuneConfig:
     device: str = "auto"
     save_model: bool = True
     progress: bool = True
+    steps: int | None = None
+    warmup_steps: int | None = None
+    aux_denoise_weight: float = 0.0
+    aux_noise: float = 0.005
+    rotate: bool = False
+    drop_path_final: float | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ConfigError("epochs, patience and batch_size must be >= 1")
         if self.eval_max_atoms < 1 or self.energy_weight < 0 or self.force_weight < 0:
             raise ConfigError("eval_max_atoms must be >= 1 and the loss weights >= 0")
+        if (self.steps is not None and self.steps < 1) or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ConfigError("steps must be >= 1 and warmup_steps >= 0")
+        if self.aux_denoise_weight < 0 or not self.aux_noise > 0:
+            raise ConfigError("aux_denoise_weight must be >= 0 and aux_noise > 0")
+        if not all(0.0 <= p < 1.0 for p in (self.drop_path, self.drop_path_final or 0.0)):
+            raise ConfigError("drop_path and drop_path_final must be in [0, 1)")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must be in (0, 1)")
+        changed = [k for k, v in PROTOCOL_DEFAULTS.items() if getattr(self, k) != v]
+        if self.task != "property" and changed:
+            raise ConfigError(f"{', '.join(changed)}: fine-tuning protocol options of task: property only")
+
+
+# The protocol options' "off" values (task: energy_forces rejects any other).
+PROTOCOL_DEFAULTS: dict[str, Any] = {"steps": None, "warmup_steps": None, "aux_denoise_weight": 0.0, "rotate": False,
+                                     "drop_path_final": None, "ema_decay": None}
 
 
 # The authors' recipes: lr 5e-4 / clip 10 for properties; lr 1e-3, clip 40, MSE, batch 8 for energy + forces.
@@ -232,11 +268,18 @@ class PropertyModel(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden // 2), nn.SiLU(),
                                   nn.Linear(hidden // 2, 1))
 
-    def forward(self, batch: dict[str, Any]) -> Tensor:
-        _, s, _ = self.objective.embed(batch)
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        return self.predict_with_noise(batch, generator, noise=False)[0]
+
+    def predict_with_noise(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                           noise: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(property [G], noise [N, 3] or None)`` from one pass: the property head on the scalar features
+        and (``noise``) the pretrained objective's vector head (:class:`scd_train.models.VectorHead`)."""
+        _, s, v = self.objective.embed(batch, generator=generator)
         n_graphs = int(batch["n_atoms"].shape[0])
         out = scatter_sum(self.head(s).squeeze(-1), batch["batch"], n_graphs)
-        return out / batch["n_atoms"].to(out.dtype) if self.readout == "mean" else out
+        out = out / batch["n_atoms"].to(out.dtype) if self.readout == "mean" else out
+        return out, self.objective.head(s, v) if noise else None
 
 
 def build_objective_for(cfg: FinetuneConfig, model_cfg: ObjectiveConfig,
@@ -265,12 +308,6 @@ def _views(graphs: list[AtomGraph], cutoff: float) -> list[dict[str, Any]]:
     return [make_views(g, vc, 0, 0) for g in graphs]
 
 
-def _batches(views: list[dict[str, Any]], y: np.ndarray, order: np.ndarray, size: int):
-    for i in range(0, len(order), size):
-        idx = order[i:i + size]
-        yield collate([views[j] for j in idx]), y[idx]
-
-
 @torch.no_grad()
 def predict(model: PropertyModel, views: list[dict[str, Any]], max_atoms: int, device: torch.device) -> np.ndarray:
     """Model outputs (standardised units) for ``views`` in order, in batches of at most ``max_atoms`` atoms."""
@@ -288,8 +325,43 @@ def finetune_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float, steps_p
     """The trainer's optimiser (:func:`scd_train.optim.build_optimizer`: AdamW with its decay exclusions,
     linear warmup over ``warmup_epochs`` then cosine) over all ``cfg.epochs``; ``model.head`` at ``head_lr``
     when given."""
-    ocfg = OptimConfig(lr=lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_epochs * steps_per_epoch)
-    return build_optimizer(model, ocfg, cfg.epochs * steps_per_epoch, {"head.": head_lr} if head_lr else None)
+    total, warmup = schedule_length(cfg, steps_per_epoch)
+    ocfg = OptimConfig(lr=lr, weight_decay=cfg.weight_decay, warmup_steps=warmup)
+    return build_optimizer(model, ocfg, total, {"head.": head_lr} if head_lr else None)
+
+
+def schedule_length(cfg: FinetuneConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(total, warmup)`` optimiser steps: ``cfg.steps`` / ``cfg.warmup_steps`` when given, else whole epochs."""
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_epochs * steps_per_epoch
+    return total, warmup
+
+
+def augment_view_config(cfg: FinetuneConfig, cutoff: float) -> ViewConfig | None:
+    """The per-step training views (rotation and/or the auxiliary loss's noise), or None when neither is on."""
+    if not cfg.rotate and cfg.aux_denoise_weight <= 0:
+        return None
+    return ViewConfig(noise=cfg.aux_denoise_weight > 0, clean_sigma=0.0, noisy_sigma=cfg.aux_noise, rotate=cfg.rotate,
+                      crystal_repeat_p=0.0, cutoff=cutoff)
+
+
+def augmented_view(g: AtomGraph, vc: ViewConfig, seed: int, step: int) -> dict[str, Any]:
+    """One training view of ``g`` at optimiser step ``step``, keyed by (seed, key, step): rotated when
+    ``vc.rotate``; with ``vc.noise`` its positions (and graph) are the noisy ones and ``noise`` the target."""
+    view = make_views(g, vc, seed, step)
+    if not vc.noise:
+        return view
+    out = {k: v for k, v in view.items() if not k.endswith("_clean")}
+    for name in ("pos", "edge_index", "edge_shift"):
+        out[name] = out.pop(name + "_noisy")
+    return out
+
+
+def drop_path_at(cfg: FinetuneConfig, step: int, total: int) -> float:
+    """The drop-path rate of optimiser step ``step``: ``drop_path`` moving linearly to ``drop_path_final``."""
+    if cfg.drop_path_final is None:
+        return cfg.drop_path
+    return cfg.drop_path + (cfg.drop_path_final - cfg.drop_path) * min(1.0, step / max(1, total - 1))
 
 
 def load_splits(cfg: FinetuneConfig, graphs: dict[str, AtomGraph], what: str) -> dict[str, list[str]]:
@@ -339,30 +411,71 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    val_mae = float(np.abs(predict(model, views["val"], cfg.eval_max_atoms, device) * std + mean - y_ev["val"]).mean())
-    curve = [{"epoch": 0, "train_loss": None, "val_mae_eV": val_mae, "lr": 0.0}]
-    best, best_epoch, best_state, stale = val_mae, 0, copy.deepcopy(model.state_dict()), 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"finetune {cfg.property}", unit="epoch", disable=not cfg.progress)
+    steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
+    total, _ = schedule_length(cfg, steps_per_epoch)
+    epochs = math.ceil(total / steps_per_epoch) if cfg.steps is not None else cfg.epochs
+    aug = augment_view_config(cfg, cutoff)
+    train_graphs = [graphs[key] for key in splits["train"]]
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+
+    def evaluate(part: str) -> np.ndarray:
+        net = model if ema is None else ema.shadow
+        assert isinstance(net, PropertyModel)
+        return predict(net, views[part], cfg.eval_max_atoms, device) * std + mean
+
+    def weights() -> dict[str, Tensor]:
+        return copy.deepcopy((ema.shadow if ema is not None else model).state_dict())
+
+    t_setup = time.perf_counter() - t0
+    t_eval = time.perf_counter()
+    val_mae = float(np.abs(evaluate("val") - y_ev["val"]).mean())
+    t_eval, t_train = time.perf_counter() - t_eval, 0.0
+    curve = [{"epoch": 0, "step": 0, "train_loss": None, "val_mae_eV": val_mae, "lr": 0.0}]
+    best, best_epoch, best_state, stale = val_mae, 0, weights(), 0
+    step = 0
+    bar = tqdm(range(1, epochs + 1), desc=f"finetune {cfg.property}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
+        t = time.perf_counter()
         model.train()
-        losses = []
-        for b, yb in _batches(views["train"], y["train"], rng.permutation(len(views["train"])), batch_size):
-            pred = model(to_torch(b, device))
-            loss = loss_fn(pred.float(), torch.as_tensor(yb, dtype=torch.float32, device=device))
+        losses, aux_losses = [], []
+        order = rng.permutation(len(train_graphs))
+        for i in range(0, len(train_graphs), batch_size):
+            if step >= total:
+                break
+            idx = order[i:i + batch_size]
+            items = [augmented_view(train_graphs[j], aug, cfg.seed, step) for j in idx] if aug is not None \
+                else [views["train"][j] for j in idx]
+            b = to_torch(collate(items), device)
+            model.objective.backbone.cfg = dataclasses.replace(model.objective.backbone.cfg,
+                                                               drop_path=drop_path_at(cfg, step, total))
+            pred, eps = model.predict_with_noise(b, gen, noise=cfg.aux_denoise_weight > 0)
+            loss = loss_fn(pred.float(), torch.as_tensor(y["train"][idx], dtype=torch.float32, device=device))
+            total_loss = loss
+            if eps is not None:
+                aux = ((eps.float() - model.objective.noise_target(b).float() / cfg.aux_noise) ** 2).mean()
+                total_loss = loss + cfg.aux_denoise_weight * aux
+                aux_losses.append(aux.item())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total_loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             losses.append(loss.item())
-        val_mae = float(np.abs(predict(model, views["val"], cfg.eval_max_atoms, device) * std + mean
-                               - y_ev["val"]).mean())
-        curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_mae_eV": val_mae,
-                      "lr": float(sched.get_last_lr()[0])})
+            step += 1
+        t_train += time.perf_counter() - t
+        t = time.perf_counter()
+        val_mae = float(np.abs(evaluate("val") - y_ev["val"]).mean())
+        t_eval += time.perf_counter() - t
+        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "val_mae_eV": val_mae,
+                      "lr": float(sched.get_last_lr()[0]),
+                      **({"aux_loss": float(np.mean(aux_losses))} if aux_losses else {}),
+                      **({"drop_path": drop_path_at(cfg, step - 1, total)} if cfg.drop_path_final is not None else {})})
         bar.set_postfix(val_meV=f"{val_mae * 1000:.1f}")
         if val_mae < best:
             best, best_epoch, stale = val_mae, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = weights()
         else:
             stale += 1
             if stale >= cfg.patience:
@@ -373,10 +486,11 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     result = {
         "property": cfg.property, "unit": "eV", "test_mae_eV": test_mae, "test_mae_meV": test_mae * 1000,
         "best_val_mae_eV": best, "best_val_mae_meV": best * 1000, "best_epoch": best_epoch,
-        "epochs_run": len(curve) - 1, "stopped_early": len(curve) - 1 < cfg.epochs,
+        "epochs_run": len(curve) - 1, "stopped_early": len(curve) - 1 < epochs, "steps_run": step,
         "target_mean_eV": mean, "target_std_eV": std,
         "n": {k: len(v) for k, v in splits.items()}, "curve": curve,
         "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg), "model": to_dict(model_cfg),
+        "timing": {"setup_s": t_setup, "train_s": t_train, "eval_s": t_eval, "evaluations": len(curve)},
         "splits": splits,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,458 @@
+"""``scd study qm9-v2``: the QM9 study's second edition, with matched compute and the authors' fine-tuning.
+
+Arms (:data:`ARM_SPECS`): ``scratch``, ``denoise``, ``denoise_2x`` (plain denoising for twice the steps:
+an SCD step runs the backbone twice, so this is the matched-compute control) and ``scd``. Targets HOMO,
+LUMO and gap; several seeds; several fine-tuning train sizes (``train_sizes``: nested subsets of one
+seeded train split, the same validation and test molecules). Fine-tuning follows the authors' protocol
+(:class:`scd_train.finetune.FinetuneConfig`: auxiliary denoising, rotations, sum readout, MSE, drop-path
+schedule, step-based warmup + cosine, EMA). Pretraining logs the conditioning diagnostics
+(:mod:`scd_train.diagnostics`) on validation molecules; their rows and plots are copied into
+``diagnostics/``. Everything goes into one folder; a cut run resumes (finished runs are skipped).
+
+``estimate: true`` runs nothing but a few timed steps of every stage and prints the expected wall time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from scd_train.finetune import FinetuneConfig, SplitConfig, finetune
+from scd_train.objectives import ObjectiveConfig
+from scd_train.study import (
+    PretrainSpec,
+    StudyConfig,
+    ingest_qm9,
+    load_config_with_defaults,
+    prepare_data,
+    pretrain_config,
+    start_study,
+)
+from shards.config import ConfigError, from_dict, to_dict
+
+__all__ = ["ARM_SPECS", "DiagnosticsSpec", "StudyV2Config", "estimate_study", "load_study_v2_config",
+           "run_study_v2"]
+
+# arm -> (pretraining objective or None for scratch, multiple of pretrain.steps)
+ARM_SPECS: dict[str, tuple[str | None, int]] = {
+    "scratch": (None, 0),
+    "denoise": ("denoise", 1),
+    "denoise_2x": ("denoise", 2),
+    "scd": ("scd", 1),
+}
+
+
+@dataclass(frozen=True)
+class DiagnosticsSpec:
+    """Conditioning diagnostics during pretraining: every ``every`` steps on ``molecules`` validation molecules
+    (probe of the first target). ``every: 0`` turns them off."""
+
+    every: int = 250
+    molecules: int = 200
+
+
+@dataclass(frozen=True)
+class StudyV2Config(StudyConfig):
+    """The second edition; ``split.train`` is the largest ``train_sizes`` entry's pool, ``property`` the label
+    that selects the split's molecules, ``finetune`` the template of every fine-tuning run."""
+
+    targets: tuple[str, ...] = ("homo", "lumo", "gap")
+    train_sizes: tuple[int, ...] = (2000, 1000)
+    arms: tuple[str, ...] = tuple(ARM_SPECS)
+    max_records: int = 12000
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(train=2000, val=300, test=1000, seed=0))
+    model: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(hidden=48, layers=3, heads=4, num_rbf=16))
+    pretrain: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=1000, max_atoms=384, warmup_steps=100))
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
+        readout="sum", loss="mse", steps=450, warmup_steps=30, patience=1000, batch_size=32, lr=5e-4,
+        aux_denoise_weight=0.1, aux_noise=0.005, rotate=True, drop_path=0.15, drop_path_final=0.05,
+        ema_decay=0.99, progress=False))
+    diagnostics: DiagnosticsSpec = field(default_factory=DiagnosticsSpec)
+    threads: int | None = 2
+    estimate: bool = False
+    estimate_steps: int = 12
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARM_SPECS]
+        if unknown:
+            raise ConfigError(f"arms: unknown {unknown}; known: {list(ARM_SPECS)}")
+        if not self.targets or not self.train_sizes or not self.seeds:
+            raise ConfigError("targets, train_sizes and seeds must each name at least one")
+        if any(n < 1 or n > self.split.train for n in self.train_sizes):
+            raise ConfigError(f"train_sizes must be in [1, split.train={self.split.train}]")
+        if self.estimate_steps < 2:
+            raise ConfigError("estimate_steps must be >= 2")
+
+
+def regime(n: int) -> str:
+    """The folder/table name of the fine-tuning regime with ``n`` labelled training molecules."""
+    return f"n{n}"
+
+
+def write_regime_splits(out: Path, splits: dict[str, list[str]], sizes: tuple[int, ...]) -> dict[int, Path]:
+    """``splits_n<N>.json`` per train size: the first N of the seeded train split, the same val and test."""
+    files = {}
+    for n in sizes:
+        path = out / f"splits_{regime(n)}.json"
+        path.write_text(json.dumps({"train": splits["train"][:n], "val": splits["val"], "test": splits["test"]},
+                                   indent=1))
+        files[n] = path
+    return files
+
+
+def write_subset(dataset: Path, keys: list[str], dest: Path) -> Path:
+    """A shard dataset of the molecules ``keys`` of ``dataset`` (in that order), written once."""
+    from shards.format.manifest import write_dataset
+    from shards.format.reader import ShardDataset
+    from shards.format.writer import WriterConfig
+
+    if not (dest / "manifest.json").is_file():
+        wanted = set(keys)
+        by_key = {g.key: g for g in ShardDataset(str(dataset)) if g.key in wanted}
+        write_dataset([by_key[k] for k in keys], dest, config=WriterConfig(max_shard_samples=5000))
+    return dest
+
+
+def arm_pretrain_config(cfg: StudyV2Config, arm: str, data: Path, run_dir: Path, held_out: Path | None
+                        ) -> dict[str, Any]:
+    """The TrainConfig mapping of a pretrained arm: the study's shared mapping with the arm's objective and steps,
+    checkpoints four times per run (a cut study resumes) and the diagnostics section."""
+    kind, mult = ARM_SPECS[arm]
+    assert kind is not None
+    mapping = pretrain_config(cfg, kind, data, run_dir)
+    steps = cfg.pretrain.steps * mult
+    mapping.update(steps=steps, log_every=max(1, steps // 50), checkpoint_every=max(1, steps // 4), progress=False)
+    if held_out is not None and cfg.diagnostics.every > 0:
+        mapping["diagnostics"] = {"held_out": str(held_out), "eval_every": cfg.diagnostics.every,
+                                  "n_molecules": cfg.diagnostics.molecules, "probe_property": cfg.targets[0],
+                                  "seed": cfg.pretrain.seed}
+    return mapping
+
+
+def pretrain_arm(cfg: StudyV2Config, arm: str, data: Path, out: Path, held_out: Path | None) -> Path:
+    """Pretrain one arm (skipped when ``done.json`` exists; an interrupted one resumes from its checkpoint);
+    copies its diagnostics rows and plot to ``out/diagnostics/``."""
+    from scd_train.config import TrainConfig
+    from scd_train.trainer import Trainer
+
+    run_dir = out / "pretrain" / arm
+    if not (run_dir / "done.json").is_file():
+        mapping = arm_pretrain_config(cfg, arm, data, run_dir, held_out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (out / "configs" / f"pretrain_{arm}.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+        t = time.perf_counter()
+        Trainer(from_dict(TrainConfig, mapping)).fit()
+        (run_dir / "done.json").write_text(json.dumps({"steps": mapping["steps"],
+                                                       "seconds": time.perf_counter() - t}))
+    copy_diagnostics(run_dir, out / "diagnostics", arm)
+    return run_dir
+
+
+def copy_diagnostics(run_dir: Path, dest: Path, arm: str) -> list[dict[str, Any]]:
+    """The diagnostics rows of ``run_dir/metrics.jsonl`` into ``dest/<arm>.jsonl`` (and the plot); returns them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "diag_loss_own_c" in r] \
+        if metrics.is_file() else []
+    (dest / f"{arm}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if (run_dir / "diagnostics.png").is_file():
+        shutil.copyfile(run_dir / "diagnostics.png", dest / f"{arm}.png")
+    return rows
+
+
+def gap_opens_at(rows: list[dict[str, Any]], threshold: float = 0.01) -> int | None:
+    """The first step whose other-c vs own-c loss gap exceeds ``threshold`` (and stays above it), or None."""
+    steps = [r["step"] for r in rows]
+    above = [r["diag_gap_other_own"] > threshold for r in rows]
+    for i in range(len(rows)):
+        if all(above[i:]):
+            return steps[i]
+    return None
+
+
+def summarise(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> dict[str, Any]:
+    """``summary[regime][target][arm]``: test MAE mean, std (ddof 1) and per seed (meV), validation mean."""
+    out: dict[str, Any] = {}
+    for reg, by_target in results.items():
+        for target, by_arm in by_target.items():
+            for arm, runs in by_arm.items():
+                maes = np.array([r["test_mae_meV"] for r in runs])
+                out.setdefault(reg, {}).setdefault(target, {})[arm] = {
+                    "test_mean_meV": float(maes.mean()),
+                    "test_std_meV": float(maes.std(ddof=1)) if len(maes) > 1 else 0.0,
+                    "test_meV": [float(x) for x in maes], "seeds": [r["config"]["seed"] for r in runs],
+                    "val_mean_meV": float(np.mean([r["best_val_mae_meV"] for r in runs]))}
+    return out
+
+
+def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
+    """Validation MAE (meV) vs fine-tuning step: one panel per regime and target, one colour per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regs = list(results)
+    targets = list(next(iter(results.values())))
+    fig, axes = plt.subplots(len(regs), len(targets), figsize=(4.2 * len(targets), 3.4 * len(regs)), squeeze=False)
+    for row, reg in zip(axes, regs, strict=True):
+        for ax, target in zip(row, targets, strict=True):
+            for i, (arm, runs) in enumerate(results[reg][target].items()):
+                for j, r in enumerate(runs):
+                    ax.plot([c["step"] for c in r["curve"]], [c["val_mae_eV"] * 1000 for c in r["curve"]],
+                            color=f"C{i}", alpha=0.7, label=arm if j == 0 else None)
+            ax.set_title(f"{target}, {reg}", fontsize=10)
+            ax.set_xlabel("fine-tuning step")
+            ax.set_ylabel("validation MAE (meV)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gaps(diag: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Other-c / own-c - 1 and the LN(c) spread against pretraining step, one line per pretrained arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for arm, rows in diag.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["diag_gap_other_own"] for r in rows], marker="o", ms=3, label=arm)
+        axes[1].plot(steps, [r["diag_c_spread"] for r in rows], marker="o", ms=3, label=arm)
+    axes[0].set_title("pretext loss: other molecule's c / own c - 1", fontsize=10)
+    axes[1].set_title("spread of LN(c) across molecules", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("pretraining step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(cfg: StudyV2Config, summary: dict[str, Any], diag: dict[str, list[dict[str, Any]]], path: Path,
+                   *, seconds: float, n_pretrain: int, command: str) -> None:
+    """``results.md``: setup, one table per regime (mean ± std and per-seed test MAE), the diagnostics."""
+    p, s, f, m = cfg.pretrain, cfg.split, cfg.finetune, cfg.model
+    lines = [f"# QM9 second edition: {', '.join(cfg.arms)} on {', '.join(cfg.targets)}", "",
+             f"Command: `{command}`  ",
+             f"Wall time: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores ({cfg.threads} torch threads; "
+             f"a shared machine)" if cfg.device != "cuda" else f"Wall time: {seconds / 60:.1f} min", "",
+             f"Data: first {cfg.max_records} molecules of qm9_part{cfg.csv_part}.csv; fine-tuning train sizes "
+             f"{list(cfg.train_sizes)} (nested, seed {s.seed}), val {s.val}, test {s.test}; pretraining on the other "
+             f"{n_pretrain} molecules: {p.steps} steps of <= {p.max_atoms} atoms (denoise_2x: {2 * p.steps}), "
+             f"lr {p.lr}. Backbone {m.backbone} hidden {m.hidden}, {m.layers} layers, {m.heads} heads, "
+             f"{m.num_rbf} RBF.", "",
+             f"Fine-tuning (the authors' protocol): {f.steps} steps, batch {f.batch_size}, lr {f.lr} "
+             f"(warmup {f.warmup_steps} then cosine), {f.readout} readout, {f.loss} loss, auxiliary denoising "
+             f"weight {f.aux_denoise_weight} at {f.aux_noise} Å, rotations {f.rotate}, drop-path {f.drop_path} -> "
+             f"{f.drop_path_final}, EMA {f.ema_decay}; seeds {list(cfg.seeds)}; test MAE (meV) of the "
+             f"best-validation evaluation.", ""]
+    for reg, by_target in summary.items():
+        lines += [f"## {reg[1:]} labelled training molecules", "",
+                  "| arm | " + " | ".join(f"{t} mean ± std | {t} per seed" for t in by_target) + " |",
+                  "|---|" + "---|---|" * len(by_target)]
+        for arm in cfg.arms:
+            cells = []
+            for target in by_target:
+                r = by_target[target][arm]
+                cells += [f"{r['test_mean_meV']:.1f} ± {r['test_std_meV']:.1f}",
+                          ", ".join(f"{x:.1f}" for x in r["test_meV"])]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if diag:
+        lines += ["## Conditioning diagnostics at the end of pretraining (held-out validation molecules)", "",
+                  "| arm | loss own c | loss other c | loss mask | other/own - 1 | LN(c) spread | probe MAE "
+                  f"{cfg.targets[0]} (baseline) | gap > 1% from step |", "|---|---|---|---|---|---|---|---|"]
+        for arm, rows in diag.items():
+            r = rows[-1]
+            probe = (f"{r['diag_probe_mae'] * 1000:.0f} ({r['diag_probe_baseline_mae'] * 1000:.0f}) meV"
+                     if "diag_probe_mae" in r else "-")
+            lines.append(f"| {arm} | {r['diag_loss_own_c']:.4f} | {r['diag_loss_other_c']:.4f} | "
+                         f"{r['diag_loss_mask']:.4f} | {r['diag_gap_other_own']:.2%} | {r['diag_c_spread']:.3f} | "
+                         f"{probe} | {gap_opens_at(rows) or 'never'} |")
+        lines.append("")
+    lines += ["Paper (full scale, ~10M parameters, PCQM4Mv2): HOMO scratch 20.3 / SCD 12.7 meV; gap scratch 36.1 / "
+              "denoising 31.8 / SCD 24.5 meV.", ""]
+    path.write_text("\n".join(lines))
+
+
+def _finetune_cfg(cfg: StudyV2Config, dataset: Path, run: Path, target: str, ckpt: Path | None, split_file: Path,
+                  seed: int) -> FinetuneConfig:
+    return dataclasses.replace(cfg.finetune, data=str(dataset), out=str(run), property=target,
+                               checkpoint=str(ckpt) if ckpt else None, model=cfg.model, split_file=str(split_file),
+                               seed=seed, device=cfg.device, save_model=False)
+
+
+def prepare(cfg: StudyV2Config, out: Path, log: Any) -> dict[str, Any]:
+    """Ingest, the split files, the fine-tuning subset and the diagnostics' held-out set (each written once)."""
+    t = time.perf_counter()
+    dataset, mode = ingest_qm9(cfg, out)
+    _, pre_data, splits = prepare_data(cfg, dataset, out)
+    files = write_regime_splits(out, splits, cfg.train_sizes)
+    held = splits["train"] + splits["val"] + splits["test"]
+    ft_data = write_subset(dataset, held, out / "finetune_data")
+    diag_data = write_subset(dataset, splits["val"][:cfg.diagnostics.molecules], out / "diag_data") \
+        if cfg.diagnostics.every > 0 else None
+    from shards.format.reader import ShardDataset
+
+    n_pre = len(ShardDataset(str(pre_data)))
+    log(f"data ({mode}): {len(held)} fine-tuning molecules, {n_pre} pretraining molecules")
+    return {"pre_data": pre_data, "ft_data": ft_data, "diag_data": diag_data, "split_files": files,
+            "n_pretrain": n_pre, "seconds": time.perf_counter() - t}
+
+
+def run_study_v2(cfg: StudyV2Config, out: Path, *, command: str = "scd study qm9-v2",
+                 log: Any = print) -> dict[str, Any]:
+    """Run the study into ``out`` (finished parts reused), or only :func:`estimate_study` when ``cfg.estimate``."""
+    t0 = time.perf_counter()
+    out = start_study(cfg, out)
+    data = prepare(cfg, out, log)
+    if cfg.estimate:
+        return estimate_study(cfg, out, data, log)
+    timings: dict[str, float] = {"prepare": data["seconds"]}
+    ckpts: dict[str, Path | None] = {}
+    for arm in cfg.arms:
+        if ARM_SPECS[arm][0] is None:
+            ckpts[arm] = None
+            continue
+        t = time.perf_counter()
+        log(f"pretrain {arm}: {cfg.pretrain.steps * ARM_SPECS[arm][1]} steps")
+        ckpts[arm] = pretrain_arm(cfg, arm, data["pre_data"], out, data["diag_data"])
+        timings[f"pretrain_{arm}"] = time.perf_counter() - t
+    results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for n in cfg.train_sizes:
+        for target in cfg.targets:
+            for arm in cfg.arms:
+                t = time.perf_counter()
+                for seed in cfg.seeds:
+                    run = out / "runs" / regime(n) / target / f"{arm}-seed{seed}"
+                    if (run / "result.json").is_file():
+                        r = json.loads((run / "result.json").read_text())
+                    else:
+                        log(f"fine-tune {regime(n)} {target} {arm} seed {seed}")
+                        ft = _finetune_cfg(cfg, data["ft_data"], run, target, ckpts[arm], data["split_files"][n],
+                                           seed)
+                        name = f"finetune_{regime(n)}_{target}_{arm}_seed{seed}.yaml"
+                        (out / "configs" / name).write_text(yaml.safe_dump(to_dict(ft), sort_keys=False))
+                        r = finetune(ft, log=log)
+                    results.setdefault(regime(n), {}).setdefault(target, {}).setdefault(arm, []).append(r)
+                key = f"finetune_{regime(n)}_{arm}"
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+    diag = {arm: rows for arm in cfg.arms if ARM_SPECS[arm][0] is not None
+            for rows in [copy_diagnostics(out / "pretrain" / arm, out / "diagnostics", arm)] if rows}
+    seconds = time.perf_counter() - t0
+    summary = summarise(results)
+    plot_curves(results, out / "learning_curves.png")
+    if diag:
+        plot_gaps(diag, out / "diagnostics.png")
+    write_markdown(cfg, summary, diag, out / "results.md", seconds=seconds, n_pretrain=data["n_pretrain"],
+                   command=command)
+    (out / "results.json").write_text(json.dumps(
+        {"summary": summary, "seconds": seconds, "timings": timings, "n_pretrain": data["n_pretrain"],
+         "diagnostics_final": {arm: rows[-1] for arm, rows in diag.items()},
+         "gap_opens_at_step": {arm: gap_opens_at(rows) for arm, rows in diag.items()}}, indent=1))
+    log((out / "results.md").read_text())
+    return summary
+
+
+def _timed_pretrain(cfg: StudyV2Config, kind: str, data: Path, root: Path, steps: int) -> float:
+    from scd_train.config import TrainConfig
+    from scd_train.trainer import Trainer
+
+    run_dir = root / f"{kind}-{steps}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    mapping = pretrain_config(cfg, kind, data, run_dir)
+    mapping.update(steps=steps, log_every=steps, checkpoint_every=steps, progress=False)
+    t = time.perf_counter()
+    Trainer(from_dict(TrainConfig, mapping)).fit()
+    return time.perf_counter() - t
+
+
+def _time_diagnostics(cfg: StudyV2Config, held_out: Path) -> float:
+    import torch
+
+    from scd_train.diagnostics import Diagnostics, DiagnosticsConfig
+    from scd_train.objectives import build_objective
+    from scd_train.views import ViewConfig
+
+    diag = Diagnostics(DiagnosticsConfig(held_out=str(held_out), n_molecules=cfg.diagnostics.molecules,
+                                         probe_property=cfg.targets[0]), ViewConfig(rotate=True), "cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        objective = build_objective(dataclasses.replace(cfg.model, kind="scd"))
+    t = time.perf_counter()
+    diag.evaluate(objective)
+    return time.perf_counter() - t
+
+
+def estimate_study(cfg: StudyV2Config, out: Path, data: dict[str, Any], log: Any = print) -> dict[str, Any]:
+    """Time a few steps of every stage (pretraining per objective, one diagnostics evaluation, fine-tuning steps
+    and evaluations) and print the study's expected wall time; writes ``out/estimate.json``."""
+    k = cfg.estimate_steps
+    root = out / "estimate"
+    per_step: dict[str, float] = {}
+    startup: dict[str, float] = {}
+    for kind in sorted({kd for a in cfg.arms if (kd := ARM_SPECS[a][0]) is not None}):
+        short = _timed_pretrain(cfg, kind, data["pre_data"], root, 2)
+        long = _timed_pretrain(cfg, kind, data["pre_data"], root, 2 + k)
+        per_step[kind] = max(1e-6, (long - short) / k)
+        startup[kind] = max(0.0, short - 2 * per_step[kind])
+    t_diag = _time_diagnostics(cfg, data["diag_data"]) if data["diag_data"] is not None else 0.0
+    n = max(cfg.train_sizes)
+    ft = dataclasses.replace(_finetune_cfg(cfg, data["ft_data"], root / "finetune", cfg.targets[0], None,
+                                           data["split_files"][n], cfg.seeds[0]), steps=k)
+    r = finetune(ft, log=lambda *_: None)
+    tm = r["timing"]
+    t_step, t_eval = tm["train_s"] / max(1, r["steps_run"]), tm["eval_s"] / tm["evaluations"]
+    t_test = t_eval * cfg.split.test / cfg.split.val
+    bs = cfg.finetune.batch_size or 32
+    parts: dict[str, float] = {"prepare (measured)": data["seconds"]}
+    for arm in cfg.arms:
+        obj, mult = ARM_SPECS[arm]
+        if obj is None:
+            continue
+        steps = cfg.pretrain.steps * mult
+        evals = steps // cfg.diagnostics.every if cfg.diagnostics.every > 0 else 0
+        parts[f"pretrain {arm}"] = startup[obj] + steps * per_step[obj] + evals * t_diag
+    runs = len(cfg.targets) * len(cfg.arms) * len(cfg.seeds)
+    for size in cfg.train_sizes:
+        ft_steps = cfg.finetune.steps or cfg.finetune.epochs * math.ceil(size / bs)
+        evals = math.ceil(ft_steps / math.ceil(size / bs)) + 1
+        parts[f"fine-tune {regime(size)} ({runs} runs)"] = runs * (tm["setup_s"] + ft_steps * t_step
+                                                                    + evals * t_eval + t_test)
+    total = sum(parts.values())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    est = {"total_s": total, "parts_s": parts, "pretrain_step_s": per_step, "pretrain_startup_s": startup,
+           "diagnostics_eval_s": t_diag, "finetune_step_s": t_step, "finetune_eval_s": t_eval,
+           "finetune_setup_s": tm["setup_s"], "threads": cfg.threads, "cpu_count": os.cpu_count(),
+           "load_average_1min": load}
+    (out / "estimate.json").write_text(json.dumps(est, indent=1))
+    lines = [f"estimated wall time: {total / 3600:.2f} h ({total / 60:.0f} min)",
+             *(f"  {name}: {sec / 60:.1f} min" for name, sec in parts.items()),
+             "  measured: pretrain step " + ", ".join(f"{kd} {s * 1000:.0f} ms" for kd, s in per_step.items())
+             + f"; diagnostics {t_diag:.1f} s/eval; fine-tune step {t_step * 1000:.0f} ms, evaluation "
+             f"{t_eval:.2f} s, setup {tm['setup_s']:.1f} s",
+             f"  ({cfg.threads} torch threads on {os.cpu_count()} cores, 1-min load average {load:.1f}: the machine is "
+             "shared, so these figures move with its load)"]
+    log("\n".join(lines))
+    return est
+
+
+def load_study_v2_config(path: str | Path | None, overrides: list[str] | None = None) -> StudyV2Config:
+    """The second edition's defaults, updated from a YAML and ``--set`` overrides (unknown keys are errors)."""
+    return load_config_with_defaults(StudyV2Config, path, overrides)
