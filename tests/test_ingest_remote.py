@@ -23,6 +23,7 @@ from conftest_ray import digest
 from s3help import bucket_digest, enforce_auth, moto_s3, read_only_keys, s3fs_for  # noqa: F401 - fixture
 
 from ingest.job import JobConfig, SourceSpec, load_job, plan_units
+from ingest.outcome import UnitOutcome
 from ingest.run import run_job
 from ingest.unit import run_unit
 from scd_train.datakit import package_dir
@@ -119,6 +120,43 @@ def _same_as_local(local: Path, fs, url: str) -> None:
     for name in filter(_recorded, files):
         a, b = json.loads((local / name).read_bytes()), json.loads(fs.cat_file(f"{url[5:]}/{name}"))
         assert a.pop("fingerprint") != b.pop("fingerprint") and a == b, name
+
+
+def test_an_output_url_stays_a_url(tmp_path):
+    """``--out s3://b/x`` and ``output: s3://b/x`` are kept verbatim; asking for a local folder is an error, so
+    nothing can create ``s3:/b/x`` under the working directory."""
+    import argparse
+
+    from ingest.run_cli import job_from_args
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**JOB, "output": "s3://b/x/"}))
+    cfg = load_job(job)
+    assert cfg.output_location() == "s3://b/x"
+    with pytest.raises(ConfigError, match="s3://b/x is a URL"):
+        cfg.output_dir()
+    args = argparse.Namespace(job=job, overrides=[], out="gs://b/y", domain=None, input=[])
+    assert job_from_args(args).output_location() == "gs://b/y"
+    flags = argparse.Namespace(job=None, overrides=[], out="s3://b/z", domain="molecule", source=None,
+                               converter="auto", input=["s3://b/in/*.sdf", "local.sdf"])
+    cfg = job_from_args(flags)
+    assert cfg.output == "s3://b/z" and cfg.sources[0].paths == ("s3://b/in/*.sdf", str(Path("local.sdf").resolve()))
+
+
+def test_unit_outcome_round_trips_and_rejects_broken_records(tmp_path):
+    """The typed outcome writes the recorded JSON and reads it back equal; a record whose counts disagree
+    or with an unknown key is refused (a re-run then redoes the unit)."""
+    spec = SourceSpec(source="m", paths=(str(package_dir("rdkit") / CDK2),), converter="sdf", records_per_unit=20)
+    cfg = JobConfig(output=str(tmp_path / "o"), sources=(spec,))
+    o = run_unit(plan_units(cfg)[2], str(tmp_path / "o"), cfg.writer)
+    recorded = (tmp_path / "o" / "_units" / "u000002.json").read_bytes()
+    assert o.to_json() == recorded and UnitOutcome.from_json(recorded) == o
+    assert (o.inputs, o.accepted + o.rejected, len(o.files)) == (7, 7, 1) and o.tail is not None
+    doc = json.loads(recorded)
+    for broken in ({**doc, "accepted": doc["accepted"] + 1}, {**doc, "extra": 1}, {**doc, "shards": [{"name": 1}]},
+                   {**doc, "inputs": -1}):
+        with pytest.raises(ValueError, match="not a unit outcome"):
+            UnitOutcome.from_dict(broken)
 
 
 def test_remote_plan_names_files_as_the_local_plan(bucket, corpus):
