@@ -59,4 +59,7 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     for d in cfg.data.datasets:
         if "://" not in d and not (Path(d) / "manifest.json").is_file():
             raise ConfigError(f"{path}: data.datasets: {d} is not a shard dataset (no manifest.json)")
+    held = cfg.diagnostics.held_out
+    if held is not None and "://" not in held and not (Path(held) / "manifest.json").is_file():
+        raise ConfigError(f"{path}: diagnostics.held_out: {held} is not a shard dataset (no manifest.json)")
     return cfg

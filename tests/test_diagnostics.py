@@ -172,3 +172,12 @@ def test_readme_documents_every_diagnostics_key_and_model_option():
     build_objective(dataclasses.replace(model, **TINY))
     for name in options:
         assert f"| `{name}` |" in section, f"{name} has no row in the options table"
+
+
+def test_missing_held_out_is_a_one_line_config_error(tmp_path, qm9_sets):
+    from scd_train.config import load_train_config
+
+    train, _ = qm9_sets
+    path = _train_config(tmp_path, train, tmp_path / "nowhere", "bad")
+    with pytest.raises(ConfigError, match=r"diagnostics\.held_out: .*nowhere is not a shard dataset"):
+        load_train_config(path)
