@@ -35,7 +35,7 @@ SUBSTITUTE = {  # text in a command -> replacement, with the reason
 }
 FRESH = {  # a command that is an alternative to the line above, not its continuation: runs in a fresh copy
     "torchrun --nproc-per-node 8 -m scd_train train pretrain.yaml": "the DDP form of the one-process line above "
-                                                                    "(a run resumes only at the same world size)",
+                                                                    "(each form is tested from a fresh run)",
 }
 TINY_FINETUNE = {"split": {"train": 24, "val": 8, "test": 8, "seed": 0}, "epochs": 1, "patience": 1, "batch_size": 16}
 
