@@ -95,17 +95,12 @@ def _run_locked(cfg: JobConfig, target: FolderTarget | BucketTarget, workers: in
                 progress: bool) -> JobResult:
     t0 = time.perf_counter()
     target.begin()
-    units = plan_units(cfg, ray_mapper(workers or cfg.workers))
+    mapper = ray_mapper(workers or cfg.workers)
+    units = plan_units(cfg, mapper)
     plan_seconds = time.perf_counter() - t0
     target.remove_stale({u.prefix for u in units})
-    outcomes: dict[int, UnitOutcome] = {}
-    pending: list[Unit] = []
-    for u in units:
-        done = target.completed(u)
-        if done is not None:
-            outcomes[u.number] = done
-        else:
-            pending.append(u)
+    outcomes = target.completed_units(units, mapper)
+    pending = [u for u in units if u.number not in outcomes]
     skipped = len(outcomes)
     failed: list[dict[str, Any]] = []
     if pending:

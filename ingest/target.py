@@ -28,10 +28,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ingest.job import Mapper
 from ingest.lock import output_lock, remove_temp_files
 from ingest.outcome import UnitOutcome
 from ingest.spool import spool_root
-from ingest.unit import TAILS_DIR, UNITS_DIR, clear_leftovers, completed, object_intact, shard_intact
+from ingest.unit import (
+    TAILS_DIR,
+    UNITS_DIR,
+    clear_leftovers,
+    completed,
+    completed_in_bucket,
+    object_intact,
+    outcome_name,
+    shard_intact,
+)
 from shards.format.manifest import INDEX_DIR, MANIFEST, finalize_dataset, read_shard_index
 from shards.format.reader import ShardError
 from shards.format.sink import ObjectSink
@@ -40,6 +50,7 @@ from shards.format.writer import INDEX_SUFFIX, ShardInfo, ShardWriter, WriterCon
 PACK_PREFIX = "pack"
 PACK_RECORD = f"{UNITS_DIR}/pack.json"
 DRIVER_RECORD = f"{UNITS_DIR}/driver.json"
+CHECK_BATCH = 8  # units whose uploaded shards one worker task reads back and hashes
 
 
 def _pack_record(inputs: list[list[str]], shards: list[ShardInfo]) -> bytes:
@@ -88,8 +99,10 @@ class FolderTarget:
         (self.out / TAILS_DIR).mkdir(parents=True, exist_ok=True)
         (self.out / MANIFEST).unlink(missing_ok=True)
 
-    def completed(self, unit: Any) -> UnitOutcome | None:
-        return completed(self.out, unit)
+    def completed_units(self, units: list[Any], mapper: Mapper) -> dict[int, UnitOutcome]:
+        """The recorded outcomes of the units that are complete and intact, by unit number."""
+        found = ((u.number, completed(self.out, u)) for u in units)
+        return {n: o for n, o in found if o is not None}
 
     def remove_stale(self, prefixes: set[str]) -> None:
         """Drop shards and outcomes of units that are no longer in the plan (the job file changed)."""
@@ -181,8 +194,14 @@ class BucketTarget:
     def begin(self) -> None:
         self.sink.delete([MANIFEST])  # a dataset exists iff its manifest does
 
-    def completed(self, unit: Any) -> UnitOutcome | None:
-        return completed(self.sink, unit)
+    def completed_units(self, units: list[Any], mapper: Mapper) -> dict[int, UnitOutcome]:
+        """As :meth:`FolderTarget.completed_units`; the units that have an outcome (one listing) are checked
+        in batches on the workers (``mapper``), since checking reads every shard back from the bucket."""
+        recorded = set(self.sink.names(UNITS_DIR))
+        todo = [u for u in units if outcome_name(u.prefix) in recorded]
+        batches = [[(self.location, u) for u in todo[a:a + CHECK_BATCH]] for a in range(0, len(todo), CHECK_BATCH)]
+        results = (o for batch in mapper(completed_in_bucket, batches) for o in batch)
+        return {u.number: o for u, o in zip(todo, results, strict=True) if o is not None}
 
     def remove_stale(self, prefixes: set[str]) -> None:
         """Stale objects are removed by :meth:`tidy` at the end, with one listing of the prefix."""

@@ -99,6 +99,11 @@ def completed(out: Path | ObjectSink, unit: Any) -> UnitOutcome | None:
     return outcome
 
 
+def completed_in_bucket(batch: list[tuple[str, Any]]) -> list[UnitOutcome | None]:
+    """:func:`completed` for (output URL, unit) pairs; run in workers, since it reads every shard back."""
+    return [completed(ObjectSink(url), unit) for url, unit in batch]
+
+
 def _completed_remote(sink: ObjectSink, unit: Any) -> UnitOutcome | None:
     name = outcome_name(unit.prefix)
     outcome = _parse(sink.get_bytes(name) if sink.sha256(name) is not None else None, unit)

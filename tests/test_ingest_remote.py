@@ -143,6 +143,20 @@ def test_an_output_url_stays_a_url(tmp_path):
     assert cfg.output == "s3://b/z" and cfg.sources[0].paths == ("s3://b/in/*.sdf", str(Path("local.sdf").resolve()))
 
 
+def test_object_names_never_leave_the_prefix():
+    from shards.format.sink import ObjectSink, check_name
+
+    for ok in ("u000001-000000.tar", "_units/u000001.json", "_units/tails/u1-000000.tar.idx.json", "index.zarr/c/0"):
+        assert check_name(ok) == ok
+    for bad in ("../x", "a/../b", "a//b", "/abs", ".hidden", "_units", "a/.b", "", "a b", "x/", "a/%2e%2e"):
+        with pytest.raises(storage.FetchError, match="refusing object name"):
+            check_name(bad)
+    assert check_name("_units", folder=True) == "_units"
+    for url in ("https://host/ds", "/local/ds", "file:///local/ds"):
+        with pytest.raises(ValueError, match="not an object-storage URL"):
+            ObjectSink(url)
+
+
 def test_unit_outcome_round_trips_and_rejects_broken_records(tmp_path):
     """The typed outcome writes the recorded JSON and reads it back equal; a record whose counts disagree
     or with an unknown key is refused (a re-run then redoes the unit)."""

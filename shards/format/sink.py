@@ -29,10 +29,13 @@ T = TypeVar("T")
 BLOCK = 1 << 20
 
 
-def check_name(name: str) -> str:
-    """A relative object name: ``/``-separated plain file names (``[A-Za-z0-9._-]``, starting with a letter or
-    digit; folders may also start with ``_``, as ingest's ``_units``)."""
+def check_name(name: str, *, folder: bool = False) -> str:
+    """A relative object (or, with ``folder``, folder) name: ``/``-separated plain file names
+    (``[A-Za-z0-9._-]``, starting with a letter or digit; folders may also start with ``_``, as ingest's
+    ``_units``)."""
     *folders, base = name.split("/")
+    if folder:
+        folders, base = [*folders, base], "x"
     if not SAFE_NAME.fullmatch(base) or not all(SAFE_NAME.fullmatch(f.removeprefix("_")) for f in folders):
         raise FetchError(f"refusing object name {name!r}: not a relative path of plain file names")
     return name
@@ -122,7 +125,7 @@ class ObjectSink:
 
     def find(self, folder: str = "") -> list[str]:
         """Names of every object under ``folder`` (all of the prefix when empty), relative to the root."""
-        base = self.path if not folder else self._key(folder)
+        base = self.path if not folder else f"{self.path}/{check_name(folder, folder=True)}"
         self.fs.invalidate_cache()
 
         def listing() -> list[str]:
@@ -131,7 +134,7 @@ class ObjectSink:
             except FileNotFoundError:
                 return []
 
-        found = retrying(self.root if not folder else self.url(folder), listing)
+        found = retrying(f"{self.root}/{folder}" if folder else self.root, listing)
         return sorted(p[len(self.path) + 1:] for p in found if p.startswith(self.path + "/"))
 
     def names(self, folder: str = "") -> list[str]:
