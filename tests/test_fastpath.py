@@ -311,3 +311,21 @@ def test_singular_cell_is_the_determinant_rule_near_the_threshold() -> None:
     expected = [bool(abs(np.linalg.det(c)) < 1e-6) for c in cells]
     assert got == expected
     assert 100 < sum(got) < len(got) - 100  # both outcomes well represented
+
+
+def test_meta_json_writes_what_json_dumps_writes() -> None:
+    import json
+
+    from shards.format.codec import meta_json
+
+    rng = np.random.default_rng(4)
+    values = [0, -1, 2 ** 70, 1.0, -0.0, 1e-5, 1e16, 1.5e300, 5e-324, 0.1 + 0.2, "", "plain",
+              "é\u2603\U0001f600\"\\\n\t\x00", {"b": 1.0, "a": 2.5}, {}, {"unit": "eV/Å"}, True, None,
+              np.float64(1.25), [1, 2], {1: 2.0}, {"nested": {"x": 1}}]
+    metas = [{}] + [{f"k{j}\u00e9": values[int(i)] for j, i in enumerate(rng.integers(0, len(values), size=k))}
+                    for k in rng.integers(1, 8, size=300)]
+    for meta in metas:
+        assert meta_json(meta) == json.dumps(meta, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    for bad in ({"e": float("nan")}, {"e": float("inf")}, {"p": {"x": -float("inf")}}):
+        with pytest.raises(ValueError):
+            meta_json(bad)

@@ -12,8 +12,10 @@ omitted for non-periodic structures and decode as zeros / False.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from functools import lru_cache
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -67,6 +69,35 @@ def _plan(mask: int) -> tuple[tuple[str, np.dtype, str, tuple[int, ...], int], .
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)  # what json.dumps builds per call
+_FLOAT_REPR = float.__repr__
+_INT_REPR = int.__repr__
+
+
+def meta_json(meta: dict[str, Any]) -> str:
+    """``json.dumps(meta, separators=(",", ":"), ensure_ascii=True, allow_nan=False)`` without building an encoder
+    per call: strings, ints, finite floats and string-keyed maps of them are written directly (as the json
+    module writes them); anything else goes through the json module itself."""
+    try:
+        return "{" + ",".join(encode_basestring_ascii(k) + ":" + _json_value(v) for k, v in meta.items()) + "}"
+    except _NotPlain:
+        return _JSON.encode(meta)
+
+
+class _NotPlain(Exception):
+    """A value the direct writer leaves to the json module."""
+
+
+def _json_value(v: Any) -> str:
+    t = type(v)
+    if t is str:
+        return encode_basestring_ascii(v)
+    if t is int:
+        return _INT_REPR(v)
+    if t is float and math.isfinite(v):
+        return _FLOAT_REPR(v)
+    if t is dict and all(type(k) is str for k in v):
+        return "{" + ",".join(encode_basestring_ascii(k) + ":" + _json_value(x) for k, x in v.items()) + "}"
+    raise _NotPlain
 _SCALAR_SPECS = tuple((f.name, f.kind == "map") for f in SCALAR_FIELDS)
 _ARRAY_BITS = tuple((f.name, 1 << _BIT[f.name], f.name in ("cell", "pbc")) for f in ARRAY_FIELDS)
 _PADS = tuple(b"\0" * k for k in range(8))
@@ -80,7 +111,7 @@ def encode(g: AtomGraph) -> bytes:
         v = d[name]
         if v is not None:
             meta[name] = dict(sorted(v.items())) if is_map else v
-    head = _JSON.encode(meta).encode()
+    head = meta_json(meta).encode()
     cell, pbc = d["cell"], d["pbc"]
     periodic = not (pbc is NO_PBC and cell is ZERO_CELL) and (bool(pbc.any()) or bool(cell.any()))
     mask = 0
