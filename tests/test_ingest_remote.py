@@ -217,6 +217,29 @@ def test_bucket_ingest_equals_local_and_streams(moto_s3, bucket_run, corpus, loc
                if isinstance(a[k], np.ndarray))
 
 
+@pytest.mark.slow  # the module's Ray and two ingest runs, then six training steps
+def test_trainer_streams_the_bucket_dataset_like_the_local_one(bucket_run, local_run, tmp_path):
+    """Three SCD steps from the bucket (through the shard cache) log the same losses as from the folder."""
+    from scd_train.config import load_train_config
+    from scd_train.trainer import Trainer
+
+    model = {"kind": "scd", "backbone": "et", "preset": "small", "hidden": 16, "layers": 1, "heads": 2, "num_rbf": 8}
+    losses = []
+    for name, root in (("local", str(local_run)), ("bucket", bucket_run)):
+        data = {"datasets": [root], "max_atoms": 400, "seed": 5, "views": {"rotate": True}}
+        if name == "bucket":
+            data["cache_dir"] = str(tmp_path / "cache")
+        cfg = {"run_dir": str(tmp_path / name), "steps": 3, "seed": 5, "log_every": 1, "checkpoint_every": 10_000,
+               "tensorboard": False, "progress": False, "data": data, "model": model,
+               "optim": {"lr": 1e-3, "warmup_steps": 1}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        Trainer(load_train_config(tmp_path / f"{name}.yaml")).fit()
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(r)["loss"] for r in rows if r.strip()])
+    assert len(losses[0]) == 3 and all(np.isfinite(losses[0])) and losses[0] == losses[1]
+    assert any((tmp_path / "cache").iterdir()), "shards came through the cache"
+
+
 @pytest.mark.slow  # Ray start-up and three ingest runs: ~40 s on 2 busy cores
 def test_resume_skips_intact_units_and_redoes_damaged_ones(moto_s3, bucket, corpus, local_run, ray_s3):  # noqa: F811
     """A shard replaced by other bytes and a lost outcome: those two units run again, every other one is
