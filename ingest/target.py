@@ -154,7 +154,7 @@ class BucketTarget:
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Lock the local staging folder, record the driver in the bucket (the write check), and clear both
-        at the end."""
+        at the end (only a killed driver leaves its record)."""
         self.stage.mkdir(parents=True, exist_ok=True)
         with output_lock(self.stage):
             self._clear_stage()
@@ -162,6 +162,11 @@ class BucketTarget:
             self._claim()
             try:
                 yield
+            except BaseException:
+                with contextlib.suppress(OSError):  # the job's own error is the one to report
+                    self.sink.delete([DRIVER_RECORD])
+                raise
+            else:
                 self.sink.delete([DRIVER_RECORD])
             finally:
                 self._clear_stage()
