@@ -94,10 +94,10 @@ def run_job(cfg: JobConfig, *, workers: int | None = None, progress: bool = True
 def _run_locked(cfg: JobConfig, target: FolderTarget | BucketTarget, workers: int | None,
                 progress: bool) -> JobResult:
     t0 = time.perf_counter()
-    target.begin()
     mapper = ray_mapper(workers or cfg.workers)
-    units = plan_units(cfg, mapper)
+    units = plan_units(cfg, mapper)  # a job that fails its configuration leaves an existing dataset as it was
     plan_seconds = time.perf_counter() - t0
+    target.begin()
     target.remove_stale({u.prefix for u in units})
     outcomes = target.completed_units(units, mapper)
     pending = [u for u in units if u.number not in outcomes]

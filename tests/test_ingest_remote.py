@@ -284,11 +284,16 @@ def test_read_only_credentials_and_missing_bucket_are_one_line_errors(moto_s3, b
 
 
 def test_a_config_error_leaves_the_bucket_as_it_was(moto_s3, bucket, corpus):  # noqa: F811
-    """Inputs that do not exist: the job stops before any work and removes its driver record."""
-    cfg = dataclasses.replace(_remote_job(corpus, f"s3://{BUCKET}/never"), input_root=f"s3://{BUCKET}/nothing")
-    with pytest.raises(ConfigError, match=f"no files match 's3://{BUCKET}/nothing/inputs/mol_"):
-        run_job(cfg, progress=False)
-    assert s3fs_for(moto_s3).find(f"{BUCKET}/never") == []
+    """Inputs that do not exist: the job stops before any work, removes its driver record and leaves an
+    existing dataset (its manifest) in place."""
+    fs = s3fs_for(moto_s3)
+    fs.pipe_file(f"{BUCKET}/kept/manifest.json", b"{}")
+    for out in ("never", "kept"):
+        cfg = dataclasses.replace(_remote_job(corpus, f"s3://{BUCKET}/{out}"), input_root=f"s3://{BUCKET}/nothing")
+        with pytest.raises(ConfigError, match=f"no files match 's3://{BUCKET}/nothing/inputs/mol_"):
+            run_job(cfg, progress=False)
+    fs.invalidate_cache()
+    assert fs.find(f"{BUCKET}/never") == [] and fs.find(f"{BUCKET}/kept") == [f"{BUCKET}/kept/manifest.json"]
 
 
 def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatch):
