@@ -71,15 +71,15 @@ class StudyV2Config(StudyConfig):
     max_records: int = 12000
     split: SplitConfig = field(default_factory=lambda: SplitConfig(train=2000, val=300, test=1000, seed=0))
     model: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(hidden=48, layers=3, heads=4, num_rbf=16))
-    pretrain: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=1000, max_atoms=384, warmup_steps=100))
+    pretrain: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=2000, max_atoms=384, warmup_steps=100))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
-        readout="sum", loss="mse", steps=450, warmup_steps=30, patience=1000, batch_size=32, lr=5e-4,
+        readout="sum", loss="mse", steps=320, warmup_steps=20, patience=1000, batch_size=32, lr=5e-4,
         aux_denoise_weight=0.1, aux_noise=0.005, rotate=True, drop_path=0.15, drop_path_final=0.05,
         ema_decay=0.99, progress=False))
     diagnostics: DiagnosticsSpec = field(default_factory=DiagnosticsSpec)
-    threads: int | None = 2
+    threads: int | None = 1
     estimate: bool = False
-    estimate_steps: int = 12
+    estimate_steps: int = 20
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARM_SPECS]
@@ -370,7 +370,12 @@ def run_study_v2(cfg: StudyV2Config, out: Path, *, command: str = "scd study qm9
     return summary
 
 
-def _timed_pretrain(cfg: StudyV2Config, kind: str, data: Path, root: Path, steps: int) -> float:
+def _clock() -> np.ndarray:
+    """(wall, CPU time of this process) in seconds."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def _timed_pretrain(cfg: StudyV2Config, kind: str, data: Path, root: Path, steps: int) -> np.ndarray:
     from scd_train.config import TrainConfig
     from scd_train.trainer import Trainer
 
@@ -378,12 +383,12 @@ def _timed_pretrain(cfg: StudyV2Config, kind: str, data: Path, root: Path, steps
     shutil.rmtree(run_dir, ignore_errors=True)
     mapping = pretrain_config(cfg, kind, data, run_dir)
     mapping.update(steps=steps, log_every=steps, checkpoint_every=steps, progress=False)
-    t = time.perf_counter()
+    t = _clock()
     Trainer(from_dict(TrainConfig, mapping)).fit()
-    return time.perf_counter() - t
+    return _clock() - t
 
 
-def _time_diagnostics(cfg: StudyV2Config, held_out: Path) -> float:
+def _time_diagnostics(cfg: StudyV2Config, held_out: Path) -> np.ndarray:
     import torch
 
     from scd_train.diagnostics import Diagnostics, DiagnosticsConfig
@@ -395,60 +400,80 @@ def _time_diagnostics(cfg: StudyV2Config, held_out: Path) -> float:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         objective = build_objective(dataclasses.replace(cfg.model, kind="scd"))
-    t = time.perf_counter()
+    t = _clock()
     diag.evaluate(objective)
-    return time.perf_counter() - t
+    return _clock() - t
 
 
 def estimate_study(cfg: StudyV2Config, out: Path, data: dict[str, Any], log: Any = print) -> dict[str, Any]:
     """Time a few steps of every stage (pretraining per objective, one diagnostics evaluation, fine-tuning steps
-    and evaluations) and print the study's expected wall time; writes ``out/estimate.json``."""
+    and evaluations) and print the study's expected wall time; writes ``out/estimate.json``.
+
+    Two figures: from wall-clock times (what this machine gives at its current load) and from this process's
+    CPU time (what it would give alone; with one torch thread, CPU time is the wall time of an idle core).
+    """
     k = cfg.estimate_steps
     root = out / "estimate"
-    per_step: dict[str, float] = {}
-    startup: dict[str, float] = {}
-    for kind in sorted({kd for a in cfg.arms if (kd := ARM_SPECS[a][0]) is not None}):
+    clocks = ("wall", "cpu")
+    per_step: dict[str, np.ndarray] = {}
+    startup: dict[str, np.ndarray] = {}
+    kinds = sorted({kd for a in cfg.arms if (kd := ARM_SPECS[a][0]) is not None})
+    if kinds:  # a first, untimed run pays the one-off costs (imports, allocator, caches)
+        _timed_pretrain(cfg, kinds[0], data["pre_data"], root, 1)
+    for kind in kinds:
         short = _timed_pretrain(cfg, kind, data["pre_data"], root, 2)
         long = _timed_pretrain(cfg, kind, data["pre_data"], root, 2 + k)
-        per_step[kind] = max(1e-6, (long - short) / k)
-        startup[kind] = max(0.0, short - 2 * per_step[kind])
-    t_diag = _time_diagnostics(cfg, data["diag_data"]) if data["diag_data"] is not None else 0.0
+        per_step[kind] = np.maximum(1e-6, (long - short) / k)
+        startup[kind] = np.maximum(0.0, short - 2 * per_step[kind])
+    t_diag = _time_diagnostics(cfg, data["diag_data"]) if data["diag_data"] is not None else np.zeros(2)
     n = max(cfg.train_sizes)
     ft = dataclasses.replace(_finetune_cfg(cfg, data["ft_data"], root / "finetune", cfg.targets[0], None,
                                            data["split_files"][n], cfg.seeds[0]), steps=k)
+    t = _clock()
     r = finetune(ft, log=lambda *_: None)
+    spent = _clock() - t
     tm = r["timing"]
-    t_step, t_eval = tm["train_s"] / max(1, r["steps_run"]), tm["eval_s"] / tm["evaluations"]
+    scale = np.array([1.0, spent[1] / max(1e-9, spent[0])])  # the run's CPU/wall ratio splits its parts
+    t_setup = tm["setup_s"] * scale
+    t_step = tm["train_s"] / max(1, r["steps_run"]) * scale
+    t_eval = tm["eval_s"] / tm["evaluations"] * scale
     t_test = t_eval * cfg.split.test / cfg.split.val
     bs = cfg.finetune.batch_size or 32
-    parts: dict[str, float] = {"prepare (measured)": data["seconds"]}
+    parts: dict[str, np.ndarray] = {"prepare (measured, wall)": np.full(2, data["seconds"])}
     for arm in cfg.arms:
         obj, mult = ARM_SPECS[arm]
         if obj is None:
             continue
         steps = cfg.pretrain.steps * mult
         evals = steps // cfg.diagnostics.every if cfg.diagnostics.every > 0 else 0
-        parts[f"pretrain {arm}"] = startup[obj] + steps * per_step[obj] + evals * t_diag
+        parts[f"pretrain {arm} ({steps} steps)"] = startup[obj] + steps * per_step[obj] + evals * t_diag
     runs = len(cfg.targets) * len(cfg.arms) * len(cfg.seeds)
     for size in cfg.train_sizes:
         ft_steps = cfg.finetune.steps or cfg.finetune.epochs * math.ceil(size / bs)
         evals = math.ceil(ft_steps / math.ceil(size / bs)) + 1
-        parts[f"fine-tune {regime(size)} ({runs} runs)"] = runs * (tm["setup_s"] + ft_steps * t_step
-                                                                    + evals * t_eval + t_test)
-    total = sum(parts.values())
+        parts[f"fine-tune {regime(size)} ({runs} runs)"] = runs * (t_setup + ft_steps * t_step + evals * t_eval
+                                                                    + t_test)
+    total = np.sum(list(parts.values()), axis=0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    est = {"total_s": total, "parts_s": parts, "pretrain_step_s": per_step, "pretrain_startup_s": startup,
-           "diagnostics_eval_s": t_diag, "finetune_step_s": t_step, "finetune_eval_s": t_eval,
-           "finetune_setup_s": tm["setup_s"], "threads": cfg.threads, "cpu_count": os.cpu_count(),
-           "load_average_1min": load}
+
+    def by_clock(x: np.ndarray) -> dict[str, float]:
+        return {c: float(v) for c, v in zip(clocks, x, strict=True)}
+
+    est = {"total_s": by_clock(total), "parts_s": {name: by_clock(v) for name, v in parts.items()},
+           "pretrain_step_s": {kd: by_clock(v) for kd, v in per_step.items()},
+           "pretrain_startup_s": {kd: by_clock(v) for kd, v in startup.items()},
+           "diagnostics_eval_s": by_clock(t_diag), "finetune_step_s": by_clock(t_step),
+           "finetune_eval_s": by_clock(t_eval), "finetune_setup_s": by_clock(t_setup), "threads": cfg.threads,
+           "cpu_count": os.cpu_count(), "load_average_1min": load, "device": cfg.device}
     (out / "estimate.json").write_text(json.dumps(est, indent=1))
-    lines = [f"estimated wall time: {total / 3600:.2f} h ({total / 60:.0f} min)",
-             *(f"  {name}: {sec / 60:.1f} min" for name, sec in parts.items()),
-             "  measured: pretrain step " + ", ".join(f"{kd} {s * 1000:.0f} ms" for kd, s in per_step.items())
-             + f"; diagnostics {t_diag:.1f} s/eval; fine-tune step {t_step * 1000:.0f} ms, evaluation "
-             f"{t_eval:.2f} s, setup {tm['setup_s']:.1f} s",
-             f"  ({cfg.threads} torch threads on {os.cpu_count()} cores, 1-min load average {load:.1f}: the machine is "
-             "shared, so these figures move with its load)"]
+    lines = [f"estimated wall time: {total[0] / 3600:.2f} h at this machine's current load (1-min load average "
+             f"{load:.1f} on {os.cpu_count()} cores: the machine is shared), {total[1] / 3600:.2f} h from CPU time "
+             f"(the process alone, {cfg.threads} torch thread(s))",
+             *(f"  {name}: {v[0] / 60:.1f} min wall, {v[1] / 60:.1f} min CPU" for name, v in parts.items()),
+             "  measured per step (wall / CPU): pretrain " + ", ".join(
+                 f"{kd} {v[0] * 1000:.0f} / {v[1] * 1000:.0f} ms" for kd, v in per_step.items())
+             + f"; fine-tune {t_step[0] * 1000:.0f} / {t_step[1] * 1000:.0f} ms; diagnostics evaluation "
+             f"{t_diag[0]:.1f} / {t_diag[1]:.1f} s; fine-tune evaluation {t_eval[0]:.2f} / {t_eval[1]:.2f} s"]
     log("\n".join(lines))
     return est
 

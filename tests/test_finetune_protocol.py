@@ -105,7 +105,6 @@ def test_drop_path_schedule_moves_linearly_to_its_final_value() -> None:
     assert drop_path_at(FinetuneConfig(drop_path=0.1), 7, 11) == 0.1
 
 
-@pytest.mark.slow
 def test_protocol_run_is_deterministic_and_logs_its_schedule(qm9, tmp_path) -> None:
     cfg = _cfg(qm9, tmp_path / "a", rotate=True, aux_denoise_weight=0.1, drop_path=0.15, drop_path_final=0.05)
     a = finetune(cfg, log=lambda *_: None)
@@ -118,7 +117,6 @@ def test_protocol_run_is_deterministic_and_logs_its_schedule(qm9, tmp_path) -> N
     assert plain["curve"][1:] != a["curve"][1:]  # the auxiliary loss and rotations change the trajectory
 
 
-@pytest.mark.slow
 def test_ema_evaluation_uses_the_ema_weights(qm9, tmp_path) -> None:
     """With a decay this close to 1 the EMA weights stay at the starting weights: every validation MAE equals
     the one before training and the saved model is the initial one; without EMA both move."""

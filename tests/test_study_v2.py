@@ -58,14 +58,15 @@ def test_tiny_study_v2_end_to_end_and_resume(tmp_path) -> None:
     assert json.loads((out / "results.json").read_text())["summary"] == summary
 
 
-@pytest.mark.slow
 def test_study_v2_estimate_runs_nothing_else(tmp_path, capsys) -> None:
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "estimate": True}))
     out = tmp_path / "est"
     assert main(["study", "qm9-v2", "--out", str(out), "--config", str(tmp_path / "tiny.yaml")]) == 0
     est = json.loads((out / "estimate.json").read_text())
-    assert est["total_s"] > 0 and set(est["pretrain_step_s"]) == {"denoise", "scd"}
-    assert est["total_s"] == pytest.approx(sum(est["parts_s"].values()))
+    assert set(est["pretrain_step_s"]) == {"denoise", "scd"}
+    for clock in ("wall", "cpu"):
+        assert est["total_s"][clock] > 0
+        assert est["total_s"][clock] == pytest.approx(sum(p[clock] for p in est["parts_s"].values()))
     assert "estimated wall time" in capsys.readouterr().out
     assert not (out / "runs").exists() and not (out / "results.md").exists()
 
@@ -83,3 +84,14 @@ def test_study_v2_config_rejects_unknown_arms_and_sizes(tmp_path) -> None:
     (tmp_path / "bad.yaml").write_text("diagnostics: {evry: 3}\n")
     with pytest.raises(ConfigError, match="evry"):
         load_study_v2_config(tmp_path / "bad.yaml")
+
+
+def test_gpu_study_config_loads() -> None:
+    """The shipped GPU config names only known keys and keeps the protocol defaults it does not set."""
+    from pathlib import Path
+
+    from scd_train.study_v2 import load_study_v2_config
+
+    cfg = load_study_v2_config(Path(__file__).resolve().parents[1] / "docs" / "study-qm9-v2" / "study-gpu.yaml")
+    assert cfg.device == "cuda" and cfg.model.hidden == 256 and cfg.train_sizes == (10000, 1000)
+    assert cfg.finetune.aux_denoise_weight == 0.1 and cfg.finetune.rotate and cfg.finetune.steps == 2000
