@@ -11,6 +11,7 @@ Samples above the atom budget from ``crop_domains`` (proteins, MD frames) are cr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,15 @@ def load_mixture(path: str | Path | None, overrides: list[str] | None = None) ->
     return MixtureConfig() if path is None else load_yaml(MixtureConfig, path, overrides)
 
 
+STRATEGIES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
+    "natural": lambda n, w, t: n,
+    "weights": lambda n, w, t: w * n,
+    "temperature": lambda n, w, t: n ** (1.0 / t),
+    "proportions": lambda n, w, t: w,
+}
+"""Unnormalised group weights by strategy name, from (group sizes n, weights w, temperature t)."""
+
+
 def group_probabilities(cfg: MixtureConfig, sizes: dict[str, int]) -> dict[str, float]:
     """Target probability of each non-empty group."""
     names = [g for g in sorted(sizes) if sizes[g] > 0]
@@ -58,7 +68,7 @@ def group_probabilities(cfg: MixtureConfig, sizes: dict[str, int]) -> dict[str, 
                           f"(groups by {cfg.group_by}: {sorted(sizes)})")
     n = np.array([sizes[g] for g in names], dtype=np.float64)
     w = np.array([cfg.weights.get(g, cfg.default_weight) for g in names], dtype=np.float64)
-    raw = {"natural": n, "weights": w * n, "temperature": n ** (1.0 / cfg.temperature), "proportions": w}[cfg.strategy]
+    raw = STRATEGIES[cfg.strategy](n, w, cfg.temperature)
     if raw.sum() <= 0:
         raise ConfigError("mixture weights are all zero")
     p = raw / raw.sum()
