@@ -157,3 +157,23 @@ def test_embed_is_one_mask_token_pass_pooled() -> None:
     moved = dict(single, pos=single["pos"].clone())
     moved["pos"][4:] += 0.3
     torch.testing.assert_close(obj.embed(moved)[1][:4].mean(0), mean_of_first)
+
+
+def test_every_backbone_option_reaches_the_backbone() -> None:
+    cfg = ObjectiveConfig(hidden=16, layers=1, heads=2, num_rbf=4, cutoff=4.5, drop_path=0.05, adaln="ln_zero",
+                          layer_norm=True, self_loops=True, vector_cutoff=True)
+    got = build_objective(cfg).backbone.cfg
+    expected = {"hidden": 16, "layers": 1, "heads": 2, "num_rbf": 4, "cutoff": 4.5, "drop_path": 0.05,
+                "adaln": "ln_zero", "layer_norm": True, "self_loops": True, "vector_cutoff": True}
+    assert {k: getattr(got, k) for k in expected} == expected
+
+
+def test_denoise_is_pass_two_of_scd() -> None:
+    """``denoise(batch, c)`` with c from the clean pass is SCD's prediction (eval: no drop-cond)."""
+    obj = _objective().eval()
+    batch = _batch()
+    with torch.no_grad():
+        c = obj.embed(batch, view="_clean")[0]
+        torch.testing.assert_close(obj.denoise(batch, c), obj.predict(batch)[0], atol=0, rtol=0)
+        other = obj.denoise(batch, obj.mask_token.expand_as(c))
+    assert (other - obj.predict(batch)[0]).abs().max() > 0

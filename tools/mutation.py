@@ -4,8 +4,10 @@
     python tools/mutation.py planner mixture      # some of them
     python tools/mutation.py codec --children 2 --keep /tmp/mut
     python tools/mutation.py planner --sample 80 --seed 1   # a seeded random sample of the mutants
+    python tools/mutation.py objective --rev HEAD           # a commit's files, not the working tree
 
-For each module the script copies the working tree (tracked and untracked, not ignored files) into a
+For each module the script copies the working tree (tracked and untracked, not ignored files), or with
+``--rev`` the files of that commit (``git archive``: a shared tree's uncommitted edits stay out), into a
 temporary folder, so the real tree is never mutated, writes a ``[tool.mutmut]`` section that mutates only
 that module and selects only its fast tests, runs ``mutmut run`` there (``nice -n 10``) and reads the
 result of every mutant. It prints one line per module: killed (timeouts included), survived, no tests
@@ -13,16 +15,19 @@ result of every mutant. It prints one line per module: killed (timeouts included
 (no-tests mutants count as not killed); then the names of the mutants not killed. It writes
 ``mutation.json`` (per module: counts and survivor names) into the working directory or ``--out``.
 ``mutmut show NAME`` inside the kept copy (``--keep DIR``) prints a survivor's diff.
-Needs ``pip install mutmut==3.8.1`` (not part of the project's extras).
+Needs mutmut 3.8.1 (in the ``dev`` extra).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -82,13 +87,24 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "tests/test_objectives.py::test_noise_stats_update_save_restore",
         "tests/test_objectives.py::test_loss_sum_is_additive_over_graphs",
         "tests/test_objectives.py::test_build_objective_rejects_unknown",
+        "tests/test_objectives.py::test_unfrozen_embeddings_train",
+        "tests/test_objectives.py::test_embed_single_view",
+        "tests/test_equivariance.py::test_noise_centring_removes_the_unlearnable_translation",
+        "tests/test_equivariance.py::test_noise_centring_loss_is_invariant",
+        "tests/test_objective_mutants.py",
     )),
 }
 STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "not checked", "segfault")
 
 
-def copy_tree(dest: Path) -> None:
-    """Tracked and untracked (not ignored) files of the working tree, as they are now."""
+def copy_tree(dest: Path, rev: str | None = None) -> None:
+    """Tracked and untracked (not ignored) files of the working tree, as they are now; or commit ``rev``'s."""
+    if rev is not None:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+        return
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
@@ -121,19 +137,26 @@ def results(root: Path, mutmut: str) -> dict[str, str]:
     return found
 
 
+# mutmut runs the tests once in its own process, then forks a child per mutant: a torch thread pool started in
+# the parent deadlocks the forked children (they wait forever on a futex), so torch runs on one thread
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def _run_mutmut(root: Path, mutmut: str, children: int, names: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", str(children), *names], cwd=root,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **SINGLE_THREAD})
 
 
-def run_module(name: str, children: int, keep: Path | None, mutmut: str, sample: int = 0, seed: int = 0) -> dict:
+def run_module(name: str, children: int, keep: Path | None, mutmut: str, sample: int = 0, seed: int = 0,
+               rev: str | None = None) -> dict:
     target, tests = MODULES[name]
     root = (keep / name) if keep else Path(tempfile.mkdtemp(prefix=f"mutation-{name}-"))
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     try:
-        copy_tree(root)
+        copy_tree(root, rev)
         configure(root, target, tests)
         t0 = time.perf_counter()
         names: list[str] = []
@@ -153,7 +176,8 @@ def run_module(name: str, children: int, keep: Path | None, mutmut: str, sample:
     counts = Counter(status.values())
     checked = sum(counts.values()) - counts["not checked"] - counts["skipped"]
     killed = counts["killed"] + counts["timeout"]
-    return {"module": name, "file": target, "tests": list(tests), "seconds": round(seconds, 1), "sampled": len(names),
+    return {"module": name, "file": target, "rev": rev, "tests": list(tests), "seconds": round(seconds, 1),
+            "sampled": len(names),
             "exit_code": proc.returncode, "stderr_tail": proc.stderr[-2000:] if proc.returncode else "",
             "counts": dict(counts), "score": round(killed / checked, 3) if checked else None,
             "survivors": sorted(n for n, s in status.items() if s in ("survived", "no tests", "suspicious"))}
@@ -167,17 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("mutation.json"))
     ap.add_argument("--sample", type=int, default=0, help="test only this many mutants per module, drawn with --seed")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rev", help="mutate the files of this commit (git archive) instead of the working tree")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
         ap.error(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if mutmut is None:
-        print("mutmut is not installed: pip install mutmut==3.8.1", file=sys.stderr)
+        print("mutmut is not installed: pip install mutmut==3.8.1 (or the dev extra)", file=sys.stderr)
         return 2
+    rev = None
+    if args.rev:
+        found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"], cwd=REPO,
+                               capture_output=True, text=True)
+        if found.returncode:
+            ap.error(f"--rev {args.rev!r} is not a commit of {REPO}")
+        rev = found.stdout.strip()
     report = {}
     for name in args.modules or list(MODULES):
-        r = run_module(name, args.children, args.keep, mutmut, args.sample, args.seed)
+        r = run_module(name, args.children, args.keep, mutmut, args.sample, args.seed, rev)
         report[name] = r
         c = r["counts"]
         sampled = f", a random sample of {r['sampled']} mutants" if r["sampled"] else ""
