@@ -329,3 +329,16 @@ def test_meta_json_writes_what_json_dumps_writes() -> None:
     for bad in ({"e": float("nan")}, {"e": float("inf")}, {"p": {"x": -float("inf")}}):
         with pytest.raises(ValueError):
             meta_json(bad)
+
+
+def test_numpy_integer_index_is_stored_as_an_int() -> None:
+    """A record index given as a numpy integer is accepted and encoded like the same plain int (it used to pass
+    validation and then fail in the codec's JSON header)."""
+    from shards.format.codec import decode, encode
+    from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph
+
+    common = {"key": "k", "domain": "molecule", "source": "s", "source_file": "f", "atomic_numbers": Z,
+              "positions": np.zeros((3, 3), dtype=np.float32), "cell": ZERO_CELL, "pbc": NO_PBC}
+    g = AtomGraph(index=np.int64(7), **common)
+    assert type(g.index) is int and encode(g) == encode(AtomGraph(index=7, **common))
+    assert decode(encode(g)).index == 7

@@ -108,6 +108,8 @@ def check_invariants(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     if type(index) is not int and (isinstance(index, bool) or not isinstance(index, (int, np.integer))) \
             or index < 0:
         raise SchemaError(key, "index", f"must be a non-negative integer, got {index!r}")
+    if type(index) is not int:
+        d["index"] = int(index)  # a numpy integer (or int subclass) becomes a plain int, as charge and spin do
     z = d["atomic_numbers"]
     n = len(z)
     if n == 0:
