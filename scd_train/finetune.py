@@ -38,6 +38,7 @@ from scd_train.views import ViewConfig, make_views
 from shards.config import ConfigError, load_yaml, to_dict
 from shards.format.reader import ShardDataset
 from shards.format.schema import AtomGraph
+from shards.progress import Progress
 from shards.stream.collate import collate
 
 __all__ = ["TASKS", "TASK_DEFAULTS", "FinetuneConfig", "PropertyModel", "SplitConfig", "finetune", "finetune_optimizer",
@@ -390,8 +391,6 @@ def _energy_forces(cfg: FinetuneConfig, log: Any) -> dict[str, Any]:
 
 
 def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     graphs = labelled_graphs(cfg.data, cfg.property)
@@ -433,8 +432,8 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     curve = [{"epoch": 0, "step": 0, "train_loss": None, "val_mae_eV": val_mae, "lr": 0.0}]
     best, best_epoch, best_state, stale = val_mae, 0, weights(), 0
     step = 0
-    bar = tqdm(range(1, epochs + 1), desc=f"finetune {cfg.property}", unit="epoch", disable=not cfg.progress)
-    for epoch in bar:
+    bar = Progress(epochs, f"finetune {cfg.property}", "epoch", enabled=cfg.progress)
+    for epoch in range(1, epochs + 1):
         t = time.perf_counter()
         model.train()
         losses, aux_losses = [], []
@@ -473,6 +472,7 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
                       **({"aux_loss": float(np.mean(aux_losses))} if aux_losses else {}),
                       **({"drop_path": drop_path_at(cfg, step - 1, total)} if cfg.drop_path_final is not None else {})})
         bar.set_postfix(val_meV=f"{val_mae * 1000:.1f}")
+        bar.update()
         if val_mae < best:
             best, best_epoch, stale = val_mae, epoch, 0
             best_state = weights()
@@ -480,6 +480,7 @@ def _property(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
             stale += 1
             if stale >= cfg.patience:
                 break
+    bar.close()
     model.load_state_dict(best_state)
     test_pred = predict(model, views["test"], cfg.eval_max_atoms, device) * std + mean
     test_mae = float(np.abs(test_pred - y_ev["test"]).mean())

@@ -41,6 +41,7 @@ from scd_train.forcefield import (
 from shards.config import to_dict
 from shards.format.reader import ShardDataset
 from shards.format.schema import AtomGraph
+from shards.progress import Progress
 
 __all__ = ["evaluate", "finetune_energy_forces", "force_graphs"]
 
@@ -119,8 +120,6 @@ def plot_curve(curve: list[dict[str, Any]], path: Path) -> None:
 
 def finetune_energy_forces(cfg: FinetuneConfig, log: Any = print) -> dict[str, Any]:
     """Run one energy + forces fine-tuning; writes ``out/result.json`` and the force field."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     graphs = force_graphs(cfg.data)
@@ -147,8 +146,8 @@ def finetune_energy_forces(cfg: FinetuneConfig, log: Any = print) -> dict[str, A
     curve: list[dict[str, Any]] = [{"epoch": 0, "train_loss": None, "val": val, "lr": 0.0}]
     best, best_epoch, best_state, stale = _score(cfg, val), 0, copy.deepcopy(model.state_dict()), 0
     train = data["train"]
-    bar = tqdm(range(1, cfg.epochs + 1), desc="finetune energy+forces", unit="epoch", disable=not cfg.progress)
-    for epoch in bar:
+    bar = Progress(cfg.epochs, "finetune energy+forces", "epoch", enabled=cfg.progress)
+    for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
         order = rng.permutation(len(train.items))
@@ -169,6 +168,7 @@ def finetune_energy_forces(cfg: FinetuneConfig, log: Any = print) -> dict[str, A
         curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": val,
                       "lr": float(sched.get_last_lr()[0])})
         bar.set_postfix(E_meV=f"{val['energy_mae_meV']:.1f}", F_meV_A=f"{val['force_mae_meV_per_A']:.1f}")
+        bar.update()
         score = _score(cfg, val)
         if score < best:
             best, best_epoch, stale = score, epoch, 0
@@ -177,6 +177,7 @@ def finetune_energy_forces(cfg: FinetuneConfig, log: Any = print) -> dict[str, A
             stale += 1
             if stale >= cfg.patience:
                 break
+    bar.close()
     model.load_state_dict(best_state)
     metrics = {part: evaluate(model, data[part], cfg.eval_max_atoms, device) for part in ("val", "test")}
     result = {

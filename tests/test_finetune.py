@@ -288,3 +288,15 @@ def test_finetune_beats_the_mean_baseline_on_a_learnable_target(tmp_path) -> Non
     test = np.array([label[k] for k in r["splits"]["test"]])
     baseline = float(np.abs(test - train.mean()).mean())
     assert r["test_mae_eV"] < 0.4 * baseline, (r["test_mae_eV"], baseline)
+
+
+def test_finetune_progress_is_plain_lines_when_not_a_terminal(qm9, tmp_path, capsys, monkeypatch) -> None:
+    """A log file gets one plain line per epoch (no bar, no carriage returns, no escape codes)."""
+    monkeypatch.setenv("SCD_PROGRESS_EVERY", "0")
+    finetune(_cfg(qm9, tmp_path / "p", epochs=2, patience=5, progress=True), log=lambda *_: None)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("finetune homo:")]
+    assert [ln.split(",")[0] for ln in lines] == ["finetune homo: 1/2 epoch (50%)", "finetune homo: 2/2 epoch (100%)",
+                                                  "finetune homo: 2/2 epoch (100%)"]
+    assert all("val_meV=" in ln for ln in lines)
+    assert "\r" not in err and "\x1b" not in err

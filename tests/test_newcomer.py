@@ -55,6 +55,17 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "scd"):
                 yield from _parsers(sub, f"{name} {sub_name}")
 
 
+def test_verify_progress_is_plain_lines_when_not_a_terminal(mixed, capsys, monkeypatch) -> None:
+    root, _ = mixed
+    monkeypatch.setenv("SCD_PROGRESS_EVERY", "0")
+    assert main(["shards", "verify", str(root)]) == 0
+    err = capsys.readouterr().err
+    n = -(-len(mixed[1]) // 17)
+    assert [ln.split(",")[0] for ln in err.splitlines()][:n] == [f"verify: {k}/{n} shard ({k / n:.0%})"
+                                                                 for k in range(1, n + 1)]
+    assert "\r" not in err and "\x1b" not in err
+
+
 def test_every_help_states_its_defaults() -> None:
     parsers = dict(_parsers(build_parser()))
     assert {"scd embed", "scd shards keys", "scd shards preview", "scd train", "scd demo"} <= set(parsers)

@@ -63,12 +63,11 @@ def register(sub: Any) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from shards.format.reader import ShardDataset
+    from shards.progress import Progress
 
     total = len(ShardDataset(args.dataset).shard_names)
-    with tqdm(total=total, unit="shard", desc="verify", disable=None) as bar:
+    with Progress(total, "verify", "shard") as bar:
         rep = verify_dataset(args.dataset, progress=bar)
     for err in rep.errors:
         print(f"ERROR: {err}", file=sys.stderr)
