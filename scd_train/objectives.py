@@ -29,7 +29,8 @@ __all__ = ["OBJECTIVES", "Denoise", "Objective", "ObjectiveConfig", "SCD", "buil
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which objective and backbone; backbone fields left None take the ``preset`` values (or the backbone's
-    defaults: ``adaln``, ``layer_norm``, ``self_loops``, ``vector_cutoff``, see :mod:`scd_train.models.base`).
+    defaults: ``adaln``, ``layer_norm``, ``self_loops``, ``vector_cutoff``, ``checkpoint_edges``, see
+    :mod:`scd_train.models.base`).
 
     ``center_noise`` subtracts each structure's mean noise from the denoising target (the authors' GPU
     path). Off by default: existing runs and results stay reproducible; the removed part (a translation
@@ -53,6 +54,7 @@ class ObjectiveConfig:
     layer_norm: bool | None = None
     self_loops: bool | None = None
     vector_cutoff: bool | None = None
+    checkpoint_edges: bool | None = None
 
 
 class Objective(nn.Module):
@@ -204,6 +206,7 @@ def build_objective(cfg: ObjectiveConfig) -> _Denoising:
         raise KeyError(f"unknown objective {cfg.kind!r}; known: {sorted(OBJECTIVES)}")
     bb = backbone_config(cfg.backbone, cfg.preset, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                          num_rbf=cfg.num_rbf, cutoff=cfg.cutoff, drop_path=cfg.drop_path, adaln=cfg.adaln,
-                         layer_norm=cfg.layer_norm, self_loops=cfg.self_loops, vector_cutoff=cfg.vector_cutoff)
+                         layer_norm=cfg.layer_norm, self_loops=cfg.self_loops, vector_cutoff=cfg.vector_cutoff,
+                         checkpoint_edges=cfg.checkpoint_edges)
     return OBJECTIVES[cfg.kind](build_backbone(bb), drop_cond=cfg.drop_cond,
                                 freeze_embeddings=cfg.freeze_embeddings, center_noise=cfg.center_noise)

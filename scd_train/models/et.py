@@ -14,6 +14,7 @@ from scd_train.models.base import (
     EdgeOps,
     ExpNormalRBF,
     drop_path_mask,
+    edge_checkpoint,
     edge_geometry,
     with_self_loops,
 )
@@ -53,11 +54,12 @@ class ETLayer(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, num_rbf: int, adaln: str = "layerscale",
-                 vector_cutoff: bool = False) -> None:
+                 vector_cutoff: bool = False, checkpoint_edges: bool = False) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
         self.hidden, self.heads, self.vector_cutoff = hidden, heads, vector_cutoff
+        self.checkpoint_edges = checkpoint_edges
         self.ada = AdaLN(hidden, adaln)
         self.qkv = nn.Linear(hidden, 5 * hidden)
         self.vec_proj = nn.Linear(hidden, 3 * hidden, bias=False)
@@ -65,11 +67,10 @@ class ETLayer(nn.Module):
         self.dv_proj = nn.Linear(num_rbf, 3 * hidden)
         self.o_proj = nn.Linear(hidden, 3 * hidden)
 
-    def forward(self, x: Tensor, vec: Tensor | None, cond: Tensor, batch: Tensor, ops: EdgeOps,
-                rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    def edges(self, qkv: Tensor, vec: Tensor | None, ops: EdgeOps, rbf: Tensor, cut: Tensor, unit: Tensor
+              ) -> tuple[Tensor, Tensor]:
+        """The per-edge part: attention-weighted scalar messages and vector messages summed into atoms."""
         f, h, e = self.hidden, self.heads, ops.n_edges
-        xin, gate = self.ada(x, cond, batch)
-        qkv = self.qkv(xin)
         k, v = ops.gather(qkv[:, f:], "src").split((f, 3 * f), dim=-1)  # one gather for keys and values
         qk = ops.gather(qkv[:, :f], "dst") * k * F.silu(self.dk_proj(rbf))
         attn = F.silu(qk.view(e, h, f // h).sum(-1)) * cut.unsqueeze(-1)
@@ -80,8 +81,15 @@ class ETLayer(nn.Module):
             vm = torch.addcmul(vm, ops.gather(vec, "src"), s1.unsqueeze(1))
         if self.vector_cutoff:
             vm = vm * cut.view(e, 1, 1)
-        o1, o2, o3 = self.o_proj(ops.scatter(xm, "dst")).split(f, dim=-1)
-        dvec = ops.scatter(vm, "dst")
+        return ops.scatter(xm, "dst"), ops.scatter(vm, "dst")
+
+    def forward(self, x: Tensor, vec: Tensor | None, cond: Tensor, batch: Tensor, ops: EdgeOps,
+                rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        f = self.hidden
+        xin, gate = self.ada(x, cond, batch)
+        xs, dvec = edge_checkpoint(self.edges, self.qkv(xin), vec, ops, rbf, cut, unit,
+                                   enabled=self.checkpoint_edges)
+        o1, o2, o3 = self.o_proj(xs).split(f, dim=-1)
         if vec is None:
             dx = o3 * gate
         else:
@@ -104,8 +112,8 @@ class EquivariantTransformer(Backbone):
         self.embedding = nn.Embedding(cfg.max_z, cfg.hidden)
         self.rbf = ExpNormalRBF(cfg.num_rbf, cfg.cutoff)
         self.neighbor_embedding = NeighborEmbedding(cfg.hidden, cfg.num_rbf, cfg.max_z)
-        self.layers = nn.ModuleList(ETLayer(cfg.hidden, cfg.heads, cfg.num_rbf, cfg.adaln, cfg.vector_cutoff)
-                                    for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(ETLayer(cfg.hidden, cfg.heads, cfg.num_rbf, cfg.adaln, cfg.vector_cutoff,
+                                            cfg.checkpoint_edges) for _ in range(cfg.layers))
         self.layer_norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(cfg.layers)) \
             if cfg.layer_norm else None
         self.out_norm = nn.LayerNorm(cfg.hidden)

@@ -13,6 +13,7 @@ from scd_train.models.base import (
     EdgeOps,
     ExpNormalRBF,
     drop_path_mask,
+    edge_checkpoint,
     edge_geometry,
     with_self_loops,
 )
@@ -32,9 +33,10 @@ class PaiNNConfig(BackboneConfig):
 class PaiNNLayer(nn.Module):
     """One message block and one update block, each an adaLN-conditioned residual update."""
 
-    def __init__(self, hidden: int, num_rbf: int, vector_eps: float, adaln: str = "layerscale") -> None:
+    def __init__(self, hidden: int, num_rbf: int, vector_eps: float, adaln: str = "layerscale",
+                 checkpoint_edges: bool = False) -> None:
         super().__init__()
-        self.hidden, self.vector_eps = hidden, vector_eps
+        self.hidden, self.vector_eps, self.checkpoint_edges = hidden, vector_eps, checkpoint_edges
         self.ada_message = AdaLN(hidden, adaln)
         self.phi = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
         self.filter = nn.Linear(num_rbf, 3 * hidden)
@@ -42,14 +44,20 @@ class PaiNNLayer(nn.Module):
         self.uv = nn.Linear(hidden, 2 * hidden, bias=False)
         self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
 
+    def edges(self, phi: Tensor, vec: Tensor, ops: EdgeOps, rbf: Tensor, cut: Tensor, unit: Tensor
+              ) -> tuple[Tensor, Tensor]:
+        """The per-edge part: filtered scalar and vector messages summed into atoms."""
+        m = ops.gather(phi, "src") * (self.filter(rbf) * cut.unsqueeze(-1))
+        ds, dv1, dv2 = m.split(self.hidden, dim=-1)
+        vm = torch.addcmul(ops.gather(vec, "src") * dv1.unsqueeze(1), dv2.unsqueeze(1), unit.unsqueeze(-1))
+        return ops.scatter(ds, "dst"), ops.scatter(vm, "dst")
+
     def forward(self, x: Tensor, vec: Tensor, cond: Tensor, batch: Tensor, ops: EdgeOps,
                 rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         f = self.hidden
         h, gate = self.ada_message(x, cond, batch)
-        m = ops.gather(self.phi(h), "src") * (self.filter(rbf) * cut.unsqueeze(-1))
-        ds, dv1, dv2 = m.split(f, dim=-1)
-        vm = torch.addcmul(ops.gather(vec, "src") * dv1.unsqueeze(1), dv2.unsqueeze(1), unit.unsqueeze(-1))
-        dx, dvec = ops.scatter(ds, "dst") * gate, ops.scatter(vm, "dst")
+        xs, dvec = edge_checkpoint(self.edges, self.phi(h), vec, ops, rbf, cut, unit, enabled=self.checkpoint_edges)
+        dx = xs * gate
         if keep is not None:
             dx, dvec = dx * keep, dvec * keep.unsqueeze(-1)
         x, vec = x + dx, vec + dvec
@@ -74,8 +82,8 @@ class PaiNN(Backbone):
         self.hidden = cfg.hidden
         self.embedding = nn.Embedding(cfg.max_z, cfg.hidden)
         self.rbf = ExpNormalRBF(cfg.num_rbf, cfg.cutoff)
-        self.layers = nn.ModuleList(PaiNNLayer(cfg.hidden, cfg.num_rbf, cfg.vector_eps, cfg.adaln)
-                                    for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(PaiNNLayer(cfg.hidden, cfg.num_rbf, cfg.vector_eps, cfg.adaln,
+                                               cfg.checkpoint_edges) for _ in range(cfg.layers))
         self.layer_norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(cfg.layers)) \
             if cfg.layer_norm else None
         self.out_norm = nn.LayerNorm(cfg.hidden)
