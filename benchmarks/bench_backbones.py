@@ -8,6 +8,9 @@ saved once by the parent.
     python benchmarks/bench_backbones.py [--rounds 2] [--steps 4] [--threads 2] [--backbones et painn]
         [--presets small paper] [--ref REF --ref-python PY --ref-path STUBS]
 
+A backbone name may carry model options after ``+`` (:data:`SIDE_OPTIONS`): ``et+ckpt`` is ET with
+``checkpoint_edges`` (activation checkpointing of the per-edge part), measured as one more side.
+
 Without ``--ref`` it prints our figures only. With ``--ref REF`` (a checkout of
 github.com/TyJPerez/SelfConditionedDenoisingAtoms, fetched by the user, never copied here) it alternates
 our backbones and the authors' ``CET`` (``configs/model_configs/scd_small.yaml`` for ``small``,
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 REF_CONFIGS = {"small": "configs/model_configs/scd_small.yaml", "paper": "configs/model_configs/scd.yaml"}
+SIDE_OPTIONS: dict[str, dict[str, Any]] = {"ckpt": {"checkpoint_edges": True}}
 BATCH_KEYS = ("z", "pos_clean", "pos_noisy", "noise", "edge_index_clean", "edge_shift_clean",
               "edge_index_noisy", "edge_shift_noisy", "n_atoms", "batch")
 
@@ -70,13 +74,23 @@ def load_batch(path: str) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(f[k]) for k in BATCH_KEYS}
 
 
-def ours_step(batch: dict[str, torch.Tensor], backbone: str, preset: str, compile_: bool
+def side_options(side: str) -> tuple[str, dict[str, Any]]:
+    """``"et+ckpt"`` -> ``("et", {"checkpoint_edges": True})``: the backbone and its model options."""
+    backbone, *names = side.split("+")
+    unknown = set(names) - set(SIDE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)} in {side!r}; known: {sorted(SIDE_OPTIONS)}")
+    return backbone, {k: v for n in names for k, v in SIDE_OPTIONS[n].items()}
+
+
+def ours_step(batch: dict[str, torch.Tensor], side: str, preset: str, compile_: bool
               ) -> tuple[Callable[[int], None], int]:
-    """Our SCD objective + AdamW; returns ``(step(i), n_params)``."""
+    """Our SCD objective (``side``: backbone[+option...]) + AdamW; returns ``(step(i), n_params)``."""
     from scd_train.objectives import ObjectiveConfig, build_objective
 
+    backbone, options = side_options(side)
     torch.manual_seed(0)
-    obj = build_objective(ObjectiveConfig(kind="scd", backbone=backbone, preset=preset)).train()
+    obj = build_objective(ObjectiveConfig(kind="scd", backbone=backbone, preset=preset, **options)).train()
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
     fwd = torch.compile(obj) if compile_ else obj
 
@@ -172,7 +186,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per measurement (default 4)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every side (default 2)")
-    ap.add_argument("--backbones", nargs="+", default=["et", "painn"], help="ours (default et painn)")
+    ap.add_argument("--backbones", nargs="+", default=["et", "painn"],
+                    help="ours, each backbone[+option...] with options from SIDE_OPTIONS (default et painn)")
     ap.add_argument("--presets", nargs="+", default=list(REF_CONFIGS), help="default small paper")
     ap.add_argument("--compile", action="store_true", help="torch.compile our objective (default eager)")
     ap.add_argument("--ref", help="checkout of the authors' code: run their CET beside ours (default off)")
@@ -188,6 +203,11 @@ def main() -> None:
     unknown = set(args.presets) - set(REF_CONFIGS)
     if unknown:
         ap.error(f"unknown presets {sorted(unknown)}; known: {sorted(REF_CONFIGS)}")
+    for side in args.backbones:
+        try:
+            side_options(side)
+        except ValueError as exc:
+            ap.error(str(exc))
     sides = list(args.backbones) + (["ref"] if args.ref else [])
     with tempfile.TemporaryDirectory() as tmp:
         batch = qm9_like_batch()
@@ -198,7 +218,7 @@ def main() -> None:
               f"{args.warmup} warm-up, {args.rounds} rounds alternating {' / '.join(sides)}; "
               f"load = 1-min load average after the row; {'compiled' if args.compile else 'eager'}")
         print("atoms/cpu-s = atoms per second of the process's own CPU time (all threads): robust to others' load")
-        print(f"{'round':>5} {'side':6} {'preset':6} {'params':>8} {'s/step':>7} {'atoms/s':>8} {'best s':>7} "
+        print(f"{'round':>5} {'side':8} {'preset':6} {'params':>8} {'s/step':>7} {'atoms/s':>8} {'best s':>7} "
               f"{'atoms/cpu-s':>11} {'peak RSS':>9} {'load':>5}")
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         for rnd in range(args.rounds):
@@ -207,7 +227,7 @@ def main() -> None:
                 for side in order:
                     r = run_child(args, side, preset, batch_path)
                     results.setdefault((side, preset), []).append(r)
-                    print(f"{rnd:5d} {side:6} {preset:6} {r['params_M']:7.2f}M {r['s_per_step']:7.3f} "
+                    print(f"{rnd:5d} {side:8} {preset:6} {r['params_M']:7.2f}M {r['s_per_step']:7.3f} "
                           f"{r['atoms_per_s']:8.0f} {r['best_s']:7.3f} {r['atoms_per_cpu_s']:11.0f} "
                           f"{r['peak_rss_MB']:8.0f}M "
                           f"{os.getloadavg()[0]:5.2f}", flush=True)
@@ -215,7 +235,7 @@ def main() -> None:
     for preset in args.presets:
         for side in args.backbones:
             ours = results[(side, preset)]
-            line = (f"  {side:6} {preset:6} {np.median([r['atoms_per_s'] for r in ours]):7.0f} atoms/s "
+            line = (f"  {side:8} {preset:6} {np.median([r['atoms_per_s'] for r in ours]):7.0f} atoms/s "
                     f"{np.median([r['atoms_per_cpu_s'] for r in ours]):6.0f} atoms/cpu-s, "
                     f"peak RSS {max(r['peak_rss_MB'] for r in ours):6.0f}M")
             if args.ref:

@@ -18,18 +18,19 @@ from scd_train.objectives import ObjectiveConfig, build_objective
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backbone", default="et", help="default et")
+    ap.add_argument("--backbone", default="et", help="backbone[+option...] as in bench_backbones (default et)")
     ap.add_argument("--preset", default="small", help="default small")
     ap.add_argument("--graphs", type=int, default=32, help="molecules of 18 atoms (default 32)")
     ap.add_argument("--threads", type=int, default=2, help="default 2")
     ap.add_argument("--top", type=int, default=20, help="operators shown (default 20)")
     args = ap.parse_args()
-    from bench_backbones import qm9_like_batch  # the benchmark's batch, run from benchmarks/
+    from bench_backbones import qm9_like_batch, side_options  # the benchmark's batch, run from benchmarks/
 
     torch.set_num_threads(args.threads)
     batch = qm9_like_batch(n_graphs=args.graphs)
     torch.manual_seed(0)
-    obj = build_objective(ObjectiveConfig(kind="scd", backbone=args.backbone, preset=args.preset)).train()
+    backbone, options = side_options(args.backbone)
+    obj = build_objective(ObjectiveConfig(kind="scd", backbone=backbone, preset=args.preset, **options)).train()
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
 
     def step(i: int) -> None:
