@@ -43,6 +43,10 @@ def moto_s3() -> Iterator[str]:
     env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    import s3fs
+
+    # fsspec caches filesystems by their arguments; a cached one keeps the endpoint of an earlier module's server
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -57,6 +61,7 @@ def moto_s3() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
