@@ -72,6 +72,18 @@ def _tasks(dashboard: str) -> list:
     return list_tasks(address=dashboard, detail=True, limit=10_000, raise_on_missing_output=False)
 
 
+def _finished_units(dashboard: str, n: int, wait_s: float = 60) -> list:
+    """The FINISHED ``run_unit`` tasks once all ``n`` report start and end times (Ray's task events arrive
+    asynchronously: a task can read FINISHED before its timestamps do)."""
+    deadline = time.time() + wait_s
+    while True:
+        tasks = [t for t in _tasks(dashboard) if t.func_or_class_name == "run_unit" and t.state == "FINISHED"]
+        timed = all(t.start_time_ms is not None and t.end_time_ms is not None for t in tasks)
+        if (len(tasks) >= n and timed) or time.time() > deadline:
+            return tasks
+        time.sleep(1)
+
+
 def _peak_concurrency(tasks: list) -> int:
     edges = sorted([(t.start_time_ms, 1) for t in tasks] + [(t.end_time_ms, -1) for t in tasks],
                    key=lambda e: (e[0], e[1]))
@@ -130,7 +142,7 @@ def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
         assert join.returncode == 0, join.stdout[-2000:] + join.stderr[-2000:]
         out, _ = sub.communicate(timeout=600)
         assert sub.returncode == 0 and "succeeded" in out, out[-3000:]
-        tasks = [t for t in _tasks(url) if t.func_or_class_name == "run_unit" and t.state == "FINISHED"]
+        tasks = _finished_units(url, n_units)
     finally:
         if sub is not None and sub.poll() is None:
             sub.kill()
