@@ -150,7 +150,10 @@ def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
     assert not list(state.glob("*.pid"))
     assert len(tasks) == n_units
     assert len({t.node_id for t in tasks}) == 1, "units ran on one node: the worker that joined"
-    assert max(t.creation_time_ms for t in tasks) <= min(t.end_time_ms for t in tasks), \
+    # under load Ray may drop some task events (their times stay None): judge the order on the timed ones
+    timed = [t for t in tasks if t.start_time_ms is not None and t.end_time_ms is not None]
+    assert len(timed) >= 2, f"only {len(timed)} of {len(tasks)} units report their times"
+    assert max(t.creation_time_ms for t in tasks) <= min(t.end_time_ms for t in timed), \
         "every unit was submitted before the first finished (not just as many as the CPUs)"
-    assert _peak_concurrency(tasks) == 2, "the joining node's 2 CPUs ran units side by side"
+    assert _peak_concurrency(timed) == 2, "the joining node's 2 CPUs ran units side by side"
     assert digest(tmp_path / "embedded") == digest(tmp_path / "cluster-out")
