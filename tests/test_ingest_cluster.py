@@ -155,5 +155,7 @@ def test_autoscaling_rehearsal_node_joins_mid_job_and_receives_units(tmp_path):
     assert len(timed) >= 2, f"only {len(timed)} of {len(tasks)} units report their times"
     assert max(t.creation_time_ms for t in tasks) <= min(t.end_time_ms for t in timed), \
         "every unit was submitted before the first finished (not just as many as the CPUs)"
-    assert _peak_concurrency(timed) == 2, "the joining node's 2 CPUs ran units side by side"
+    # Ray stamps a task's end after it frees the CPU, so a next unit can look 1 over the node's CPUs: only "side
+    # by side" is a property of ours, the CPU cap is Ray's
+    assert _peak_concurrency(timed) >= 2, "the joining node's 2 CPUs ran units side by side"
     assert digest(tmp_path / "embedded") == digest(tmp_path / "cluster-out")
