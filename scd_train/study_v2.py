@@ -13,12 +13,14 @@ schedule, step-based warmup + cosine, EMA). Pretraining logs the conditioning di
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from scd_train.study import (
     pretrain_config,
     start_study,
 )
+from scd_train.study_v2_report import gap_opens_at, plot_curves, plot_gaps, summarise, write_markdown
 from shards.config import ConfigError, from_dict, to_dict
 
 __all__ = ["ARM_SPECS", "DiagnosticsSpec", "StudyV2Config", "estimate_study", "load_study_v2_config",
@@ -80,6 +83,9 @@ class StudyV2Config(StudyConfig):
     threads: int | None = 1
     estimate: bool = False
     estimate_steps: int = 20
+    parts: int = 1
+    part: int = 0
+    wait_poll_s: float = 10.0
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARM_SPECS]
@@ -89,6 +95,8 @@ class StudyV2Config(StudyConfig):
             raise ConfigError("targets, train_sizes and seeds must each name at least one")
         if any(n < 1 or n > self.split.train for n in self.train_sizes):
             raise ConfigError(f"train_sizes must be in [1, split.train={self.split.train}]")
+        if not 0 <= self.part < self.parts:
+            raise ConfigError(f"part must be in [0, parts={self.parts})")
         if self.estimate_steps < 2:
             raise ConfigError("estimate_steps must be >= 2")
 
@@ -103,8 +111,10 @@ def write_regime_splits(out: Path, splits: dict[str, list[str]], sizes: tuple[in
     files = {}
     for n in sizes:
         path = out / f"splits_{regime(n)}.json"
-        path.write_text(json.dumps({"train": splits["train"][:n], "val": splits["val"], "test": splits["test"]},
-                                   indent=1))
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"train": splits["train"][:n], "val": splits["val"], "test": splits["test"]},
+                                  indent=1))
+        os.replace(tmp, path)  # atomic: another part may be reading it
         files[n] = path
     return files
 
@@ -169,128 +179,6 @@ def copy_diagnostics(run_dir: Path, dest: Path, arm: str) -> list[dict[str, Any]
     return rows
 
 
-def gap_opens_at(rows: list[dict[str, Any]], threshold: float = 0.01) -> int | None:
-    """The first step whose other-c vs own-c loss gap exceeds ``threshold`` (and stays above it), or None."""
-    steps = [r["step"] for r in rows]
-    above = [r["diag_gap_other_own"] > threshold for r in rows]
-    for i in range(len(rows)):
-        if all(above[i:]):
-            return steps[i]
-    return None
-
-
-def summarise(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> dict[str, Any]:
-    """``summary[regime][target][arm]``: test MAE mean, std (ddof 1) and per seed (meV), validation mean."""
-    out: dict[str, Any] = {}
-    for reg, by_target in results.items():
-        for target, by_arm in by_target.items():
-            for arm, runs in by_arm.items():
-                maes = np.array([r["test_mae_meV"] for r in runs])
-                out.setdefault(reg, {}).setdefault(target, {})[arm] = {
-                    "test_mean_meV": float(maes.mean()),
-                    "test_std_meV": float(maes.std(ddof=1)) if len(maes) > 1 else 0.0,
-                    "test_meV": [float(x) for x in maes], "seeds": [r["config"]["seed"] for r in runs],
-                    "val_mean_meV": float(np.mean([r["best_val_mae_meV"] for r in runs]))}
-    return out
-
-
-def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
-    """Validation MAE (meV) vs fine-tuning step: one panel per regime and target, one colour per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    regs = list(results)
-    targets = list(next(iter(results.values())))
-    fig, axes = plt.subplots(len(regs), len(targets), figsize=(4.2 * len(targets), 3.4 * len(regs)), squeeze=False)
-    for row, reg in zip(axes, regs, strict=True):
-        for ax, target in zip(row, targets, strict=True):
-            for i, (arm, runs) in enumerate(results[reg][target].items()):
-                for j, r in enumerate(runs):
-                    ax.plot([c["step"] for c in r["curve"]], [c["val_mae_eV"] * 1000 for c in r["curve"]],
-                            color=f"C{i}", alpha=0.7, label=arm if j == 0 else None)
-            ax.set_title(f"{target}, {reg}", fontsize=10)
-            ax.set_xlabel("fine-tuning step")
-            ax.set_ylabel("validation MAE (meV)")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_gaps(diag: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Other-c / own-c - 1 and the LN(c) spread against pretraining step, one line per pretrained arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for arm, rows in diag.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["diag_gap_other_own"] for r in rows], marker="o", ms=3, label=arm)
-        axes[1].plot(steps, [r["diag_c_spread"] for r in rows], marker="o", ms=3, label=arm)
-    axes[0].set_title("pretext loss: other molecule's c / own c - 1", fontsize=10)
-    axes[1].set_title("spread of LN(c) across molecules", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("pretraining step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_markdown(cfg: StudyV2Config, summary: dict[str, Any], diag: dict[str, list[dict[str, Any]]], path: Path,
-                   *, seconds: float, n_pretrain: int, command: str) -> None:
-    """``results.md``: setup, one table per regime (mean ± std and per-seed test MAE), the diagnostics."""
-    p, s, f, m = cfg.pretrain, cfg.split, cfg.finetune, cfg.model
-    lines = [f"# QM9 second edition: {', '.join(cfg.arms)} on {', '.join(cfg.targets)}", "",
-             f"Command: `{command}`  ",
-             f"Wall time: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores ({cfg.threads} torch threads; "
-             f"a shared machine)" if cfg.device != "cuda" else f"Wall time: {seconds / 60:.1f} min", "",
-             f"Data: first {cfg.max_records} molecules of qm9_part{cfg.csv_part}.csv; fine-tuning train sizes "
-             f"{list(cfg.train_sizes)} (nested, seed {s.seed}), val {s.val}, test {s.test}; pretraining on the other "
-             f"{n_pretrain} molecules: {p.steps} steps of <= {p.max_atoms} atoms (denoise_2x: {2 * p.steps}), "
-             f"lr {p.lr}. Backbone {m.backbone} hidden {m.hidden}, {m.layers} layers, {m.heads} heads, "
-             f"{m.num_rbf} RBF.", "",
-             f"Fine-tuning (the authors' protocol): {f.steps} steps, batch {f.batch_size}, lr {f.lr} "
-             f"(warmup {f.warmup_steps} then cosine), {f.readout} readout, {f.loss} loss, auxiliary denoising "
-             f"weight {f.aux_denoise_weight} at {f.aux_noise} Å, rotations {f.rotate}, drop-path {f.drop_path} -> "
-             f"{f.drop_path_final}, EMA {f.ema_decay}; seeds {list(cfg.seeds)}; test MAE (meV) of the "
-             f"best-validation evaluation.", ""]
-    for reg, by_target in summary.items():
-        lines += [f"## {reg[1:]} labelled training molecules", "",
-                  "| arm | " + " | ".join(f"{t} mean ± std | {t} per seed" for t in by_target) + " |",
-                  "|---|" + "---|---|" * len(by_target)]
-        for arm in cfg.arms:
-            cells = []
-            for target in by_target:
-                r = by_target[target][arm]
-                cells += [f"{r['test_mean_meV']:.1f} ± {r['test_std_meV']:.1f}",
-                          ", ".join(f"{x:.1f}" for x in r["test_meV"])]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if diag:
-        lines += ["## Conditioning diagnostics at the end of pretraining (held-out validation molecules)", "",
-                  "| arm | loss own c | loss other c | loss mask | other/own - 1 | LN(c) spread | probe MAE "
-                  f"{cfg.targets[0]} (baseline) | gap > 1% from step |", "|---|---|---|---|---|---|---|---|"]
-        for arm, rows in diag.items():
-            r = rows[-1]
-            probe = (f"{r['diag_probe_mae'] * 1000:.0f} ({r['diag_probe_baseline_mae'] * 1000:.0f}) meV"
-                     if "diag_probe_mae" in r else "-")
-            lines.append(f"| {arm} | {r['diag_loss_own_c']:.4f} | {r['diag_loss_other_c']:.4f} | "
-                         f"{r['diag_loss_mask']:.4f} | {r['diag_gap_other_own']:.2%} | {r['diag_c_spread']:.3f} | "
-                         f"{probe} | {gap_opens_at(rows) or 'never'} |")
-        lines.append("")
-    lines += ["Paper (full scale, ~10M parameters, PCQM4Mv2): HOMO scratch 20.3 / SCD 12.7 meV; gap scratch 36.1 / "
-              "denoising 31.8 / SCD 24.5 meV.", ""]
-    path.write_text("\n".join(lines))
-
-
 def _finetune_cfg(cfg: StudyV2Config, dataset: Path, run: Path, target: str, ckpt: Path | None, split_file: Path,
                   seed: int) -> FinetuneConfig:
     return dataclasses.replace(cfg.finetune, data=str(dataset), out=str(run), property=target,
@@ -316,43 +204,85 @@ def prepare(cfg: StudyV2Config, out: Path, log: Any) -> dict[str, Any]:
             "n_pretrain": n_pre, "seconds": time.perf_counter() - t}
 
 
+def _runs(cfg: StudyV2Config) -> list[tuple[int, str, str, int]]:
+    """Every fine-tuning run as (train size, target, arm, seed), the runs without a checkpoint first (a part
+    starts on them while the pretraining arms of the other parts still run)."""
+    runs = [(n, t, a, s) for n in cfg.train_sizes for t in cfg.targets for a in cfg.arms for s in cfg.seeds]
+    return sorted(runs, key=lambda r: ARM_SPECS[r[2]][0] is not None)
+
+
+def _mine(cfg: StudyV2Config, items: list[Any]) -> list[Any]:
+    """The items of this part: dealt round-robin over ``parts``."""
+    return items[cfg.part::cfg.parts]
+
+
+def _run_dir(out: Path, run: tuple[int, str, str, int]) -> Path:
+    n, target, arm, seed = run
+    return out / "runs" / regime(n) / target / f"{arm}-seed{seed}"
+
+
+def _wait_for(done: Path, what: str, log: Any, poll_s: float) -> None:
+    """Block until another part has written ``done`` (its pretraining finished)."""
+    if not done.is_file():
+        log(f"waiting for {what} (another part pretrains it: {done})")
+    while not done.is_file():
+        time.sleep(poll_s)
+
+
+def _finetune_run(cfg: StudyV2Config, out: Path, data: dict[str, Any], run: tuple[int, str, str, int], log: Any
+                  ) -> dict[str, Any]:
+    n, target, arm, seed = run
+    path = _run_dir(out, run)
+    if (path / "result.json").is_file():
+        return json.loads((path / "result.json").read_text())
+    ckpt = None
+    if ARM_SPECS[arm][0] is not None:
+        ckpt = out / "pretrain" / arm
+        _wait_for(ckpt / "done.json", f"pretraining arm {arm}", log, cfg.wait_poll_s)
+    log(f"fine-tune {regime(n)} {target} {arm} seed {seed}")
+    ft = _finetune_cfg(cfg, data["ft_data"], path, target, ckpt, data["split_files"][n], seed)
+    (out / "configs" / f"finetune_{regime(n)}_{target}_{arm}_seed{seed}.yaml").write_text(
+        yaml.safe_dump(to_dict(ft), sort_keys=False))
+    return finetune(ft, log=log)
+
+
 def run_study_v2(cfg: StudyV2Config, out: Path, *, command: str = "scd study qm9-v2",
                  log: Any = print) -> dict[str, Any]:
-    """Run the study into ``out`` (finished parts reused), or only :func:`estimate_study` when ``cfg.estimate``."""
+    """Run the study into ``out`` (finished parts reused), or only :func:`estimate_study` when ``cfg.estimate``.
+
+    With ``parts: N`` and ``part: i`` this process runs every N-th pretraining arm and fine-tuning run from the
+    i-th (N processes on one folder share the work; a run that needs another part's checkpoint waits for it);
+    the part that finishes last, or a later run without ``parts``, writes the tables. Returns the summary, or
+    ``{}`` when other parts' runs are still missing."""
     t0 = time.perf_counter()
     out = start_study(cfg, out)
-    data = prepare(cfg, out, log)
+    with _lock(out / ".prepare.lock"):
+        data = prepare(cfg, out, log)
     if cfg.estimate:
         return estimate_study(cfg, out, data, log)
     timings: dict[str, float] = {"prepare": data["seconds"]}
-    ckpts: dict[str, Path | None] = {}
-    for arm in cfg.arms:
-        if ARM_SPECS[arm][0] is None:
-            ckpts[arm] = None
-            continue
+    for arm in _mine(cfg, [a for a in cfg.arms if ARM_SPECS[a][0] is not None]):
         t = time.perf_counter()
         log(f"pretrain {arm}: {cfg.pretrain.steps * ARM_SPECS[arm][1]} steps")
-        ckpts[arm] = pretrain_arm(cfg, arm, data["pre_data"], out, data["diag_data"])
+        pretrain_arm(cfg, arm, data["pre_data"], out, data["diag_data"])
         timings[f"pretrain_{arm}"] = time.perf_counter() - t
+    for run in _mine(cfg, _runs(cfg)):
+        t = time.perf_counter()
+        _finetune_run(cfg, out, data, run, log)
+        key = f"finetune_{regime(run[0])}_{run[2]}"
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+    missing = [r for r in _runs(cfg) if not (_run_dir(out, r) / "result.json").is_file()]
+    if missing:
+        log(f"part {cfg.part}/{cfg.parts} finished; {len(missing)} runs of the other parts are still missing: the "
+            "part that finishes last writes the tables (or rerun without parts)")
+        return {}
     results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for n in cfg.train_sizes:
         for target in cfg.targets:
             for arm in cfg.arms:
-                t = time.perf_counter()
                 for seed in cfg.seeds:
-                    run = out / "runs" / regime(n) / target / f"{arm}-seed{seed}"
-                    if (run / "result.json").is_file():
-                        r = json.loads((run / "result.json").read_text())
-                    else:
-                        log(f"fine-tune {regime(n)} {target} {arm} seed {seed}")
-                        ft = _finetune_cfg(cfg, data["ft_data"], run, target, ckpts[arm], data["split_files"][n],
-                                           seed)
-                        name = f"finetune_{regime(n)}_{target}_{arm}_seed{seed}.yaml"
-                        (out / "configs" / name).write_text(yaml.safe_dump(to_dict(ft), sort_keys=False))
-                        r = finetune(ft, log=log)
+                    r = json.loads((_run_dir(out, (n, target, arm, seed)) / "result.json").read_text())
                     results.setdefault(regime(n), {}).setdefault(target, {}).setdefault(arm, []).append(r)
-                key = f"finetune_{regime(n)}_{arm}"
-                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
     diag = {arm: rows for arm in cfg.arms if ARM_SPECS[arm][0] is not None
             for rows in [copy_diagnostics(out / "pretrain" / arm, out / "diagnostics", arm)] if rows}
     seconds = time.perf_counter() - t0
@@ -364,10 +294,23 @@ def run_study_v2(cfg: StudyV2Config, out: Path, *, command: str = "scd study qm9
                    command=command)
     (out / "results.json").write_text(json.dumps(
         {"summary": summary, "seconds": seconds, "timings": timings, "n_pretrain": data["n_pretrain"],
-         "diagnostics_final": {arm: rows[-1] for arm, rows in diag.items()},
+         "part": [cfg.part, cfg.parts], "diagnostics_final": {arm: rows[-1] for arm, rows in diag.items()},
          "gap_opens_at_step": {arm: gap_opens_at(rows) for arm, rows in diag.items()}}, indent=1))
     log((out / "results.md").read_text())
     return summary
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (parts of one study prepare its data one after the other)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _clock() -> np.ndarray:

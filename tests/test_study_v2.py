@@ -3,6 +3,10 @@ and the time estimate."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +20,7 @@ TINY = {"max_records": 110, "ingest": "builtin", "split": {"train": 24, "val": 1
         "pretrain": {"steps": 2, "max_atoms": 150, "warmup_steps": 1},
         "finetune": {"steps": 3, "warmup_steps": 1, "batch_size": 12},
         "diagnostics": {"every": 1, "molecules": 6}, "estimate_steps": 2}
+REPO = Path(__file__).resolve().parents[1]
 ARMS = ("scratch", "denoise", "denoise_2x", "scd")
 
 
@@ -88,10 +93,42 @@ def test_study_v2_config_rejects_unknown_arms_and_sizes(tmp_path) -> None:
 
 def test_gpu_study_config_loads() -> None:
     """The shipped GPU config names only known keys and keeps the protocol defaults it does not set."""
-    from pathlib import Path
-
     from scd_train.study_v2 import load_study_v2_config
 
     cfg = load_study_v2_config(Path(__file__).resolve().parents[1] / "docs" / "study-qm9-v2" / "study-gpu.yaml")
     assert cfg.device == "cuda" and cfg.model.hidden == 256 and cfg.train_sizes == (10000, 1000)
     assert cfg.finetune.aux_denoise_weight == 0.1 and cfg.finetune.rotate and cfg.finetune.steps == 2000
+
+
+@pytest.mark.slow
+def test_two_parts_share_the_study_and_reproduce_one_process(tmp_path) -> None:
+    """`--set parts=2 --set part=i` in two processes on one folder: each pretrains and fine-tunes its own half
+    (a run waits for the other part's checkpoint), and the tables equal those of one process."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    one = tmp_path / "one"
+    assert main(["study", "qm9-v2", "--out", str(one), "--config", str(tmp_path / "tiny.yaml")]) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "shards", "study", "qm9-v2", "--out", str(two), "--config",
+           str(tmp_path / "tiny.yaml"), "--set", "parts=2", "--set", "wait_poll_s=0.2"]
+    procs = [subprocess.Popen([*cmd, "--set", f"part={i}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=REPO) for i in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert [sorted(re.findall(r"^pretrain (\w+):", log, re.M)) for log in logs] == [["denoise", "scd"],
+                                                                                       ["denoise_2x"]]
+    ran = [re.findall(r"^fine-tune (n\d+ \w+ \w+ seed \d)", log, re.M) for log in logs]
+    assert len(ran[0]) == len(ran[1]) == 8 and not set(ran[0]) & set(ran[1])
+    assert json.loads((two / "results.json").read_text())["summary"] == \
+        json.loads((one / "results.json").read_text())["summary"]
+    # every run's result is the same whichever process ran it
+    for r1 in (one / "runs").rglob("result.json"):
+        r2 = json.loads((two / r1.relative_to(one)).read_text())
+        assert r2["test_mae_meV"] == json.loads(r1.read_text())["test_mae_meV"]
+
+
+def test_part_must_be_below_parts() -> None:
+    from scd_train.study_v2 import load_study_v2_config
+
+    assert load_study_v2_config(None, ["parts=3", "part=2"]).part == 2
+    with pytest.raises(ConfigError, match="part must be in"):
+        load_study_v2_config(None, ["parts=2", "part=2"])
