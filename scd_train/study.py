@@ -20,9 +20,10 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import yaml
 
-from scd_train.finetune import FinetuneConfig, SplitConfig, finetune, labelled_graphs, make_splits
+from scd_train.finetune import FinetuneConfig, finetune
 from scd_train.launch import ingest_available, run_ingest
 from scd_train.objectives import ObjectiveConfig
+from scd_train.splits import SplitConfig, labelled_graphs, make_splits
 from shards.config import from_dict, to_dict
 
 C = TypeVar("C")

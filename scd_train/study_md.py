@@ -21,9 +21,10 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from scd_train.finetune import FinetuneConfig, SplitConfig, finetune
+from scd_train.finetune import FinetuneConfig, finetune
 from scd_train.launch import run_ingest
 from scd_train.objectives import ObjectiveConfig
+from scd_train.splits import SplitConfig
 from scd_train.study import ARMS, PretrainSpec, StudyConfig, load_config_with_defaults, pretrain, start_study
 from shards.config import to_dict
 
@@ -193,7 +194,7 @@ def run_md_study(cfg: MDStudyConfig, out: Path, *, command: str = "scd study md"
 
     keys = sorted(g.key for g in ShardDataset(str(dataset)))
     n_atoms = len(next(iter(ShardDataset(str(dataset)))).atomic_numbers)
-    from scd_train.finetune import make_splits
+    from scd_train.splits import make_splits
 
     splits = make_splits(keys, cfg.split)
     split_file = out / "splits.json"

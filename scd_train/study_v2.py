@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from scd_train.finetune import FinetuneConfig, SplitConfig, finetune
+from scd_train.finetune import FinetuneConfig, finetune
 from scd_train.objectives import ObjectiveConfig
+from scd_train.splits import SplitConfig
 from scd_train.study import (
     PretrainSpec,
     StudyConfig,
