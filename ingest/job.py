@@ -236,7 +236,7 @@ def _check_folder(spec: SourceSpec, path: str) -> None:
     from ingest.registry import converter_for
 
     try:
-        converter_for(Path(path), spec.domain)
+        converter_for(Path(path), spec.domain, options=_expand_options(spec.options))
     except KeyError as exc:
         raise ConfigError(f"source {spec.source!r}: {exc.args[0]}") from None
 
@@ -269,7 +269,7 @@ def _probe(path: Path, name: str, domain: str | None, options: dict[str, Any]) -
     from ingest.registry import converter_for, get_converter
 
     try:
-        cls = get_converter(name) if name != AUTO else converter_for(path, domain)
+        cls = get_converter(name) if name != AUTO else converter_for(path, domain, options=options)
     except Exception:  # noqa: BLE001 - unreadable or unclaimed: decided again (as a reject) in the unit
         return None, None
     try:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import Any
 
 from ingest.plugin import Converter
+from shards.config import ConfigError
 
 GROUP = "scd.converters"
 
@@ -64,6 +66,14 @@ def converter_version(name: str) -> str:
     return _versions().get(name, "unknown")
 
 
+def _makes(conv: Converter, domain: str, options: Mapping[str, Any] | None) -> bool:
+    """Whether ``conv`` makes samples of ``domain`` under ``options``."""
+    try:
+        return conv.output_domain(conv.parse_options(options or {})) == domain
+    except ConfigError:
+        return conv.domain == domain
+
+
 @functools.lru_cache(maxsize=1)
 def _probes() -> tuple[tuple[type[Converter], Converter], ...]:
     """One instance of every installed converter, for ``can_convert`` (cached: sniffing many small files)."""
@@ -79,11 +89,14 @@ def get_converter(name: str, entry_points: Iterable[EntryPoint] | None = None) -
 
 
 def converter_for(path: Path, domain: str | None = None,
-                  entry_points: Iterable[EntryPoint] | None = None) -> type[Converter]:
-    """The one converter (of ``domain``, if given) that claims ``path``."""
+                  entry_points: Iterable[EntryPoint] | None = None,
+                  options: Mapping[str, Any] | None = None) -> type[Converter]:
+    """The one converter (of ``domain``, if given) that claims ``path``. A converter counts as of ``domain``
+    when it makes that domain under the source's ``options`` (an XYZ converter with ``domain: md`` reads
+    trajectories); options it does not accept leave its class's domain."""
     p = Path(path)
     probes = _probes() if entry_points is None else tuple((c, c()) for c in discover(entry_points).values())
-    matches = [c for c, probe in probes if (domain is None or c.domain == domain) and probe.can_convert(p)]
+    matches = [c for c, probe in probes if (domain is None or _makes(probe, domain, options)) and probe.can_convert(p)]
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -91,5 +104,8 @@ def converter_for(path: Path, domain: str | None = None,
         if p.is_dir():
             raise KeyError(f"{what}: it is a folder; give its files with a glob (e.g. {p / '*.cif'}), "
                            "or name a converter that reads folders (zarr_traj)")
-        raise KeyError(f"{what}; name one with converter: NAME (job file) or --converter NAME")
+        others = sorted(f"{c.name} ({c.domain})" for c, probe in probes if probe.can_convert(p))
+        hint = f" (it is claimed by {', '.join(others)}: a converter's options may set the domain it makes, " \
+               "e.g. xyz with domain: md)" if others else ""
+        raise KeyError(f"{what}{hint}; name one with converter: NAME (job file) or --converter NAME")
     raise KeyError(f"several converters handle {path}: {sorted(c.name for c in matches)}; name one")

@@ -170,7 +170,7 @@ def _convert_local(files: _Files, item: Any, path: Path, w: ShardWriter, rejects
     name = item.converter
     if name == "auto":
         try:
-            name = converter_for(path, unit.domain).name
+            name = converter_for(path, unit.domain, options=unit.options).name
         except Exception as exc:  # noqa: BLE001 - sniffing a broken file: the file is one reject, not a crash
             reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else f"{type(exc).__name__}: {exc}"
             rejects.append(Reject(item.file_id, None, "auto", f"cannot choose a converter: {reason}"[:400]))

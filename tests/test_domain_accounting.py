@@ -68,6 +68,24 @@ def test_file_rows_carry_the_domain_of_their_samples(tmp_path):
     assert rows["frames"] == [("md", n_frames, 1)]
 
 
+def test_auto_picks_the_converter_whose_options_make_the_declared_domain(tmp_path):
+    """``converter: auto`` with ``domain: md`` and ``options: {domain: md}`` picks xyz for a .xyz trajectory (its
+    class domain is molecule; its options make md); without those options the error names the claimant."""
+    from ingest.registry import converter_for
+
+    xyz, _, n_frames, _ = _inputs(tmp_path)
+    job = {"output": str(tmp_path / "auto"), "sources": [
+        {"source": "frames", "domain": "md", "paths": [str(xyz)], "options": {"domain": "md"}}]}
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(job))
+    cfg = load_job(tmp_path / "auto.yaml")
+    (tmp_path / "auto").mkdir()
+    outcomes = [run_unit(u, str(tmp_path / "auto"), cfg.writer) for u in plan_units(cfg)]
+    assert [(f.converter, f.domain, f.accepted, f.rejected) for o in outcomes for f in o.files] == \
+        [("xyz", "md", n_frames, 1)]
+    with pytest.raises(KeyError, match=r"no converter of domain 'md' handles .*claimed by xyz \(molecule\)"):
+        converter_for(xyz, "md")
+
+
 @pytest.mark.slow
 def test_ingest_summary_domains_match_the_manifest(ray_session, tmp_path):  # noqa: F811
     """The whole job: ``ingest_summary.json`` and the manifest count the same samples per domain, and those
