@@ -9,7 +9,9 @@ saved once by the parent.
         [--presets small paper] [--ref REF --ref-python PY --ref-path STUBS]
 
 A backbone name may carry model options after ``+`` (:data:`SIDE_OPTIONS`): ``et+ckpt`` is ET with
-``checkpoint_edges`` (activation checkpointing of the per-edge part), measured as one more side.
+``checkpoint_edges`` (activation checkpointing of the per-edge part), measured as one more side, and
+``et+compile`` is ET under ``torch.compile`` (compiled during the warm-up steps, which are not timed; the batch
+has the same shapes every step, the case most favourable to compiling), so eager and compiled alternate.
 
 Without ``--ref`` it prints our figures only. With ``--ref REF`` (a checkout of
 github.com/TyJPerez/SelfConditionedDenoisingAtoms, fetched by the user, never copied here) it alternates
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 REF_CONFIGS = {"small": "configs/model_configs/scd_small.yaml", "paper": "configs/model_configs/scd.yaml"}
-SIDE_OPTIONS: dict[str, dict[str, Any]] = {"ckpt": {"checkpoint_edges": True}}
+SIDE_OPTIONS: dict[str, dict[str, Any]] = {"ckpt": {"checkpoint_edges": True}, "compile": {}}
 BATCH_KEYS = ("z", "pos_clean", "pos_noisy", "noise", "edge_index_clean", "edge_shift_clean",
               "edge_index_noisy", "edge_shift_noisy", "n_atoms", "batch")
 
@@ -89,6 +91,7 @@ def ours_step(batch: dict[str, torch.Tensor], side: str, preset: str, compile_: 
     from scd_train.objectives import ObjectiveConfig, build_objective
 
     backbone, options = side_options(side)
+    compile_ = compile_ or "compile" in side.split("+")[1:]
     torch.manual_seed(0)
     obj = build_objective(ObjectiveConfig(kind="scd", backbone=backbone, preset=preset, **options)).train()
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
