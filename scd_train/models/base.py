@@ -228,14 +228,15 @@ class EdgeOps:
     On CPU the sums (forward of ``scatter``, backward of ``gather``) are products with a sparse CSR
     incidence matrix ``[N, E]`` built once per graph and shared by all layers, several times faster than
     ``index_add_``; each atom's edges are summed in edge order, like ``index_add_``. Both are exact
-    linear maps whose backward is the other one, so double backward (forces) works. Other devices use
-    ``index_select`` / ``index_add_``.
+    linear maps whose backward is the other one, so double backward (forces) works. Other devices, and
+    code being compiled by ``torch.compile``, use ``index_select`` / ``index_add_``.
     """
 
     def __init__(self, edge_index: Tensor, n_atoms: int) -> None:
         self.index = {"src": edge_index[0], "dst": edge_index[1]}
         self.n_atoms, self.n_edges = n_atoms, int(edge_index.shape[1])
-        self.sparse = edge_index.device.type == "cpu"
+        # under torch.compile the index ops are traced and fused instead (sparse tensors break the graph)
+        self.sparse = edge_index.device.type == "cpu" and not torch.compiler.is_compiling()
         self._incidence: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def incidence(self, side: str, dtype: torch.dtype) -> Tensor:
