@@ -104,8 +104,7 @@ def converter_for(path: Path, domain: str | None = None,
         if p.is_dir():
             raise KeyError(f"{what}: it is a folder; give its files with a glob (e.g. {p / '*.cif'}), "
                            "or name a converter that reads folders (zarr_traj)")
-        others = sorted(f"{c.name} ({c.domain})" for c, probe in probes if probe.can_convert(p))
-        hint = f" (it is claimed by {', '.join(others)}: a converter's options may set the domain it makes, " \
-               "e.g. xyz with domain: md)" if others else ""
+        others = sorted(f"{c.name} (domain {c.domain})" for c, probe in probes if probe.can_convert(p))
+        hint = f"; claimed by {', '.join(others)}" if others else ""
         raise KeyError(f"{what}{hint}; name one with converter: NAME (job file) or --converter NAME")
     raise KeyError(f"several converters handle {path}: {sorted(c.name for c in matches)}; name one")

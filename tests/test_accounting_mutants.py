@@ -31,6 +31,7 @@ def test_source_domain_restricts_the_sniffed_converter(tmp_path):
     (reject,) = wrong["rejects"]
     assert reject["converter"] == "auto" and reject["record"] is None
     assert reject["reason"] == (f"cannot choose a converter: no converter of domain 'protein' handles {csv}; "
+                                "claimed by qm9csv (domain molecule); "
                                 "name one with converter: NAME (job file) or --converter NAME")
 
 

@@ -82,7 +82,7 @@ def test_auto_picks_the_converter_whose_options_make_the_declared_domain(tmp_pat
     outcomes = [run_unit(u, str(tmp_path / "auto"), cfg.writer) for u in plan_units(cfg)]
     assert [(f.converter, f.domain, f.accepted, f.rejected) for o in outcomes for f in o.files] == \
         [("xyz", "md", n_frames, 1)]
-    with pytest.raises(KeyError, match=r"no converter of domain 'md' handles .*claimed by xyz \(molecule\)"):
+    with pytest.raises(KeyError, match=r"no converter of domain 'md' handles .*; claimed by xyz \(domain molecule\);"):
         converter_for(xyz, "md")
 
 
