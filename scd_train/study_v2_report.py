@@ -35,13 +35,25 @@ def summarise(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) ->
     return out
 
 
-def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
-    """Validation MAE (meV) vs fine-tuning step: one panel per regime and target, one colour per arm."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
+    """Validation MAE (meV) vs fine-tuning step: one panel per regime and target, one colour per arm."""
+    plt = _pyplot()
     regs = list(results)
     targets = list(next(iter(results.values())))
     fig, axes = plt.subplots(len(regs), len(targets), figsize=(4.2 * len(targets), 3.4 * len(regs)), squeeze=False)
@@ -57,18 +69,12 @@ def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], 
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_gaps(diag: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Other-c / own-c - 1 and the LN(c) spread against pretraining step, one line per pretrained arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for arm, rows in diag.items():
         steps = [r["step"] for r in rows]
@@ -80,9 +86,7 @@ def plot_gaps(diag: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.set_xlabel("pretraining step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_markdown(cfg: Any, summary: dict[str, Any], diag: dict[str, list[dict[str, Any]]], path: Path,
