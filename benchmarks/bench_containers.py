@@ -142,8 +142,11 @@ def write_asedb(path: Path, rows: int, atoms: int, backend: str, seed: int = 4) 
 # --- bare reads -------------------------------------------------------------------------------------------
 
 
-def bare_h5(path: Path, positions: str, energy: str, forces: str) -> Callable[[], int]:
-    """h5py: per record one slice of each per-conformation dataset (the map-style dataset read)."""
+def bare_h5(path: Path, positions: str, energy: str, forces: str, extra: tuple[str, ...] = (),
+            per_group: tuple[str, ...] = ()) -> Callable[[], int]:
+    """h5py: per record one slice of each per-conformation dataset (the map-style dataset read), of the same
+    datasets our converter reads: the labels, the ``extra`` per-conformation energies it keeps as properties, and
+    the ``per_group`` datasets it reads once per group (SPICE's SMILES, for the total charge)."""
     def run() -> int:
         import h5py
 
@@ -152,22 +155,26 @@ def bare_h5(path: Path, positions: str, energy: str, forces: str) -> Callable[[]
             for name in h5:
                 g = h5[name]
                 z = g["atomic_numbers"][()]
+                shared = [g[k][()] for k in per_group]
                 pos, e, f = g[positions], g[energy], g[forces]
+                more = [g[k] for k in extra]
                 for i in range(pos.shape[0]):
-                    rec = (z, pos[i], e[i], f[i])
+                    rec = (z, pos[i], e[i], f[i], [m[i] for m in more], shared)
                     n += rec[1].shape[0] > 0
         return n
     return run
 
 
-def bare_npz(path: Path, keys: tuple[str, str, str, str]) -> Callable[[], int]:
-    """numpy: ``np.load`` (no pickle), then per frame the frame's arrays."""
+def bare_npz(path: Path, keys: tuple[str, str, str, str], extra: str | None = None) -> Callable[[], int]:
+    """numpy: ``np.load`` (no pickle), then per frame the frame's arrays (and the ``extra`` per-frame value our
+    converter keeps as a property: rMD17's ``old_indices``)."""
     def run() -> int:
         with np.load(path, allow_pickle=False) as data:
             z, r, e, f = (data[k] for k in keys)
+            x = data[extra] if extra else np.zeros(len(r))
         n = 0
         for i in range(r.shape[0]):
-            rec = (z, np.array(r[i]), float(e[i].reshape(-1)[0]), np.array(f[i]))
+            rec = (z, np.array(r[i]), float(e[i].reshape(-1)[0]), np.array(f[i]), float(x[i]))
             n += rec[1].shape[0] > 0
         return n
     return run
@@ -255,10 +262,11 @@ def speed(records: int, atoms: int, repeat: int, db_rows: int) -> None:
         lmdb = write_asedb(tmp / "omat.aselmdb", db_rows, atoms, "aselmdb")
         cases = [
             ("hdf5 SPICE", _ours("hdf5", spice), bare_h5(spice, "conformations", "dft_total_energy",
-                                                         "dft_total_gradient")),
-            ("hdf5 ANI-1x", _ours("hdf5", ani), bare_h5(ani, "coordinates", "wb97x_dz.energy", "wb97x_dz.forces")),
+                                                         "dft_total_gradient", ("formation_energy",), ("smiles",))),
+            ("hdf5 ANI-1x", _ours("hdf5", ani), bare_h5(ani, "coordinates", "wb97x_dz.energy", "wb97x_dz.forces",
+                                                        ("ccsd(t)_cbs.energy",))),
             ("npz rMD17 (stored)", _ours("npz", rmd17), bare_npz(rmd17, ("nuclear_charges", "coords", "energies",
-                                                                          "forces"))),
+                                                                          "forces"), "old_indices")),
             ("npz MD17 (deflated)", _ours("npz", md17), bare_npz(md17, ("z", "R", "E", "F"))),
             ("parquet nested lists", _ours("parquet", table, PARQUET_OPTIONS), bare_parquet(table)),
             ("ase.db SQLite", _ours("ase_db", sqlite), bare_asedb(sqlite, "db")),

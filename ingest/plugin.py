@@ -165,12 +165,16 @@ class Converter(abc.ABC):
         """``make()`` -> AtomGraph, with schema and parse errors turned into a reject of this record."""
         try:
             return make()
-        except SchemaError as exc:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            return self.refusal(file_id, record, exc)
+
+    def refusal(self, file_id: str, record: int, exc: Exception) -> Reject:
+        """The reject of a record whose construction raised ``exc`` (a schema, parse or lookup error)."""
+        if isinstance(exc, SchemaError):
             return self.reject(file_id, record, f"invalid record: {exc.field}: {exc.reason}")
-        except ValueError as exc:
+        if isinstance(exc, ValueError):
             return self.reject(file_id, record, str(exc)[:300])
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            return self.reject(file_id, record, f"unreadable record: {type(exc).__name__}: {str(exc)[:300]}")
+        return self.reject(file_id, record, f"unreadable record: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file_id: str,

@@ -376,6 +376,7 @@ def test_ase_db_rows_with_results_charge_spin(tmp_path, backend, suffix) -> None
     assert converter_for(path).name == "ase_db" and _count("ase_db", path) == 3
     graphs, rejects = convert("ase_db", path, {"properties": {"sid": "-"}})
     assert not rejects and [g.index for g in graphs] == [0, 1, 2]
+    assert len({g.key for g in graphs}) == 3 and "sid" not in {g.key for g in graphs}  # keys are not option names
     cu, water, oh = graphs
     assert cu.domain == "crystal" and cu.pbc.all() and water.domain == "molecule" and not water.pbc.any()
     np.testing.assert_allclose(cu.cell, np.eye(3) * 3.6)

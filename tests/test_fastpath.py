@@ -213,8 +213,8 @@ FRAME_ARGS = [
 def test_frame_stack_accepts_and_refuses_exactly_as_the_validator(common, shared_ok) -> None:
     """Every frame built from a stack is the same sample (same bytes), or the same refusal (same field and
     reason), as ``AtomGraph(...)`` built from the frame's own arrays."""
+    from shards.format.frames import FrameStack
     from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph
-    from shards.format.validate import FrameStack
 
     pos, frc = _frames()
     full = {"domain": "molecule", "source": "s", "source_file": "f", "cell": ZERO_CELL, "pbc": NO_PBC, **common}
@@ -238,8 +238,8 @@ def test_frame_stack_builds_valid_frames_without_the_per_record_validator(monkey
     """The block checks replace the per-record validator for good frames only; a bad frame and an untrusted
     block (writeable, so the frame's arrays would be copied) still go through it."""
     import shards.format.schema as schema
+    from shards.format.frames import FrameStack
     from shards.format.schema import NO_PBC, ZERO_CELL
-    from shards.format.validate import FrameStack
 
     calls = []
     real = schema.validate_graph
@@ -266,7 +266,7 @@ def test_frame_stack_builds_valid_frames_without_the_per_record_validator(monkey
 
 
 def test_finite_rows_is_the_validators_rule_on_every_row() -> None:
-    from shards.format.validate import finite_rows
+    from shards.format.frames import finite_rows
 
     rng = np.random.default_rng(5)
     scale = np.sqrt(np.finfo(np.float32).max / 9)  # sums of squares around the float32 limit
@@ -342,3 +342,93 @@ def test_numpy_integer_index_is_stored_as_an_int() -> None:
     g = AtomGraph(index=np.int64(7), **common)
     assert type(g.index) is int and encode(g) == encode(AtomGraph(index=7, **common))
     assert decode(encode(g)).index == 7
+
+
+def test_frame_stack_graphs_build_what_the_validator_builds() -> None:
+    """``FrameStack.graphs`` (one loop per block, block labels) gives, frame by frame, the same sample (same bytes)
+    or the same refusal (same field and reason) as ``AtomGraph(...)`` with the frame's own arrays and labels."""
+    from shards.format.frames import FrameStack
+    from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, SchemaError
+
+    pos, frc = _frames()
+    n = len(pos)
+    energy = [1.5, None, 2.0, 3.0, 4.0, 5.0, 6.0, float("inf"), 7.0, float("nan"), 8.0, 9.0]
+    gap = [0.1, 0.2, None, 0.3, 0.4, 0.5, 0.6, 0.7, float("-inf"), 0.9, "one", 1.1]
+    keys = [f"ok-{i}" for i in range(n)]
+    keys[6] = "bad.key"
+    with_forces = [True] * n
+    with_forces[5] = False  # frame 5's forces are NaN: without them it is a sample
+    common = {"domain": "molecule", "source": "s", "source_file": "f", "atomic_numbers": Z, "cell": ZERO_CELL,
+              "pbc": NO_PBC, "trajectory_id": "t"}
+    stack = FrameStack(common, pos, frc, energy=energy, properties={"gap": gap, "lumo": [None] * n},
+                       property_units={"gap": "eV", "lumo": "eV"})
+    got = list(stack.graphs(keys, 40, lambda r, exc: (r, exc), with_forces=with_forces))
+    outcomes = []
+    for i, item in enumerate(got):
+        props = {"gap": gap[i]} if gap[i] is not None else None
+        slow = _outcome(AtomGraph, key=keys[i], index=40 + i, positions=pos[i].copy(),
+                        forces=frc[i].copy() if with_forces[i] else None, energy=energy[i], properties=props,
+                        property_units=props and {"gap": "eV"}, **common)
+        if isinstance(item, AtomGraph):
+            from shards.format.codec import encode
+
+            fast = ("graph", encode(item))
+        else:
+            assert item[0] == 40 + i and isinstance(item[1], SchemaError)
+            fast = ("error", item[1].field, item[1].reason)
+        assert fast == slow, (i, fast, slow)
+        outcomes.append(fast[0])
+    # by hand: 1-3 bad positions, 4 bad forces, 6 key, 7 energy inf, 8 gap -inf, 9 energy NaN, 10 gap not a number
+    assert outcomes == ["graph", "error", "error", "error", "error", "graph", "error", "error", "error", "error",
+                        "error", "graph"]
+
+
+def test_atom_graph_signature_is_the_schema() -> None:
+    """AtomGraph's hand-written constructor (fields stored in one step) takes exactly the schema's fields, in
+    order, the optional ones defaulting to None, and a validated copy still works."""
+    import dataclasses
+    import inspect
+
+    from shards.format.schema import FIELDS, AtomGraph
+
+    params = list(inspect.signature(AtomGraph.__init__).parameters.values())[1:]
+    assert [p.name for p in params] == [f.name for f in FIELDS] == [f.name for f in dataclasses.fields(AtomGraph)]
+    assert all((p.default is inspect.Parameter.empty) == f.required for p, f in zip(params, FIELDS, strict=True))
+    assert all(p.default is None for p in params if p.default is not inspect.Parameter.empty)
+    g = AtomGraph(key="k", domain="molecule", source="s", source_file="f", index=0, atomic_numbers=Z,
+                  positions=np.zeros((3, 3)), cell=np.zeros((3, 3)), pbc=np.zeros(3, dtype=bool), energy=1)
+    assert g.energy == 1.0 and type(g.energy) is float and g.replace(energy=2.5).energy == 2.5
+
+
+@pytest.mark.parametrize("props,ok", [({"a": 1e308, "b": 1e308}, True), ({"a": 1.0, "b": float("nan")}, False),
+                                      ({"a": float("inf"), "b": -float("inf")}, False), ({"a": 1}, True),
+                                      ({"": 1.0}, False), ({}, True)])
+def test_properties_check_by_sum_agrees_with_the_value_by_value_rule(props, ok) -> None:
+    from shards.format.schema import AtomGraph, SchemaError
+
+    make = dict(key="k", domain="molecule", source="s", source_file="f", index=0, atomic_numbers=Z,
+                positions=np.zeros((3, 3)), cell=np.zeros((3, 3)), pbc=np.zeros(3, dtype=bool))
+    if ok:
+        g = AtomGraph(**make, properties=props)
+        assert g.properties == {k: float(v) for k, v in props.items()}
+        assert all(type(v) is float for v in g.properties.values())
+    else:
+        with pytest.raises(SchemaError):
+            AtomGraph(**make, properties=props)
+
+
+def test_spice_group_whose_conformations_are_a_link_is_one_reject(tmp_path) -> None:
+    """The group listing reads shapes through low-level handles; a conformations dataset that is a soft link is
+    not followed: the group is one reject naming the link, the other groups are samples."""
+    import h5py
+
+    path = _spice(tmp_path / "linked.hdf5")
+    with h5py.File(path, "a") as h5:
+        grp = h5.create_group("mol9")
+        grp["atomic_numbers"] = np.array([8, 1, 1], dtype=np.int16)
+        grp["conformations"] = h5py.SoftLink("/mol0/conformations")
+    conv = get_converter("hdf5")()
+    items = list(safe_convert(conv, path, conv.parse_options({}), source="s", file_id="linked.hdf5"))
+    rejects = [i for i in items if isinstance(i, Reject)]
+    assert len(items) == 13 and len([i for i in items if not isinstance(i, Reject)]) == 11
+    assert rejects[-1].record == 12 and "conformations is a soft or external link" in rejects[-1].reason

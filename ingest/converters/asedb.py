@@ -19,13 +19,14 @@ import numpy as np
 
 from ingest.converters.units import clip, elements, scaled
 from ingest.plugin import Converter, Reject, owned, read_head
-from shards.format.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, make_key
+from shards.format.schema import NAME_RE, NO_PBC, ZERO_CELL, AtomGraph, FileKeys
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 LMDB_SUFFIXES = (".aselmdb", ".lmdb")
 PROBE_ROWS = 3
 STRESS = ("stress_xx", "stress_yy", "stress_zz", "stress_yz", "stress_xz", "stress_xy")  # ASE Voigt order
 STRESS_UNIT = "eV/Å^3"
+_STRESS_UNITS = dict.fromkeys(STRESS, STRESS_UNIT)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,13 @@ class ASEDBConverter(Converter):
 
         if _is_lmdb(path):
             return ase.db.connect(str(path), type="aselmdb", readonly=True)
-        return ase.db.connect(str(path), type="db", use_lock_file=False, create_indices=False)
+        db = ase.db.connect(str(path), type="db", use_lock_file=False, create_indices=False)
+        # one read-only connection for the whole read, set up as the backend's own ``with db:`` does (which would
+        # open the file for writing): without it the backend opens a new connection for every row (to look up its
+        # external tables), which costs as much as decoding the row
+        db.change_count = 0
+        db.connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        return db
 
     def count_records(self, path: Path, options: ASEDBOptions) -> int | None:
         if self._problem(path) is not None:
@@ -132,8 +139,10 @@ class ASEDBConverter(Converter):
         db = self._connect(path)
         try:
             inside, beyond = clip(records, int(db.count()))
+            keys = FileKeys(source, file_id)
             for r, row in zip(inside, self._rows(db, path, inside), strict=True):
-                yield self.build(file_id, r, lambda r=r, row=row: self._graph(row, r, options, source, file_id))
+                yield self.build(file_id, r, lambda r=r, row=row: self._graph(row, r, keys(r), options, source,
+                                                                              file_id))
         finally:
             _close(db)
         for r in beyond:
@@ -158,11 +167,12 @@ class ASEDBConverter(Converter):
         yield from db.select(sort="id", offset=inside.start, limit=len(inside))
 
     @staticmethod
-    def _graph(row: Any, r: int, options: ASEDBOptions, source: str, file_id: str) -> AtomGraph:
+    def _graph(row: Any, r: int, key: str, options: ASEDBOptions, source: str, file_id: str) -> AtomGraph:
         z = elements(row.numbers)
         n = z.shape[0]
-        pbc = owned(row.pbc, bool)
-        cell = owned(row.cell, np.float64) if pbc.any() or np.any(row.cell) else ZERO_CELL
+        periodic = any(np.ravel(row.pbc).tolist())
+        pbc = owned(row.pbc, bool) if periodic else NO_PBC
+        cell = owned(row.cell, np.float64) if periodic or any(np.ravel(row.cell).tolist()) else ZERO_CELL
         props: dict[str, float] = {}
         units: dict[str, str] = {}
         stress = row.get("stress")
@@ -171,17 +181,17 @@ class ASEDBConverter(Converter):
             voigt = s if s.shape == (6,) else s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] if s.shape == (3, 3) else None
             if voigt is None:
                 raise ValueError(f"stress has shape {s.shape}, expected (6,) or (3, 3)")
-            props.update(zip(STRESS, (float(v) for v in voigt), strict=True))
-            units.update(dict.fromkeys(STRESS, STRESS_UNIT))
-        for key, unit in options.properties.items():
-            value = _lookup(row, key)
+            props.update(zip(STRESS, voigt.tolist(), strict=True))
+            units.update(_STRESS_UNITS)
+        for name, unit in options.properties.items():
+            value = _lookup(row, name)
             if value is not None:
-                props[key], units[key] = float(value), unit
+                props[name], units[name] = float(value), unit
         forces = row.get("forces")
-        domain = options.domain if options.domain != "auto" else ("crystal" if pbc.any() else "molecule")
-        return AtomGraph(key=make_key(source, file_id, r), domain=domain, source=source, source_file=file_id,
+        domain = options.domain if options.domain != "auto" else ("crystal" if periodic else "molecule")
+        return AtomGraph(key=key, domain=domain, source=source, source_file=file_id,
                          index=r, atomic_numbers=z, positions=owned(row.positions, np.float32),
-                         cell=cell, pbc=pbc if pbc.any() else NO_PBC, charge=_integer(row, options.charge_key),
+                         cell=cell, pbc=pbc, charge=_integer(row, options.charge_key),
                          spin=_integer(row, options.spin_key), energy=row.get("energy"),
                          forces=None if forces is None else scaled(forces, 1.0, (n, 3), "forces"),
                          properties=props or None, property_units=units or None)
@@ -200,8 +210,8 @@ def _lookup(row: Any, key: str) -> Any:
 
 def _integer(row: Any, key: str) -> int | None:
     value = _lookup(row, key)
-    if value is None:
-        return None
+    if value is None or type(value) is int:
+        return value
     f = float(np.asarray(value).reshape(()))
     if f != round(f):
         raise ValueError(f"{key} {f} is not an integer")
@@ -216,3 +226,7 @@ def _close(db: Any) -> None:
     close = getattr(db, "close", None)
     if close is not None:
         close()
+    con = getattr(db, "connection", None)
+    if isinstance(con, sqlite3.Connection):
+        con.close()
+        db.connection = None

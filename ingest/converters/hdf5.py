@@ -7,6 +7,7 @@ h5py slices of at most ``BLOCK_BYTES`` per dataset, so memory never holds a whol
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ import numpy as np
 
 from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, read_head
-from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
-from shards.format.validate import FrameStack
+from shards.format.frames import FrameStack
+from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, FileKeys
 
 BLOCK_BYTES = 8 * 1024 ** 2
 MAX_SMILES = 10_000
@@ -128,15 +129,16 @@ class HDF5Converter(Converter):
                 out.append(_Group(name, start, 1, f"group {name!r} is a soft or external link, which is not followed"))
                 start += 1
                 continue
-            grp = h5[name]
+            grp = _child(h5, name)
             if not isinstance(grp, h5py.Group):
                 continue
-            ds = _child(grp, lay.positions) if lay.positions in grp and _is_hard(grp, lay.positions) else \
-                grp.get(lay.positions)
-            if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
+            shape = _dataset_shape(grp, lay.positions)
+            if isinstance(shape, str):
+                count, problem = 1, f"group {name!r}: {shape}"
+            elif not shape:
                 count, problem = 1, f"group {name!r} has no {lay.positions} dataset"
             else:
-                count, problem = int(ds.shape[0]), None
+                count, problem = int(shape[0]), None
             out.append(_Group(name, start, count, problem))
             start += count
         return out
@@ -160,7 +162,7 @@ class HDF5Converter(Converter):
                 for g in groups:
                     lo, hi = max(inside.start, g.start), min(inside.stop, g.start + g.count)
                     if lo < hi:
-                        yield from self._group(h5[g.name], g, lo, hi, lay, layout, options, source, file_id)
+                        yield from self._group(_child(h5, g.name), g, lo, hi, lay, layout, options, source, file_id)
         for r in beyond:
             yield self.reject(file_id, r, "conformation beyond the end of the file")
 
@@ -188,42 +190,23 @@ class HDF5Converter(Converter):
         extras = _extra_energies(ds, lay, names, g.count)
         charge = _spice_charge(ds) if layout == "spice" and options.charge_from_smiles else None
         read = {k: ds[v] for k, v in names.items() if v in ds} | {k: ds[k] for k in extras}
-        row_bytes = sum(d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64)) for d in read.values())
+        row_bytes = sum(8 * math.prod(d.shape[1:]) for d in read.values())  # as float64, the widest label dtype
         step = max(1, BLOCK_BYTES // max(1, row_bytes))
         common = {"domain": "molecule", "source": source, "source_file": file_id, "atomic_numbers": z,
                   "cell": ZERO_CELL, "pbc": NO_PBC, "charge": charge, "trajectory_id": g.name}
+        keys = FileKeys(source, file_id)
         for a in range(lo, hi, step):
             b = min(a + step, hi)
             s = slice(a - g.start, b - g.start)
             forces = scaled_block(read["forces"][s], f_f) if "forces" in read else None
-            blk = _Block(FrameStack(common, scaled_block(read["positions"][s], l_f), forces),
-                         labels(read["energy"][s], e_f) if "energy" in read else None,
-                         # ANI-1x: forces all NaN where a method was not computed: no forces label
-                         None if forces is None else ~np.isnan(forces).all(axis=(1, 2)),
-                         {k: labels(read[k][s], e_f) for k in extras})
-            for r in range(a, b):
-                yield self.build(file_id, r, lambda r=r, i=r - a, blk=blk: blk.graph(
-                    i, make_key(source, file_id, r), r))
-
-
-@dataclass(frozen=True)
-class _Block:
-    """One slice of conformations, converted to schema units."""
-
-    frames: FrameStack
-    energy: list[float | None] | None
-    has_forces: np.ndarray | None  # per conformation: forces present (not all NaN)
-    extras: dict[str, list[float | None]]
-
-    def graph(self, i: int, key: str, r: int) -> AtomGraph:
-        props: dict[str, float] = {}
-        for k, values in self.extras.items():
-            v = values[i]
-            if v is not None:
-                props[k] = v
-        return self.frames.graph(i, key=key, index=r, with_forces=self.has_forces is not None and
-                                 bool(self.has_forces[i]), energy=None if self.energy is None else self.energy[i],
-                                 properties=props or None, property_units=dict.fromkeys(props, "eV") or None)
+            extra = {k: labels(read[k][s], e_f) for k in extras}
+            frames = FrameStack(common, scaled_block(read["positions"][s], l_f), forces,
+                                energy=labels(read["energy"][s], e_f) if "energy" in read else None,
+                                properties=extra, property_units=dict.fromkeys(extra, "eV"))
+            # ANI-1x: forces all NaN where a method was not computed: no forces label
+            has_forces = [False] * (b - a) if forces is None else (~np.isnan(forces).all(axis=(1, 2))).tolist()
+            yield from frames.graphs(keys.many(range(a, b)), a, lambda r, exc: self.refusal(file_id, r, exc),
+                                     with_forces=has_forces)
 
 
 def _names(lay: H5Layout, options: HDF5Options) -> dict[str, str]:
@@ -270,6 +253,21 @@ def _child(grp: Any, name: str) -> Any:
     if kind == h5i.GROUP:
         return h5py.Group(oid)
     return h5py.Dataset(oid, readonly=True) if kind == h5i.DATASET else None
+
+
+def _dataset_shape(grp: Any, name: str) -> tuple[int, ...] | str | None:
+    """The shape of the dataset behind the hard link ``name`` of a group (the low-level handle only: no data read,
+    no ``Dataset`` object); None when there is no such dataset; the problem when the link is soft or external
+    (never followed)."""
+    from h5py import h5i, h5o
+
+    raw = name.encode("utf-8", "surrogateescape")
+    if not grp.id.links.exists(raw):
+        return None
+    if not _is_hard(grp, name):
+        return f"{name} is a soft or external link, which is not followed"
+    oid = h5o.open(grp.id, raw)
+    return tuple(oid.shape) if h5i.get_type(oid) == h5i.DATASET else None
 
 
 def _shape_problem(ds: dict[str, Any], g: _Group, names: dict[str, str], n: int) -> str | None:

@@ -17,8 +17,8 @@ import numpy as np
 
 from ingest.converters.units import check_units, clip, elements, energy_factor, labels, length_factor, scaled_block
 from ingest.plugin import Converter, Reject, owned
-from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, make_key
-from shards.format.validate import FrameStack
+from shards.format.frames import FrameStack
+from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, FileKeys
 
 BLOCK_BYTES = 8 * 1024 ** 2
 MAX_SMALL_MEMBER = 64 * 1024 ** 2  # whole-read members (atomic numbers, lattice, Fortran-ordered arrays)
@@ -224,19 +224,18 @@ class NPZConverter(Converter):
             step = max(1, BLOCK_BYTES // max(1, pos.row_bytes + (m[lay.forces].row_bytes if lay.forces in m else 0)))
             common = {"domain": "md", "source": source, "source_file": file_id, "atomic_numbers": z, "cell": cell,
                       "pbc": pbc, "trajectory_id": traj}
+            keys = FileKeys(source, file_id)
             for a in range(inside.start, inside.stop, step):
                 b = min(a + step, inside.stop)
+                props = None if idx_member is None or lay.index_property is None else \
+                    {lay.index_property[1]: np.asarray(idx_member.rows(a, b), dtype=np.float64).reshape(-1).tolist()}
                 frames = FrameStack(common, scaled_block(pos.rows(a, b), l_f),
-                                    scaled_block(m[lay.forces].rows(a, b), e_f / l_f) if lay.forces in m else None)
-                energy = labels(m[lay.energy].rows(a, b), e_f) if lay.energy in m else None
-                index = idx_member.rows(a, b).tolist() if idx_member is not None else None
-                for r in range(a, b):
-                    i = r - a
-                    props = None if index is None or lay.index_property is None else \
-                        {lay.index_property[1]: float(index[i])}
-                    yield self.build(file_id, r, lambda r=r, i=i, fs=frames, e=energy, pr=props: fs.graph(
-                        i, key=make_key(source, file_id, r), index=r, energy=None if e is None else e[i],
-                        properties=pr, property_units=None if pr is None else dict.fromkeys(pr, "-")))
+                                    scaled_block(m[lay.forces].rows(a, b), e_f / l_f) if lay.forces in m else None,
+                                    energy=labels(m[lay.energy].rows(a, b), e_f) if lay.energy in m else None,
+                                    properties=props,
+                                    property_units=None if props is None else dict.fromkeys(props, "-"))
+                yield from frames.graphs(keys.many(range(a, b)), a,
+                                         lambda r, exc: self.refusal(file_id, r, exc))
         for r in beyond:
             yield self.reject(file_id, r, "frame beyond the end of the trajectory")
 

@@ -44,6 +44,12 @@ def check_units(energy_unit: str, length_unit: str) -> None:
 def elements(z: Any) -> np.ndarray:
     """Atomic numbers as a read-only uint8 array; anything outside 1..118 is a ValueError naming it."""
     arr = np.asarray(z)
+    if arr.ndim == 1 and 0 < arr.size <= 256 and arr.dtype.kind in "iu":  # small integer arrays: Python's min/max
+        values = arr.tolist()
+        lo, hi = min(values), max(values)
+        if lo < 1 or hi > 118:
+            raise ValueError(f"unknown element: atomic number {lo if lo < 1 else hi} not in 1..118")
+        return owned(arr, np.uint8)
     if arr.ndim != 1:
         raise ValueError(f"atomic numbers must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
@@ -78,7 +84,9 @@ def scaled(values: Any, factor: float, shape: tuple[int, ...], what: str) -> np.
             arr = arr.reshape(shape)
         else:
             raise ValueError(f"{what} has shape {arr.shape}, expected {shape}")
-    return owned(np.multiply(arr, factor, dtype=np.float64) if factor != 1.0 else arr, np.float32)
+    if factor == 1.0:
+        return owned(arr, np.float32)
+    return owned(np.multiply(arr, factor, dtype=np.float64), np.float32)
 
 
 def scaled_block(values: Any, factor: float) -> np.ndarray:

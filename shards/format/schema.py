@@ -86,12 +86,38 @@ def make_key(source: str, file_id: str, index: int) -> str:
     return f"{_slug(source)}-{digest}"
 
 
+class FileKeys:
+    """``make_key(source, file_id, index)`` for the records of one file, the hash of the shared prefix computed
+    once (half the cost of a key for a container file's many records)."""
+
+    __slots__ = ("_prefix", "_state")
+
+    def __init__(self, source: str, file_id: str) -> None:
+        self._state = hashlib.blake2b(f"{source}\0{file_id}\0".encode(), digest_size=8)
+        self._prefix = f"{_slug(source)}-"
+
+    def __call__(self, index: int) -> str:
+        h = self._state.copy()
+        h.update(f"{index}".encode())
+        return self._prefix + h.hexdigest()
+
+    def many(self, indices: range) -> list[str]:
+        """The keys of ``indices``, in one loop."""
+        out: list[str] = []
+        append, copy, prefix = out.append, self._state.copy, self._prefix
+        for i in indices:
+            h = copy()
+            h.update(b"%d" % i)
+            append(prefix + h.hexdigest())
+        return out
+
+
 @lru_cache(maxsize=1024)
 def _slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", source)[:40] or "x"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class AtomGraph:
     """One structure in the unified schema. Construction validates; arrays are read-only."""
 
@@ -120,7 +146,22 @@ class AtomGraph:
     trajectory_id: str | None = None
     frame_time: float | None = None
 
-    def __post_init__(self) -> None:
+    def __init__(self, key: str, domain: str, source: str, source_file: str, index: int, atomic_numbers: np.ndarray,
+                 positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, charge: int | None = None,
+                 spin: int | None = None, energy: float | None = None, forces: np.ndarray | None = None,
+                 properties: Mapping[str, float] | None = None, property_units: Mapping[str, str] | None = None,
+                 bonds: np.ndarray | None = None, bond_order: np.ndarray | None = None,
+                 residue_index: np.ndarray | None = None, residue_name: np.ndarray | None = None,
+                 chain: np.ndarray | None = None, atom_name: np.ndarray | None = None, hetero: np.ndarray | None = None,
+                 trajectory_id: str | None = None, frame_time: float | None = None) -> None:
+        # the fields in one step, then validated: the dataclass's own frozen __init__ sets each field through
+        # object.__setattr__, which costs twice as much per record (a test pins this signature to the fields)
+        self.__dict__.update(
+            key=key, domain=domain, source=source, source_file=source_file, index=index, atomic_numbers=atomic_numbers,
+            positions=positions, cell=cell, pbc=pbc, charge=charge, spin=spin, energy=energy, forces=forces,
+            properties=properties, property_units=property_units, bonds=bonds, bond_order=bond_order,
+            residue_index=residue_index, residue_name=residue_name, chain=chain, atom_name=atom_name, hetero=hetero,
+            trajectory_id=trajectory_id, frame_time=frame_time)
         validate_graph(self)
 
     @property

@@ -8,7 +8,6 @@ import numpy as np
 
 from shards.format.schema import (
     ARRAY_FIELDS,
-    FIELDS,
     KEY_RE,
     MAX_ATOMS_DEFAULT,
     NAME_RE,
@@ -55,6 +54,10 @@ def check_key(key: Any) -> None:
 _ARRAY_SPECS: tuple[tuple[str, np.dtype, str, bool, str | None, tuple[int, ...]], ...] = tuple(
     (f.name, np.dtype(f.dtype), f.dtype, f.required, f.shape[0] if f.shape[:1] in (("N",), ("B",)) else None,
      tuple(f.shape[1:]) if f.shape[:1] in (("N",), ("B",)) else tuple(f.shape)) for f in ARRAY_FIELDS)
+# (name, fixed shape or None, position in the per-graph tuple of sized shapes) per array field, for the shape pass
+_SIZED = ((None, ()), ("N", ()), ("N", (3,)), ("B", ()), ("B", (2,)))
+_SHAPE_SPECS = tuple((name, trail if lead is None else None, _SIZED.index((lead, trail)) if lead else 0)
+                     for name, _, _, _, lead, trail in _ARRAY_SPECS)
 
 
 def validate_graph(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
@@ -83,13 +86,13 @@ def validate_graph(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     n = z.shape[0]
     bonds = d["bonds"]
     n_b = bonds.shape[0] if bonds is not None and bonds.ndim == 2 else None
-    for name, _, _, _, lead, trail in _ARRAY_SPECS:
+    sized = (None, (n,), (n, 3), (n_b,), (n_b, 2))
+    for name, fixed, at in _SHAPE_SPECS:
         v = d[name]
-        if v is None:
-            continue
-        want_shape = trail if lead is None else ((n if lead == "N" else n_b), *trail)
-        if v.shape != want_shape:
-            raise SchemaError(key, name, f"shape {v.shape} does not match expected {want_shape}")
+        if v is not None:
+            want_shape = fixed if fixed is not None else sized[at]
+            if v.shape != want_shape:
+                raise SchemaError(key, name, f"shape {v.shape} does not match expected {want_shape}")
     check_invariants(g, max_atoms)
 
 
@@ -130,7 +133,7 @@ def check_invariants(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     cell, pbc = d["cell"], d["pbc"]
     if cell is not ZERO_CELL and not math.isfinite(np.vdot(cell, cell)):
         raise SchemaError(key, "cell", "contains NaN or inf")
-    if pbc is not NO_PBC and pbc.any() and singular_cell(cell):
+    if pbc is not NO_PBC and pbc.tobytes() != _NO_PBC_BYTES and singular_cell(cell):
         raise SchemaError(key, "cell", "pbc is set but the cell is missing or singular")
     bonds, bond_order = d["bonds"], d["bond_order"]
     if bonds is not None:
@@ -145,6 +148,7 @@ def check_invariants(g: AtomGraph, max_atoms: int = MAX_ATOMS_DEFAULT) -> None:
     check_scalars(g)
 
 
+_NO_PBC_BYTES = bytes(3)  # NO_PBC.tobytes(): three False
 _DET_SLACK = 1024 * np.finfo(np.float64).eps
 
 
@@ -180,8 +184,7 @@ def check_scalars(g: AtomGraph) -> None:
     if traj is not None and (not isinstance(traj, str) or not traj):
         raise SchemaError(key, "trajectory_id", "must be a non-empty string")
     props = d["properties"]
-    if props is not None and (not isinstance(props, dict) or not all(
-            type(k) is str and type(v) is float and math.isfinite(v) for k, v in props.items())):
+    if props is not None and (type(props) is not dict or not _plain_properties(props)):
         if not hasattr(props, "items"):
             raise SchemaError(key, "properties", "must be a mapping of name -> number")
         props = d["properties"] = {_name(key, k): _finite(key, f"properties[{k}]", v) for k, v in props.items()}
@@ -194,6 +197,16 @@ def check_scalars(g: AtomGraph) -> None:
         if not units.keys() <= (props or {}).keys():
             unknown = sorted(set(units) - set(props or {}))
             raise SchemaError(key, "property_units", f"units for unknown properties {unknown}")
+
+
+def _plain_properties(props: dict[Any, Any]) -> bool:
+    """Every name a non-empty str and every value a finite Python float (the validator keeps such a mapping as it
+    is): by the types of all names and values at once and the finiteness of their sum, else one by one."""
+    if set(map(type, props)) <= {str} and "" not in props and set(map(type, props.values())) <= {float}:
+        if math.isfinite(sum(props.values())):
+            return True
+        return all(math.isfinite(v) for v in props.values())
+    return False
 
 
 def _name(key: str, k: Any) -> str:
@@ -210,96 +223,3 @@ def _finite(key: str, name: str, v: Any) -> float:
     if not math.isfinite(fv):
         raise SchemaError(key, name, "is NaN or inf")
     return fv
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-# fields a FrameStack may share between its frames, and the per-frame scalars its ``graph`` accepts
-_STACK_COMMON = frozenset({"domain", "source", "source_file", "atomic_numbers", "cell", "pbc", "charge", "spin",
-                           "trajectory_id"})
-_FRAME_SCALARS = frozenset({"energy", "properties", "property_units", "frame_time", "charge", "spin",
-                            "trajectory_id"})
-_NONE_FIELDS = {f.name: None for f in FIELDS}
-
-
-def finite_rows(stack: np.ndarray) -> np.ndarray:
-    """Per leading row of a float32 stack, the validator's own test ``math.isfinite(np.vdot(row, row))`` (NaN, inf,
-    or a sum of squares that overflows float32), computed for all rows at once: exactly in float64, with ``vdot``
-    itself only for the rows whose sum is within a factor 2 of the float32 limit, where rounding could decide."""
-    flat = stack.reshape(stack.shape[0], -1)
-    sums = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
-    ok = sums < 0.5 * _FLOAT32_MAX  # False for NaN
-    for i in np.flatnonzero(~ok & (sums < 2.0 * _FLOAT32_MAX)).tolist():
-        ok[i] = math.isfinite(np.vdot(flat[i], flat[i]))
-    return ok
-
-
-class FrameStack:
-    """Frames that share their atoms and graph-level fields (``common``: atomic numbers, cell, pbc, domain, source,
-    source file, charge, spin, trajectory id) and take their positions (and forces) from rows of one ``[C, N, 3]``
-    block, as container files store conformations and MD frames. Construction validates what the frames share once
-    (a probe ``AtomGraph`` through the full validator) and the finiteness of every row with one vectorised pass.
-
-    ``graph(i, ...)`` then builds frame ``i``. A frame that passed every block check is built by this module's
-    trusted constructor, which skips only the checks already done for the whole block and still runs the per-frame
-    ones (key, index, every scalar, in the validator's order), so it is accepted or refused exactly as
-    ``AtomGraph(...)`` would accept or refuse it, with the same arrays. Any other frame (or every frame of a block
-    that is not read-only float32 of the right shape, or whose shared fields are invalid) is built by
-    ``AtomGraph(...)`` itself and raises the validator's own ``SchemaError``. The trusted constructor is used
-    nowhere else."""
-
-    def __init__(self, common: dict[str, Any], positions: np.ndarray, forces: np.ndarray | None = None) -> None:
-        from shards.format.schema import AtomGraph
-
-        unknown = set(common) - _STACK_COMMON
-        if unknown:
-            raise TypeError(f"FrameStack cannot share {sorted(unknown)} between frames")
-        self._cls, self._common, self._positions, self._forces = AtomGraph, common, positions, forces
-        self._per_frame = _FRAME_SCALARS - common.keys()
-        self._trusted: list[bool] | None = None  # per frame: positions, and forces if any, passed the block check
-        self._trusted_without_forces: list[bool] | None = None
-        self._base: dict[str, Any] = {}
-        try:
-            probe = AtomGraph(key="probe", index=0, positions=np.zeros((len(common.get("atomic_numbers", ())), 3),
-                                                                        dtype=np.float32), **common)
-        except (SchemaError, TypeError):
-            return  # the shared fields are invalid: every frame takes the validator's path and its reason
-        n = probe.n_atoms
-        if not _trusted_block(positions, n) or (forces is not None and (
-                not _trusted_block(forces, n) or len(forces) != len(positions))):
-            return
-        self._base = {**_NONE_FIELDS, **{k: probe.__dict__[k] for k in common}}
-        ok_pos = finite_rows(positions)
-        self._trusted_without_forces = ok_pos.tolist()
-        self._trusted = self._trusted_without_forces if forces is None else (ok_pos & finite_rows(forces)).tolist()
-        self._rows = list(positions)  # row views, as the validator would keep them
-        self._force_rows = None if forces is None else list(forces)
-
-    def __len__(self) -> int:
-        return len(self._positions)
-
-    def graph(self, i: int, *, key: str, index: int, with_forces: bool = True, **scalars: Any) -> AtomGraph:
-        """Frame ``i`` as a validated ``AtomGraph`` (forces from the block unless ``with_forces`` is False)."""
-        if not self._per_frame.issuperset(scalars):
-            bad = sorted(set(scalars) - self._per_frame)
-            raise TypeError(f"FrameStack frames take no {bad} (not a per-frame scalar, or shared by the stack)")
-        with_forces = with_forces and self._forces is not None
-        trusted = self._trusted if with_forces else self._trusted_without_forces
-        if trusted is None or not trusted[i] or type(index) is not int or index < 0:
-            return self._cls(**self._common, key=key, index=index, positions=self._positions[i],
-                             forces=self._forces[i] if with_forces and self._forces is not None else None, **scalars)
-        check_key(key)
-        g = object.__new__(self._cls)  # the trusted constructor: every array check was done for the whole block
-        d = g.__dict__
-        d.update(self._base)
-        d["key"], d["index"], d["positions"] = key, index, self._rows[i]
-        if with_forces and self._force_rows is not None:
-            d["forces"] = self._force_rows[i]
-        d.update(scalars)
-        check_scalars(g)
-        return g
-
-
-def _trusted_block(block: Any, n: int) -> bool:
-    """A block whose rows the validator would keep as they are: read-only, C-contiguous float32 ``[C, n, 3]``."""
-    return (type(block) is np.ndarray and block.dtype == np.float32 and block.ndim == 3
-            and block.shape[1:] == (n, 3) and block.flags.c_contiguous and not block.flags.writeable)
