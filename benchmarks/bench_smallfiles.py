@@ -149,7 +149,7 @@ def profile(files: int) -> None:
         prof.runcall(run_unit, unit, str(tmp / "out"), cfg.writer)
         stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
         total = sum(v[3] for k, v in stats.items() if k[2] == "run_unit")
-        parts = {"converter (parse + graph + validation)": "convert", "sniffing (converter_for)": "converter_for",
+        parts = {"converter (parse + graph + validation)": "convert", "sniffing (converter_for)": "sniff",
                  "shard writing (encode + tar)": "add_encoded", "fsync": "fsync", "outcome/index files": "write_atomic"}
         print(f"unit of {files} one-molecule SDF files: first run (imports) {t_import:.2f}s, warm {t_unit:.2f}s "
               f"({t_unit / files * 1e3:.2f} ms/file), bare RDKit loop {t_bare / files * 1e3:.2f} ms/file")

@@ -48,13 +48,14 @@ class UnitOutcome:
     converters: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (lists for tuples)."""
+        """Plain JSON types (lists for tuples); file rows and rejects hold only plain values, so their fields are
+        copied as they are (``asdict``'s deep copy cost more than the rest of a small file's accounting)."""
         return {
             "unit": self.unit, "source": self.source, "fingerprint": self.fingerprint, "inputs": self.inputs,
             "accepted": self.accepted, "rejected": self.rejected, "domains": dict(self.domains),
-            "files": [asdict(f) for f in self.files], "shards": [asdict(s) for s in self.shards],
+            "files": [dict(vars(f)) for f in self.files], "shards": [asdict(s) for s in self.shards],
             "tail": asdict(self.tail) if self.tail is not None else None,
-            "rejects": [asdict(r) for r in self.rejects], "converters": dict(self.converters),
+            "rejects": [dict(vars(r)) for r in self.rejects], "converters": dict(self.converters),
         }
 
     def to_json(self) -> bytes:

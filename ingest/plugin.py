@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import io
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,7 @@ class Converter(abc.ABC):
     Options: ClassVar[type] = NoOptions
 
     def can_convert(self, path: Path) -> bool:
-        low = path.name.lower()
-        return any(low.endswith(s) for s in self.suffixes)
+        return path.name.lower().endswith(tuple(self.suffixes))
 
     def parse_options(self, data: Mapping[str, Any] | None) -> Any:
         if isinstance(data, self.Options):
@@ -187,7 +187,8 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
     Files over ``max_file_bytes`` are one reject; samples over ``max_atoms`` atoms are rejects of their record."""
     try:
         st = path.stat()
-        size = st.st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        size = st.st_size if stat.S_ISREG(st.st_mode) else \
+            sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     except OSError as exc:
         yield conv.reject(file_id, None, f"cannot open: {exc.strerror or exc}")
         return

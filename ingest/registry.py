@@ -94,17 +94,32 @@ def converter_for(path: Path, domain: str | None = None,
     """The one converter (of ``domain``, if given) that claims ``path``. A converter counts as of ``domain``
     when it makes that domain under the source's ``options`` (an XYZ converter with ``domain: md`` reads
     trajectories); options it does not accept leave its class's domain."""
-    p = Path(path)
-    probes = _probes() if entry_points is None else tuple((c, c()) for c in discover(entry_points).values())
-    matches = [c for c, probe in probes if (domain is None or _makes(probe, domain, options)) and probe.can_convert(p)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        what = f"no converter{'' if domain is None else f' of domain {domain!r}'} handles {path}"
-        if p.is_dir():
-            raise KeyError(f"{what}: it is a folder; give its files with a glob (e.g. {p / '*.cif'}), "
-                           "or name a converter that reads folders (zarr_traj)")
-        others = sorted(f"{c.name} (domain {c.domain})" for c, probe in probes if probe.can_convert(p))
-        hint = f"; claimed by {', '.join(others)}" if others else ""
-        raise KeyError(f"{what}{hint}; name one with converter: NAME (job file) or --converter NAME")
-    raise KeyError(f"several converters handle {path}: {sorted(c.name for c in matches)}; name one")
+    return Sniffer(domain, options, entry_points)(path)
+
+
+class Sniffer:
+    """``converter_for`` for the many files of one source: which converters make ``domain`` under ``options`` is
+    decided once (parsing every converter's options per file cost more than reading a small file's head)."""
+
+    def __init__(self, domain: str | None = None, options: Mapping[str, Any] | None = None,
+                 entry_points: Iterable[EntryPoint] | None = None) -> None:
+        self._domain = domain
+        self._probes = _probes() if entry_points is None else tuple((c, c()) for c in discover(entry_points).values())
+        self._of_domain = tuple((c, probe) for c, probe in self._probes
+                                if domain is None or _makes(probe, domain, options))
+
+    def __call__(self, path: Path) -> type[Converter]:
+        p = Path(path)
+        matches = [c for c, probe in self._of_domain if probe.can_convert(p)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            domain = self._domain
+            what = f"no converter{'' if domain is None else f' of domain {domain!r}'} handles {path}"
+            if p.is_dir():
+                raise KeyError(f"{what}: it is a folder; give its files with a glob (e.g. {p / '*.cif'}), "
+                               "or name a converter that reads folders (zarr_traj)")
+            others = sorted(f"{c.name} (domain {c.domain})" for c, probe in self._probes if probe.can_convert(p))
+            hint = f"; claimed by {', '.join(others)}" if others else ""
+            raise KeyError(f"{what}{hint}; name one with converter: NAME (job file) or --converter NAME")
+        raise KeyError(f"several converters handle {path}: {sorted(c.name for c in matches)}; name one")

@@ -131,6 +131,15 @@ class _Files:
         self.spool_bytes = spool_bytes
         self.convs: dict[str, tuple[Any, Any]] = {}
         self.versions: dict[str, str] = {}
+        self._sniffer: Any = None
+
+    def sniff(self, path: Path) -> str:
+        """The name of the converter that claims ``path`` among those of the unit's domain (``converter: auto``)."""
+        if self._sniffer is None:
+            from ingest.registry import Sniffer
+
+            self._sniffer = Sniffer(self.unit.domain, self.unit.options)
+        return str(self._sniffer(path).name)
 
     def converter(self, name: str) -> tuple[Any, Any]:
         if name not in self.convs:
@@ -164,13 +173,12 @@ def _convert_item(files: _Files, item: Any, w: ShardWriter, rejects: list[Any], 
 def _convert_local(files: _Files, item: Any, path: Path, w: ShardWriter, rejects: list[Any],
                    domains: dict[str, int]) -> FileRow:
     from ingest.plugin import Reject, safe_convert
-    from ingest.registry import converter_for
 
     unit = files.unit
     name = item.converter
     if name == "auto":
         try:
-            name = converter_for(path, unit.domain, options=unit.options).name
+            name = files.sniff(path)
         except Exception as exc:  # noqa: BLE001 - sniffing a broken file: the file is one reject, not a crash
             reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else f"{type(exc).__name__}: {exc}"
             rejects.append(Reject(item.file_id, None, "auto", f"cannot choose a converter: {reason}"[:400]))
