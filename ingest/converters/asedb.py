@@ -27,6 +27,7 @@ PROBE_ROWS = 3
 STRESS = ("stress_xx", "stress_yy", "stress_zz", "stress_yz", "stress_xz", "stress_xy")  # ASE Voigt order
 STRESS_UNIT = "eV/Å^3"
 _STRESS_UNITS = dict.fromkeys(STRESS, STRESS_UNIT)
+NO_PBC_BYTES = NO_PBC.tobytes()
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ class ASEDBConverter(Converter):
     def _graph(row: Any, r: int, key: str, options: ASEDBOptions, source: str, file_id: str) -> AtomGraph:
         z = elements(row.numbers)
         n = z.shape[0]
-        periodic = any(np.ravel(row.pbc).tolist())
-        pbc = owned(row.pbc, bool) if periodic else NO_PBC
+        pbc = owned(row.pbc, bool)
+        periodic = pbc.tobytes() != NO_PBC_BYTES
         cell = owned(row.cell, np.float64) if periodic or any(np.ravel(row.cell).tolist()) else ZERO_CELL
         props: dict[str, float] = {}
         units: dict[str, str] = {}
@@ -191,7 +192,7 @@ class ASEDBConverter(Converter):
         domain = options.domain if options.domain != "auto" else ("crystal" if periodic else "molecule")
         return AtomGraph(key=key, domain=domain, source=source, source_file=file_id,
                          index=r, atomic_numbers=z, positions=owned(row.positions, np.float32),
-                         cell=cell, pbc=pbc, charge=_integer(row, options.charge_key),
+                         cell=cell, pbc=pbc if periodic else NO_PBC, charge=_integer(row, options.charge_key),
                          spin=_integer(row, options.spin_key), energy=row.get("energy"),
                          forces=None if forces is None else scaled(forces, 1.0, (n, 3), "forces"),
                          properties=props or None, property_units=units or None)

@@ -168,18 +168,22 @@ def check_scalars(g: AtomGraph) -> None:
     """Types and values of the graph-level scalar fields (normalised in place)."""
     d = g.__dict__
     key = d["key"]
-    for name in ("charge", "spin"):
-        v = d[name]
-        if v is not None and type(v) is not int:
-            if isinstance(v, bool) or not isinstance(v, np.integer):
-                raise SchemaError(key, name, f"must be an integer, got {v!r}")
-            d[name] = int(v)
+    charge, spin = d["charge"], d["spin"]
+    if (charge is not None and type(charge) is not int) or (spin is not None and type(spin) is not int):
+        for name in ("charge", "spin"):
+            v = d[name]
+            if v is not None and type(v) is not int:
+                if isinstance(v, bool) or not isinstance(v, np.integer):
+                    raise SchemaError(key, name, f"must be an integer, got {v!r}")
+                d[name] = int(v)
     if d["spin"] is not None and d["spin"] < 1:
         raise SchemaError(key, "spin", f"multiplicity must be >= 1, got {d['spin']}")
-    for name in ("energy", "frame_time"):
-        v = d[name]
-        if v is not None and (type(v) is not float or not math.isfinite(v)):
-            d[name] = _finite(key, name, v)
+    energy = d["energy"]
+    if energy is not None and (type(energy) is not float or not math.isfinite(energy)):
+        d["energy"] = _finite(key, "energy", energy)
+    frame_time = d["frame_time"]
+    if frame_time is not None and (type(frame_time) is not float or not math.isfinite(frame_time)):
+        d["frame_time"] = _finite(key, "frame_time", frame_time)
     traj = d["trajectory_id"]
     if traj is not None and (not isinstance(traj, str) or not traj):
         raise SchemaError(key, "trajectory_id", "must be a non-empty string")
@@ -192,11 +196,14 @@ def check_scalars(g: AtomGraph) -> None:
     if units is not None:
         if not hasattr(units, "items"):
             raise SchemaError(key, "property_units", "must be a mapping of name -> unit")
-        if not isinstance(units, dict) or not all(type(k) is str and type(v) is str for k, v in units.items()):
+        if type(units) is not dict or not (set(map(type, units)) <= _STR and set(map(type, units.values())) <= _STR):
             units = d["property_units"] = {str(k): str(v) for k, v in units.items()}
         if not units.keys() <= (props or {}).keys():
             unknown = sorted(set(units) - set(props or {}))
             raise SchemaError(key, "property_units", f"units for unknown properties {unknown}")
+
+
+_STR = {str}
 
 
 def _plain_properties(props: dict[Any, Any]) -> bool:
