@@ -105,12 +105,16 @@ class Sniffer:
                  entry_points: Iterable[EntryPoint] | None = None) -> None:
         self._domain = domain
         self._probes = _probes() if entry_points is None else tuple((c, c()) for c in discover(entry_points).values())
-        self._of_domain = tuple((c, probe) for c, probe in self._probes
-                                if domain is None or _makes(probe, domain, options))
+        # per converter: its suffixes when it claims by suffix alone (the base can_convert), else None (ask it)
+        self._of_domain = tuple(
+            (c, probe, tuple(probe.suffixes) if type(probe).can_convert is Converter.can_convert else None)
+            for c, probe in self._probes if domain is None or _makes(probe, domain, options))
 
     def __call__(self, path: Path) -> type[Converter]:
         p = Path(path)
-        matches = [c for c, probe in self._of_domain if probe.can_convert(p)]
+        low = p.name.lower()
+        matches = [c for c, probe, suffixes in self._of_domain
+                   if (low.endswith(suffixes) if suffixes is not None else probe.can_convert(p))]
         if len(matches) == 1:
             return matches[0]
         if not matches:
