@@ -173,10 +173,9 @@ def plot_diagnostics(metrics_path: Path, out: Path) -> Path | None:
             if f"{PREFIX}loss_own_c" in r]
     if not rows:
         return None
-    import matplotlib
+    from shards.tools.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [r["step"] for r in rows]
     panels: list[tuple[str, list[tuple[str, str]]]] = [

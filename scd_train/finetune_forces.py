@@ -99,10 +99,9 @@ def _score(cfg: FinetuneConfig, m: dict[str, float]) -> float:
 
 def plot_curve(curve: list[dict[str, Any]], path: Path) -> None:
     """Validation energy and force MAE vs epoch (two panels)."""
-    import matplotlib
+    from shards.tools.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     ep = [c["epoch"] for c in curve]

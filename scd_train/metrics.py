@@ -47,10 +47,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_loss(metrics_path: Path, out: Path, key: str = "loss", title: str = "SCD pretraining loss") -> Path:
     """A PNG of ``key`` against step (raw and smoothed)."""
-    import matplotlib
+    from shards.tools.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     rows = [r for r in read_metrics(metrics_path) if key in r]

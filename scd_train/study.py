@@ -148,10 +148,9 @@ def _summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 
 def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path, prop: str) -> None:
     """Validation MAE (meV) vs epoch, one colour per arm, one line per seed."""
-    import matplotlib
+    from shards.tools.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (arm, runs) in enumerate(results.items()):

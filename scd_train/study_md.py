@@ -130,10 +130,9 @@ def _summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 
 def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Validation force MAE vs epoch, one colour per arm, one line per seed."""
-    import matplotlib
+    from shards.tools.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for i, (arm, runs) in enumerate(results.items()):

@@ -35,16 +35,6 @@ def summarise(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) ->
     return out
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -53,7 +43,9 @@ def _save(plt: Any, fig: Any, path: Path) -> None:
 
 def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
     """Validation MAE (meV) vs fine-tuning step: one panel per regime and target, one colour per arm."""
-    plt = _pyplot()
+    from shards.tools.plot import pyplot
+
+    plt = pyplot()
     regs = list(results)
     targets = list(next(iter(results.values())))
     fig, axes = plt.subplots(len(regs), len(targets), figsize=(4.2 * len(targets), 3.4 * len(regs)), squeeze=False)
@@ -74,7 +66,9 @@ def plot_curves(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], 
 
 def plot_gaps(diag: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Other-c / own-c - 1 and the LN(c) spread against pretraining step, one line per pretrained arm."""
-    plt = _pyplot()
+    from shards.tools.plot import pyplot
+
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for arm, rows in diag.items():
         steps = [r["step"] for r in rows]

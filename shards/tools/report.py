@@ -56,10 +56,9 @@ def _rejects(root: str) -> Counter:
 
 def write_report(dataset: str, out: Path, max_samples: int = ELEMENT_SAMPLE_LIMIT) -> Path:
     """Write the PNGs and ``index.html`` into ``out``; returns the HTML path."""
-    import matplotlib
+    from shards.tools.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from ase.data import chemical_symbols
 
     out.mkdir(parents=True, exist_ok=True)
