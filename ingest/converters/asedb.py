@@ -27,7 +27,6 @@ PROBE_ROWS = 3
 STRESS = ("stress_xx", "stress_yy", "stress_zz", "stress_yz", "stress_xz", "stress_xy")  # ASE Voigt order
 STRESS_UNIT = "eV/Å^3"
 _STRESS_UNITS = dict.fromkeys(STRESS, STRESS_UNIT)
-NO_PBC_BYTES = NO_PBC.tobytes()
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,7 @@ class ASEDBConverter(Converter):
         z = elements(row.numbers)
         n = z.shape[0]
         pbc = owned(row.pbc, bool)
-        periodic = pbc.tobytes() != NO_PBC_BYTES
+        periodic = any(pbc.tolist())
         cell = owned(row.cell, np.float64) if periodic or any(np.ravel(row.cell).tolist()) else ZERO_CELL
         props: dict[str, float] = {}
         units: dict[str, str] = {}

@@ -171,7 +171,9 @@ class FrameStack:
         props, units = self._frame_props, self._frame_units
         new = object.__new__
         for i in range(n):
-            if fast[i]:  # the trusted constructor, inline: every check of this frame was done for the block
+            # every check of this frame was done for the block: the body of _trusted_graph, inlined because a
+            # method call per frame costs about a tenth of an NPZ frame's whole conversion (measured 0.4-0.6 us)
+            if fast[i]:
                 g = new(AtomGraph)
                 d = g.__dict__
                 d.update(base)

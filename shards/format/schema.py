@@ -98,7 +98,7 @@ class FileKeys:
 
     def __call__(self, index: int) -> str:
         h = self._state.copy()
-        h.update(f"{index}".encode())
+        h.update(b"%d" % index)
         return self._prefix + h.hexdigest()
 
     def many(self, indices: range) -> list[str]:
