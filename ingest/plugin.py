@@ -196,8 +196,18 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
         yield conv.reject(file_id, None, f"file of {size} bytes exceeds the {max_file_bytes}-byte limit")
         return
     done: set[int] = set()
+    add, top = done.add, -1  # top: the highest index yielded so far, so a higher one is not a duplicate
+    lo, hi = (0, -1) if records is None or records.step != 1 else (records.start, records.stop)
     try:
         for item in conv.convert(path, options, source=source, file_id=file_id, records=records):
+            if type(item) is AtomGraph:  # the common case (a sample after the last one, wanted), with less work
+                idx = item.index
+                if idx > top and (records is None or lo <= idx < hi) and (
+                        max_atoms is None or item.atomic_numbers.shape[0] <= max_atoms):
+                    top = idx
+                    add(idx)
+                    yield item
+                    continue
             if isinstance(item, Reject):
                 if item.record is None:
                     yield item
@@ -207,7 +217,8 @@ def safe_convert(conv: Converter, path: Path, options: Any, *, source: str, file
                 idx = item.index
             if idx in done or (records is not None and idx not in records):
                 continue
-            done.add(idx)
+            add(idx)
+            top = max(top, idx)
             if max_atoms is not None and isinstance(item, AtomGraph) and item.n_atoms > max_atoms:
                 item = conv.reject(file_id, idx, f"{item.n_atoms} atoms exceed the limit of {max_atoms}")
             yield item

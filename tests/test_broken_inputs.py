@@ -123,3 +123,36 @@ def test_size_bounds_are_rejects() -> None:
     assert big.record is None and "limit" in big.reason
     items = list(safe_convert(conv, path, opts, source="b", file_id=path.name, records=range(0, 3), max_atoms=10))
     assert [r.record for r in items] == [0, 1, 2] and all("atoms exceed" in r.reason for r in items)
+
+
+def test_safe_convert_keeps_each_wanted_record_once_in_any_order(tmp_path: Path) -> None:
+    """A converter that repeats records, goes back, strays outside the range and yields oversized samples: each
+    wanted record comes out once (its first occurrence), in the converter's order, and the rest of the range are
+    rejects; the fast path for rising indices and the general path agree."""
+    import numpy as np
+
+    from ingest.plugin import Converter
+    from shards.format.schema import NO_PBC, ZERO_CELL, make_key
+
+    order = [2, 3, 3, 1, 9, 2, 4, 0, 6, 5, 5]
+
+    class Wobbly(Converter):
+        name, domain, suffixes = "wobbly", "molecule", (".wob",)
+
+        def convert(self, path, options, *, source, file_id, records=None):
+            for i in order:
+                n = 5 if i == 4 else 2
+                yield AtomGraph(key=make_key(source, file_id, i), domain="molecule", source=source,
+                                source_file=file_id, index=i, atomic_numbers=np.ones(n, dtype=np.uint8),
+                                positions=np.arange(3 * n, dtype=np.float32).reshape(n, 3), cell=ZERO_CELL, pbc=NO_PBC)
+
+    path = tmp_path / "x.wob"
+    path.write_text("x")
+    conv = Wobbly()
+    items = list(safe_convert(conv, path, conv.parse_options({}), source="s", file_id="x.wob", records=range(1, 8),
+                              max_atoms=4))
+    got = [(type(x).__name__, x.index if isinstance(x, AtomGraph) else x.record) for x in items]
+    assert got == [("AtomGraph", 2), ("AtomGraph", 3), ("AtomGraph", 1), ("Reject", 4), ("AtomGraph", 6),
+                   ("AtomGraph", 5), ("Reject", 7)]
+    every = list(safe_convert(conv, path, conv.parse_options({}), source="s", file_id="x.wob"))
+    assert [x.index for x in every] == [2, 3, 1, 9, 4, 0, 6, 5]

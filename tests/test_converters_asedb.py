@@ -104,3 +104,32 @@ def test_ase_db_refuses_pickled_lmdb_and_foreign_sqlite(tmp_path) -> None:
     text = tmp_path / "notes.db"
     text.write_text("hello")
     assert not get_converter("ase_db")().can_convert(text)
+
+
+def test_aselmdb_rows_that_cannot_be_inflated_are_rejects_of_their_own(tmp_path, monkeypatch) -> None:
+    """A truncated entry and one that inflates past the per-row bound are one reject each (the bomb is never
+    inflated whole); the rows around them still become samples."""
+    import ase.db
+    import lmdb
+    from ase import Atoms
+
+    from ingest.converters import asedb
+
+    path = tmp_path / "broken.aselmdb"
+    db = ase.db.connect(str(path), type="aselmdb")
+    for k in range(8):
+        db.write(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7 + 0.01 * k]]))
+    db.close()
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        whole = txn.get(b"6")  # ids count from 1; the first rows stay intact for the format probe
+        txn.put(b"6", whole[: len(whole) // 2])
+        txn.put(b"7", zlib.compress(b"{" + b" " * 4_000_000 + b"}"))
+    env.close()
+    monkeypatch.setattr(asedb, "MAX_ROW_BYTES", 100_000)
+    graphs, rejects = convert("ase_db", path)
+    assert [g.index for g in graphs] == [0, 1, 2, 3, 4, 7], rejects
+    np.testing.assert_allclose(graphs[-1].positions[1], [0, 0, 0.77], atol=1e-6)
+    reasons = {r.record: r.reason for r in rejects}
+    assert sorted(reasons) == [5, 6]
+    assert "truncated" in reasons[5] and "more than 100000 bytes" in reasons[6]

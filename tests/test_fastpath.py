@@ -432,3 +432,25 @@ def test_spice_group_whose_conformations_are_a_link_is_one_reject(tmp_path) -> N
     rejects = [i for i in items if isinstance(i, Reject)]
     assert len(items) == 13 and len([i for i in items if not isinstance(i, Reject)]) == 11
     assert rejects[-1].record == 12 and "conformations is a soft or external link" in rejects[-1].reason
+
+
+def test_frame_stack_graphs_with_file_keys() -> None:
+    """Given a file's ``FileKeys``, ``graphs`` makes the block's keys itself and checks them once: the same items as
+    with the key list, and a source whose keys cannot match the key pattern refuses every frame by its key."""
+    from shards.format.codec import encode
+    from shards.format.frames import FrameStack
+    from shards.format.schema import NO_PBC, ZERO_CELL, AtomGraph, FileKeys, SchemaError
+
+    pos, frc = _frames()
+    common = {"domain": "molecule", "source": "s", "source_file": "f", "atomic_numbers": Z, "cell": ZERO_CELL,
+              "pbc": NO_PBC}
+    stack = FrameStack(common, pos, frc, energy=[1.0] * len(pos))
+    keys = FileKeys("s", "f")
+    assert keys.valid and not FileKeys("_s", "f").valid
+    listed = list(stack.graphs(keys.many(range(7, 7 + len(pos))), 7, lambda r, exc: (r, str(exc))))
+    made = list(stack.graphs(keys, 7, lambda r, exc: (r, str(exc))))
+    assert [encode(g) if isinstance(g, AtomGraph) else g for g in listed] == \
+        [encode(g) if isinstance(g, AtomGraph) else g for g in made]
+    assert sum(isinstance(g, AtomGraph) for g in made) == 7  # frames 1-5 have bad rows
+    refused = list(stack.graphs(FileKeys("_s", "f"), 7, lambda r, exc: exc))
+    assert len(refused) == len(pos) and all(isinstance(e, SchemaError) and e.field == "key" for e in refused)

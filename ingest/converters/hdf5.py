@@ -205,7 +205,7 @@ class HDF5Converter(Converter):
                                 properties=extra, property_units=dict.fromkeys(extra, "eV"))
             # ANI-1x: forces all NaN where a method was not computed: no forces label
             has_forces = [False] * (b - a) if forces is None else (~np.isnan(forces).all(axis=(1, 2))).tolist()
-            yield from frames.graphs(keys.many(range(a, b)), a, lambda r, exc: self.refusal(file_id, r, exc),
+            yield from frames.graphs(keys, a, lambda r, exc: self.refusal(file_id, r, exc),
                                      with_forces=has_forces)
 
 

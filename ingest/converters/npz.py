@@ -234,7 +234,7 @@ class NPZConverter(Converter):
                                     energy=labels(m[lay.energy].rows(a, b), e_f) if lay.energy in m else None,
                                     properties=props,
                                     property_units=None if props is None else dict.fromkeys(props, "-"))
-                yield from frames.graphs(keys.many(range(a, b)), a,
+                yield from frames.graphs(keys, a,
                                          lambda r, exc: self.refusal(file_id, r, exc))
         for r in beyond:
             yield self.reject(file_id, r, "frame beyond the end of the trajectory")

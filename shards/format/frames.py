@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from shards.format.schema import FIELDS, KEY_RE, AtomGraph, SchemaError
+from shards.format.schema import FIELDS, KEY_RE, AtomGraph, FileKeys, SchemaError
 from shards.format.validate import check_key, check_scalars
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -156,17 +156,23 @@ class FrameStack:
             check_scalars(g)
         return g
 
-    def graphs(self, keys: Sequence[str], first: int, refuse: Callable[[int, Exception], R], *,
+    def graphs(self, keys: Sequence[str] | FileKeys, first: int, refuse: Callable[[int, Exception], R], *,
                with_forces: Sequence[bool] | None = None) -> Iterator[AtomGraph | R]:
         """Every frame in order, as ``graph(i, key=keys[i], index=first + i, with_forces=with_forces[i])`` would
         build it; a frame that ``graph`` refuses (``SchemaError``, ``ValueError``, ``TypeError``) becomes
-        ``refuse(index, exc)``. One loop for the block, without a call per frame for the trusted ones."""
-        if len(keys) != len(self._positions) or (with_forces is not None and len(with_forces) != len(keys)):
+        ``refuse(index, exc)``. One loop for the block, without a call per frame for the trusted ones. ``keys`` may
+        be a file's :class:`FileKeys`, which gives the keys of indices ``first, first + 1, ...`` and matches them
+        against the key pattern once for the block."""
+        n = len(self._positions)
+        valid: bool | None = None
+        if isinstance(keys, FileKeys):
+            valid = keys.valid
+            keys = keys.many(range(first, first + n))
+        if len(keys) != n or (with_forces is not None and len(with_forces) != n):
             raise TypeError(f"FrameStack.graphs needs one key (and with_forces flag) for each of {len(self)} frames")
-        n = len(keys)
         has_forces = self._forces is not None
         flags = [has_forces] * n if with_forces is None else [has_forces and bool(f) for f in with_forces]
-        fast = self._fast_frames(keys, first, flags)
+        fast = self._fast_frames(keys, first, flags, valid)
         base, rows, force_rows, energy = self._base, self._rows, self._force_rows, self._energy
         props, units = self._frame_props, self._frame_units
         new = object.__new__
@@ -193,16 +199,21 @@ class FrameStack:
             else:
                 yield graph
 
-    def _fast_frames(self, keys: Sequence[str], first: int, flags: list[bool]) -> list[bool]:
+    def _fast_frames(self, keys: Sequence[str], first: int, flags: list[bool],
+                     valid: bool | None = None) -> list[bool]:
         """Per frame: whether the trusted constructor may build it (its rows and block labels passed, its key
-        matches the key pattern, its index is a non-negative int)."""
+        matches the key pattern (``valid``: known for all keys at once), its index is a non-negative int)."""
         if self._trusted is None or self._trusted_without_forces is None or type(first) is not int or first < 0:
             return [False] * len(keys)
-        if all(type(k) is str for k in keys):
+        with_f, without_f = self._trusted, self._trusted_without_forces
+        if valid is not None and len(set(flags)) <= 1:  # one key check and one forces flag for the whole block
+            return list(with_f if flags and flags[0] else without_f) if valid else [False] * len(keys)
+        if valid is not None:
+            key_ok = [valid] * len(keys)
+        elif all(type(k) is str for k in keys):
             key_ok = [m is not None for m in map(KEY_RE.match, keys)]
         else:
             key_ok = [type(k) is str and KEY_RE.match(k) is not None for k in keys]
-        with_f, without_f = self._trusted, self._trusted_without_forces
         return [ok and (with_f[i] if f else without_f[i]) for i, (ok, f) in enumerate(zip(key_ok, flags, strict=True))]
 
     def _validated(self, i: int, key: str, index: int, with_forces: bool, scalars: dict[str, Any]) -> AtomGraph:

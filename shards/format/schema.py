@@ -90,11 +90,13 @@ class FileKeys:
     """``make_key(source, file_id, index)`` for the records of one file, the hash of the shared prefix computed
     once (half the cost of a key for a container file's many records)."""
 
-    __slots__ = ("_prefix", "_state")
+    __slots__ = ("_prefix", "_state", "valid")
 
     def __init__(self, source: str, file_id: str) -> None:
         self._state = hashlib.blake2b(f"{source}\0{file_id}\0".encode(), digest_size=8)
         self._prefix = f"{_slug(source)}-"
+        # every key is the prefix and 16 hex digits, so one match decides whether all of them match KEY_RE
+        self.valid: bool = KEY_RE.match(self._prefix + "0" * 16) is not None
 
     def __call__(self, index: int) -> str:
         h = self._state.copy()
