@@ -132,6 +132,7 @@ class Item:
     start: int | None = None
     stop: int | None = None
     remote: tuple[int, str] | None = None  # a URL's (size, ETag or mtime) as listed when planned
+    split: bool = False  # one of several record ranges of the file (its units share a node's download)
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ def _source_items(spec: SourceSpec, files: list[Input], options: dict[str, Any],
                 if group:
                     yield tuple(group)
                 group, group_bytes = [], 0
-                yield from ((Item(path, file_id, conv, a, b, stamp),) for a, b in ranges)
+                yield from ((Item(path, file_id, conv, a, b, stamp, split=True),) for a, b in ranges)
                 continue
             item = Item(path, file_id, conv, *ranges[0], stamp)
         if group and (len(group) >= spec.files_per_unit or group_bytes + size > spec.unit_bytes):

@@ -12,6 +12,7 @@ from typing import Any
 
 from ingest.job import JobConfig, Mapper, Unit, job_summary_config, plan_units
 from ingest.outcome import UnitOutcome
+from ingest.spool import forget_cached
 from ingest.target import BucketTarget, FolderTarget
 from shards.config import ConfigError
 from shards.format.storage import FetchError, is_url, join
@@ -118,6 +119,7 @@ def _run_locked(cfg: JobConfig, target: FolderTarget | BucketTarget, workers: in
         target.tidy(done_list, packed)
         target.finalize(shards, cfg.writer, {"ingest": job_summary_config(cfg), "accounting": result.accounting,
                                              "converters": sorted(converters)})
+        forget_cached({(i.path, i.remote) for u in units for i in u.items if i.split and i.remote})
     result.seconds = time.perf_counter() - t0
     return result
 

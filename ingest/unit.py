@@ -161,7 +161,7 @@ def _convert_item(files: _Files, item: Any, w: ShardWriter, rejects: list[Any], 
     from ingest.plugin import Reject
 
     try:
-        with local_copy(item.path, files.spool_bytes) as path:
+        with local_copy(item.path, files.spool_bytes, shared=item.remote if item.split else None) as path:
             return _convert_local(files, item, path, w, rejects, domains)
     except SpoolLimitError as exc:
         name = item.converter

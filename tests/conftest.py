@@ -71,13 +71,24 @@ def real_graphs() -> tuple[AtomGraph, ...]:
     return _real_graphs()
 
 
+class Served(tuple):
+    """(base URL, folder) of a test http server; ``gets`` lists the paths of the GET requests it answered."""
+
+    gets: list[str]
+
+
 @pytest.fixture()
 def http_root(tmp_path: Path):
-    """Serve ``tmp_path`` over http on 127.0.0.1; yields (base_url, folder)."""
+    """Serve ``tmp_path`` over http on 127.0.0.1; yields (base_url, folder), a :class:`Served`."""
+    gets: list[str] = []
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *a, **k):
             super().__init__(*a, directory=str(tmp_path), **k)
+
+        def do_GET(self):
+            gets.append(self.path)
+            super().do_GET()
 
         def log_message(self, *a):
             pass
@@ -85,8 +96,10 @@ def http_root(tmp_path: Path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    served = Served((f"http://127.0.0.1:{server.server_address[1]}", tmp_path))
+    served.gets = gets
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+        yield served
     finally:
         server.shutdown()
         server.server_close()

@@ -25,6 +25,7 @@ from s3help import bucket_digest, enforce_auth, moto_s3, read_only_keys, s3fs_fo
 from ingest.job import JobConfig, SourceSpec, load_job, plan_units
 from ingest.outcome import UnitOutcome
 from ingest.run import run_job
+from ingest.spool import forget_cached
 from ingest.unit import run_unit
 from scd_train.datakit import package_dir
 from shards.config import ConfigError
@@ -308,12 +309,23 @@ def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatc
     cdk2 = SourceSpec(source="cdk2", paths=("inputs/cdk2.sdf",), converter="sdf", records_per_unit=15)
     cfg = dataclasses.replace(load_job(corpus / "job.yaml"), sources=(mols, cdk2))
     remote = dataclasses.replace(cfg, input_root=base)
-    for u_local, u_http in zip(plan_units(cfg), plan_units(remote), strict=True):
+    remote_units = plan_units(remote)
+    split = [u for u in remote_units if u.items[0].split]
+    assert len(split) == 4 and all(u.items[0].file_id == "inputs/cdk2.sdf" for u in split)
+    assert http_root.gets.count("/inputs/cdk2.sdf") == 1  # the count, in planning
+    for u_local, u_http in zip(plan_units(cfg), remote_units, strict=True):
         a, b = run_unit(u_local, str(tmp_path / "a"), cfg.writer), run_unit(u_http, str(tmp_path / "b"), cfg.writer)
         assert dataclasses.replace(a, fingerprint="") == dataclasses.replace(b, fingerprint="")
     da, db = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert {k: v for k, v in da.items() if not _recorded(k)} == {k: v for k, v in db.items() if not _recorded(k)}
     assert len(da) > 8
+    # the four range units of cdk2.sdf read one cached download; whole files are downloaded by their unit
+    assert http_root.gets.count("/inputs/cdk2.sdf") == 2 and http_root.gets.count("/inputs/mol_00.sdf") == 1
+    (entry,) = (spool / "scd-cache").iterdir()
+    assert [f.name for f in entry.iterdir()] == ["cdk2.sdf"]
+    assert (entry / "cdk2.sdf").read_bytes() == (corpus / "inputs/cdk2.sdf").read_bytes()
+    forget_cached((i.path, i.remote) for u in split for i in u.items if i.remote)
+    assert not list((spool / "scd-cache").iterdir())
     sizes = {p: (corpus / p).stat().st_size for p in mols.paths}
     limit = sorted(sizes.values())[len(sizes) // 2]
     small = dataclasses.replace(remote, spool_bytes=limit)
@@ -323,7 +335,7 @@ def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatc
     assert too_big and len(too_big) < len(sizes) and sorted(r.file for r in o.rejects) == too_big
     assert all(r.record is None and f"spool limit of {limit} bytes" in r.reason for r in o.rejects)
     assert o.accepted == len(sizes) - len(too_big) and o.inputs == len(sizes)
-    assert spool.is_dir() and not list(spool.iterdir()), "every download removed"
+    assert spool.is_dir() and [p.name for p in spool.iterdir()] == ["scd-cache"], "every download removed"
     globbed = dataclasses.replace(remote, sources=(dataclasses.replace(mols, paths=("inputs/mol_*.sdf",)),))
     with pytest.raises(ConfigError, match="http.s. cannot be listed"):
         plan_units(globbed)
