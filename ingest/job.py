@@ -252,14 +252,18 @@ def _size(path: str) -> int:
     return st.st_size
 
 
-def probe_files(batch: list[tuple[str, str, str | None, dict[str, Any], int]]) -> list[tuple[str | None, int | None]]:
-    """For each (path or URL, converter or auto, domain, options, spool limit): (converter name or None, record
-    count or None). Runs in a worker (a URL through the spool); a file that cannot be sniffed or counted gives
-    Nones (its unit turns it into a reject)."""
+Probe = tuple[str, str, str | None, dict[str, Any], int, tuple[int, str] | None]
+
+
+def probe_files(batch: list[Probe]) -> list[tuple[str | None, int | None]]:
+    """For each (path or URL, converter or auto, domain, options, spool limit, listed (size, stamp) of a remote
+    file larger than a unit or None): (converter name or None, record count or None). Runs in a worker (a URL
+    through the spool; a file larger than a unit through the node's cache, where its range units find it); a
+    file that cannot be sniffed or counted gives Nones (its unit turns it into a reject)."""
     out: list[tuple[str | None, int | None]] = []
-    for path, name, domain, options, limit in batch:
+    for path, name, domain, options, limit, shared in batch:
         try:
-            with local_copy(path, limit) as local:
+            with local_copy(path, limit, shared=shared) as local:
                 out.append(_probe(local, name, domain, options))
         except SpoolLimitError:
             out.append((None, None))
@@ -324,7 +328,8 @@ def _source_items(spec: SourceSpec, files: list[Input], options: dict[str, Any],
     sizes = [_size(p) if stamp is None else stamp[0] for p, _, stamp in files]
     count_all = bool(spec.records_per_unit or spec.max_records)
     wanted = [i for i, s in enumerate(sizes) if count_all or s > spec.unit_bytes]
-    jobs = [(files[i][0], spec.converter, spec.domain, options, spool_bytes) for i in wanted]
+    jobs: list[Probe] = [(files[i][0], spec.converter, spec.domain, options, spool_bytes,
+                          files[i][2] if sizes[i] > spec.unit_bytes else None) for i in wanted]
     batches = [jobs[a:a + PROBE_BATCH] for a in range(0, len(jobs), PROBE_BATCH)]
     probed = dict(zip(wanted, (r for batch in mapper(probe_files, batches) for r in batch), strict=True))
     group: list[Item] = []

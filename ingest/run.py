@@ -119,7 +119,7 @@ def _run_locked(cfg: JobConfig, target: FolderTarget | BucketTarget, workers: in
         target.tidy(done_list, packed)
         target.finalize(shards, cfg.writer, {"ingest": job_summary_config(cfg), "accounting": result.accounting,
                                              "converters": sorted(converters)})
-        forget_cached({(i.path, i.remote) for u in units for i in u.items if i.split and i.remote})
+        forget_cached({(i.path, i.remote) for u in units for i in u.items if i.remote})
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -5,10 +5,10 @@ Listing happens in the driver while planning (one listing per pattern, sizes and
 download happens in the worker that converts the file, into ``$SCD_SPOOL_DIR`` (default: the system's
 temporary folder), under the file's own base name so that converters chosen by suffix still match. A file
 is removed as soon as its records are converted, and a file over the spool limit is a reject of that file,
-never a full disk. A file split into record ranges is read by several units: it is kept in the node's cache
-(``scd-cache`` in the spool folder, at most ``spool_bytes``, least recently used evicted first) and
-hard-linked into each unit's spool, so the units of one file on one node download it once; a finished job
-drops its files from the driver's node. Network failures are retried with the read side's back-off; a
+never a full disk. A file split into record ranges is read by several units (and, when larger than a unit,
+counted while planning): it is kept in the node's cache (``scd-cache`` in the spool folder, at most
+``spool_bytes``, least recently used evicted first) and hard-linked into each reader's spool, so one node
+downloads it once; a finished job drops its files from the driver's node. Network failures are retried with the read side's back-off; a
 permanent one (403, 404 after planning) fails the unit with a one-line message, so a re-run finishes it (a
 network fault never turns records into rejects).
 """
@@ -177,7 +177,7 @@ def cached_link(url: str, listed: tuple[int, str], dest: Path, limit: int) -> bo
 
 
 def forget_cached(files: Iterable[tuple[str, tuple[int, str]]]) -> None:
-    """Drop this node's cached copies of ``files`` (URL, listed (size, stamp)): a finished job's split inputs.
+    """Drop this node's cached copies of ``files`` (URL, listed (size, stamp)): a finished job's remote inputs.
     Other nodes keep theirs until evicted."""
     for url, listed in files:
         shutil.rmtree(_entry(url, listed), ignore_errors=True)

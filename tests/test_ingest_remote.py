@@ -307,6 +307,7 @@ def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatc
     mols = SourceSpec(source="mols", paths=tuple(f"inputs/mol_{i:02d}.sdf" for i in range(12)), domain="molecule",
                       files_per_unit=12)
     cdk2 = SourceSpec(source="cdk2", paths=("inputs/cdk2.sdf",), converter="sdf", records_per_unit=15)
+    cdk2_big = dataclasses.replace(cdk2, source="cdk2big", unit_bytes=4096)  # larger than a unit: counted via cache
     cfg = dataclasses.replace(load_job(corpus / "job.yaml"), sources=(mols, cdk2))
     remote = dataclasses.replace(cfg, input_root=base)
     remote_units = plan_units(remote)
@@ -326,6 +327,11 @@ def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatc
     assert (entry / "cdk2.sdf").read_bytes() == (corpus / "inputs/cdk2.sdf").read_bytes()
     forget_cached((i.path, i.remote) for u in split for i in u.items if i.remote)
     assert not list((spool / "scd-cache").iterdir())
+    before = http_root.gets.count("/inputs/cdk2.sdf")
+    big = dataclasses.replace(remote, sources=(cdk2_big,))
+    for u in plan_units(big):
+        run_unit(u, str(tmp_path / "big"), big.writer)
+    assert http_root.gets.count("/inputs/cdk2.sdf") == before + 1  # counted and converted from one download
     sizes = {p: (corpus / p).stat().st_size for p in mols.paths}
     limit = sorted(sizes.values())[len(sizes) // 2]
     small = dataclasses.replace(remote, spool_bytes=limit)
