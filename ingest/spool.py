@@ -8,9 +8,9 @@ is removed as soon as its records are converted, and a file over the spool limit
 never a full disk. A file split into record ranges is read by several units (and, when larger than a unit,
 counted while planning): it is kept in the node's cache (``scd-cache`` in the spool folder, at most
 ``spool_bytes``, least recently used evicted first) and hard-linked into each reader's spool, so one node
-downloads it once; a finished job drops its files from the driver's node. Network failures are retried with the read side's back-off; a
-permanent one (403, 404 after planning) fails the unit with a one-line message, so a re-run finishes it (a
-network fault never turns records into rejects).
+downloads it once; a finished job drops its files from the driver's node. Network failures are retried with
+the read side's back-off; a permanent one (403, 404 after planning) fails the unit with a one-line message,
+so a re-run finishes it (a network fault never turns records into rejects).
 """
 from __future__ import annotations
 
