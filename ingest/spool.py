@@ -164,6 +164,7 @@ def cached_link(url: str, listed: tuple[int, str], dest: Path, limit: int) -> bo
             if not _has_size(fill / dest.name, size):  # changed since planning: this unit's copy, not cached
                 os.replace(fill / dest.name, dest)
                 return True
+            os.chmod(fill / dest.name, 0o444)  # shared by the units that link it: read-only
             with contextlib.suppress(OSError):  # another worker filled the entry first: theirs is used
                 os.rename(fill, entry)
         finally:

@@ -52,6 +52,8 @@ def test_a_changed_or_damaged_copy_is_never_read(http_root, tmp_path, monkeypatc
     assert not list(cache_root().iterdir())
     _read_through(url, data, 10_000)
     (entry,) = cache_root().iterdir()
+    assert (entry / "x.db").stat().st_mode & 0o777 == 0o444  # the units' shared copy is read-only
+    os.chmod(entry / "x.db", 0o644)
     (entry / "x.db").write_bytes(data[:100])
     _read_through(url, data, 10_000)
     assert (entry / "x.db").read_bytes() == data and http_root.gets.count("/x.db") == 3
