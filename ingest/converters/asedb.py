@@ -8,10 +8,9 @@ legacy OC20 ``.lmdb`` files) is refused, never unpickled, and a file is never op
 """
 from __future__ import annotations
 
-import functools
 import sqlite3
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +93,14 @@ def inflate(raw: bytes, limit: int | None = None) -> str:
     return text.decode("utf-8")
 
 
+def lmdb_row(raw: bytes) -> Any:
+    """One aselmdb entry as an ``AtomsRow``, inflated within the bound and decoded by ASE's JSON decoder."""
+    from ase.db.row import AtomsRow
+    from ase.io.jsonio import mydecode
+
+    return AtomsRow(mydecode(inflate(raw)))
+
+
 def sqlite_problem(path: Path) -> str | None:
     """Why a file is not an ASE SQLite database (None when it is); opened read-only, never written."""
     if read_head(path, 16) != SQLITE_MAGIC:
@@ -160,36 +167,31 @@ class ASEDBConverter(Converter):
         try:
             inside, beyond = clip(records, int(db.count()))
             keys = FileKeys(source, file_id)
+            # aselmdb rows are decoded inside build, so that a row that cannot be decoded is a reject of its own
+            decode = lmdb_row if _is_lmdb(path) else None
             for r, row in zip(inside, self._rows(db, path, inside), strict=True):
-                yield self.build(file_id, r, lambda r=r, row=row: self._graph(row(), r, keys(r), options, source,
-                                                                              file_id))
+                yield self.build(file_id, r, lambda r=r, row=row: self._graph(
+                    row if decode is None else decode(row), r, keys(r), options, source, file_id))
         finally:
             _close(db)
         for r in beyond:
             yield self.reject(file_id, r, "row beyond the end of the database")
 
     @staticmethod
-    def _rows(db: Any, path: Path, inside: range) -> Iterator[Callable[[], Any]]:
-        """Per position of ``inside`` (in id order), a call that gives its row: an aselmdb row is decoded by the
-        call, so that a row that cannot be decoded is a reject of that row alone."""
+    def _rows(db: Any, path: Path, inside: range) -> Iterator[Any]:
+        """The rows at positions ``inside`` (in id order): aselmdb entries as stored (see :func:`lmdb_row`),
+        SQLite rows decoded by the backend."""
         if not inside:
             return
-        if _is_lmdb(path):  # rows fetched by id (the backend's id list), decoded by ASE's JSON decoder
-            from ase.db.row import AtomsRow
-            from ase.io.jsonio import mydecode
-
-            def decoded(raw: bytes) -> Callable[[], Any]:
-                return lambda: AtomsRow(mydecode(inflate(raw)))
-
+        if _is_lmdb(path):  # rows fetched by id (the backend's id list)
             with db.env.begin() as txn:
                 for r in inside:
                     raw = txn.get(str(db.ids[r]).encode("ascii"))
                     if raw is None:
                         raise KeyError(f"row id {db.ids[r]} is missing")
-                    yield decoded(raw)
+                    yield raw
             return
-        for row in db.select(sort="id", offset=inside.start, limit=len(inside)):
-            yield functools.partial(_same, row)
+        yield from db.select(sort="id", offset=inside.start, limit=len(inside))
 
     @staticmethod
     def _graph(row: Any, r: int, key: str, options: ASEDBOptions, source: str, file_id: str) -> AtomGraph:
@@ -241,10 +243,6 @@ def _integer(row: Any, key: str) -> int | None:
     if f != round(f):
         raise ValueError(f"{key} {f} is not an integer")
     return int(round(f))
-
-
-def _same(row: Any) -> Any:
-    return row
 
 
 def _is_lmdb(path: Path) -> bool:
