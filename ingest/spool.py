@@ -134,6 +134,11 @@ def local_copy(location: str, limit: int, *, shared: tuple[int, str] | None = No
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def over_limit(limit: int) -> SpoolLimitError:
+    """The error of a remote input larger than the spool may hold (the file's reject)."""
+    return SpoolLimitError(f"file larger than the spool limit of {limit} bytes (spool_bytes)")
+
+
 def cache_root() -> Path:
     """The node's cache of split remote inputs: ``scd-cache`` in the spool folder."""
     return spool_root() / CACHE_DIR
@@ -150,7 +155,7 @@ def cached_link(url: str, listed: tuple[int, str], dest: Path, limit: int) -> bo
     if size <= 0:
         return False
     if size > limit:
-        raise SpoolLimitError(f"file larger than the spool limit of {limit} bytes (spool_bytes)")
+        raise over_limit(limit)
     cache = cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     entry = _entry(url, listed)
@@ -221,7 +226,7 @@ def _download(url: str, dest: Path, limit: int) -> None:
             for block in iter(lambda: src.read(BLOCK), b""):
                 n += len(block)
                 if n > limit:
-                    raise SpoolLimitError(f"file larger than the spool limit of {limit} bytes (spool_bytes)")
+                    raise over_limit(limit)
                 out.write(block)
     retrying(url, attempt)
 
