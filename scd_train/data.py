@@ -1,12 +1,17 @@
 """The trainer's view of the loader: :class:`StatefulLoader`, a torch DataLoader over
 :class:`shards.stream.loader.BatchStream` with ``state_dict()`` / ``load_state_dict()``.
 
-DataLoader workers split steps (worker w takes steps s % k == w) and the DataLoader interleaves them
-back in order, so batches do not depend on ``num_workers``. A worker hands each batch over with the
-planner state after it; the loader keeps the state of the last batch it gave the trainer (never of a
-batch still prefetched), so a checkpoint taken between steps resumes exactly after the last step.
+DataLoader workers split steps (worker w takes the w-th, (w+k)-th, ... step after the state it starts
+from) and the DataLoader interleaves them back in order, so batches do not depend on ``num_workers``. A
+worker hands each batch over with the planner state after it; the loader keeps the state of the last batch
+it gave the trainer (never of a batch still prefetched), so a checkpoint taken between steps resumes
+exactly after the last step.
 The loader's state holds every rank's planner state; loading a state saved on another number of ranks
 deals the rest of the global stream again (:func:`shards.stream.plan.redeal_states`).
+
+A worker's stream counts only the samples its own steps left out (over the edge budget, corrupt), so the
+loader sums the counts of each batch it hands out (``left_out``) and sets the batch's running counts and the
+saved state from those sums: the counts are the same for any number of workers and go on after a resume.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from scd_train.views import ViewTransform
 from shards.stream.loader import BatchStream
 from shards.stream.plan import redeal_states
 
-_META = ("step", "positions", "oversize", "corrupt_skipped", "keys")
+_META = ("step", "positions", "oversize", "oversize_reasons", "corrupt_skipped", "left_out", "keys")
 STATE_VERSION = 1
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class StatefulLoader:
         self.cfg, self.info, self.num_workers = cfg, info, num_workers
         self._state: dict[str, Any] | None = None  # this rank's planner state after the last batch handed out
         self._text: str | None = None
+        self.left_out = {"edges": 0, "corrupt": 0}  # this rank's samples left out so far, summed over batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = StreamDataset(self.cfg, self.info.world_size, self.info.rank, self.rank_state())
@@ -65,12 +71,22 @@ class StatefulLoader:
                             prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
         for batch, text in loader:
             self._text, self._state = text, None
-            yield batch
+            yield self._with_totals(batch)
+
+    def _with_totals(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with this rank's running left-out counts in place of its worker's."""
+        edges = self.left_out["edges"] = self.left_out["edges"] + int(batch["left_out"]["edges"])
+        corrupt = self.left_out["corrupt"] = self.left_out["corrupt"] + int(batch["left_out"]["corrupt"])
+        atoms = int(batch["oversize_reasons"]["atoms"])
+        return {**batch, "oversize": atoms + edges, "oversize_reasons": {"atoms": atoms, "edges": edges},
+                "corrupt_skipped": corrupt}
 
     def rank_state(self) -> dict[str, Any] | None:
-        """This rank's planner state after the last batch handed out (None before the first)."""
+        """This rank's planner state after the last batch handed out, with its left-out counts (None before
+        the first batch)."""
         if self._state is None and self._text is not None:
-            self._state = json.loads(self._text)
+            self._state = {**json.loads(self._text), "edge_oversize": self.left_out["edges"],
+                           "corrupt_skipped": self.left_out["corrupt"]}
         return self._state
 
     def state_dict(self) -> dict[str, Any]:
@@ -96,6 +112,8 @@ class StatefulLoader:
                             "uninterrupted run", len(ranks), self.info.world_size)
             ranks = redeal_states(ranks, self.info.world_size)
         self._state, self._text = ranks[self.info.rank], None
+        self.left_out = {"edges": int(self._state.get("edge_oversize", 0)),
+                         "corrupt": int(self._state.get("corrupt_skipped", 0))}
 
 
 def to_torch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

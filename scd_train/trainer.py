@@ -202,6 +202,8 @@ def _write_mix(path: Path, loader_state: dict[str, Any]) -> None:
         return
     seen = [sum(s["seen"][i] for s in states) for i in range(len(states[0]["groups"]))]
     total = max(sum(seen), 1)
+    edges = sum(int(s.get("edge_oversize", 0)) for s in states)
     doc = {"groups": states[0]["groups"], "samples": seen, "share": [c / total for c in seen],
-           "oversize": sum(s["oversize"] for s in states), "step": states[0]["step"]}
+           "oversize": sum(s["oversize"] for s in states) + edges, "edge_oversize": edges,
+           "corrupt_skipped": sum(int(s.get("corrupt_skipped", 0)) for s in states), "step": states[0]["step"]}
     path.write_text(json.dumps(doc, indent=1))

@@ -349,6 +349,44 @@ def test_samples_over_the_edge_budget_are_counted_oversize_never_batched(real_gr
     assert logged == over
 
 
+def test_left_out_counts_are_the_same_for_any_workers_and_go_on_after_a_resume(real_graphs, tmp_path):
+    """Samples over the edge budget and corrupt ones are counted per rank, not per worker, and the counts are
+    saved with the loader's state: 2 workers and a resume count exactly what one uninterrupted stream does.
+    The resume is at an odd step, so 2 workers must hand the next step to worker 0 (the DataLoader reads
+    worker 0 first): the batches themselves are the uninterrupted stream's."""
+    import torch
+
+    from scd_train.data import StatefulLoader
+    from scd_train.dist import DistInfo
+
+    graphs = [*real_graphs[:12], *[g for g in real_graphs if g.domain == "crystal"][:6]]
+    root = tmp_path / "ds"
+    write_dataset(graphs, root, config=WriterConfig(max_shard_samples=9))
+    name, off, size, _ = _member(root, 1)
+    blob = bytearray((root / name).read_bytes())
+    blob[_positions_at(bytes(blob), off, size)[0]] ^= 0x01
+    (root / name).write_bytes(bytes(blob))
+    cfg = DataConfig(datasets=(str(root),), seed=2, max_atoms=60, on_corrupt="skip",
+                     views=ViewConfig(noise=False, max_edges_per_atom=16, max_neighbors_periodic=None))
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+
+    def counts(batches) -> list[tuple[int, int, int, list[str]]]:
+        return [(b["oversize"], b["oversize_reasons"]["edges"], b["corrupt_skipped"], b["keys"]) for b in batches]
+
+    steps, cut = 24, 9
+    ref = counts(itertools.islice(iter(StatefulLoader(cfg, info)), steps))
+    assert ref[-1][1] > ref[cut - 1][1] > 0 and ref[-1][2] > ref[cut - 1][2] > 0  # both kinds, before and after
+    assert counts(itertools.islice(iter(StatefulLoader(cfg, info, num_workers=2)), steps)) == ref
+
+    first = StatefulLoader(cfg, info, num_workers=2)
+    assert counts(itertools.islice(iter(first), cut)) == ref[:cut]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert (state["ranks"][0]["edge_oversize"], state["ranks"][0]["corrupt_skipped"]) == ref[cut - 1][1:3]
+    resumed = StatefulLoader(cfg, info, num_workers=2)
+    resumed.load_state_dict(state)
+    assert counts(itertools.islice(iter(resumed), steps - cut)) == ref[cut:]
+
+
 def test_default_edge_budget_keeps_every_real_structure(real_graphs):
     from scd_train.views import make_views
 

@@ -6,15 +6,19 @@ The transform is the objective's hook (the SCD views live in ``scd_train.views``
 passes the structure through unchanged, so this layer knows nothing of any objective.
 
 Batches are a pure function of (datasets, mixture, seed, world size, rank, atom budget): DataLoader
-workers split *steps* (worker w of k materialises the steps s with s % k == w, all of them run the
-cheap planner), so the stream does not depend on the number of workers. :meth:`BatchStream.state_dict`,
-taken after a batch is yielded, is the planner state after that batch; loading it resumes exactly after it.
+workers split *steps* (worker w of k materialises the w-th, (w+k)-th, ... step from where the stream
+starts; all of them run the cheap planner), so the stream does not depend on the number of workers, and a
+stream resumed at any step hands its next step to worker 0, the first the DataLoader reads from.
+:meth:`BatchStream.state_dict`, taken after a batch is yielded, is the planner state after that batch;
+loading it resumes exactly after it.
 Each batch also names its samples (``keys``) and their global stream positions (``positions``).
 
 Samples are left out of a batch, and counted, when they are larger than the atom budget (the planner,
 ``oversize_reasons["atoms"]``), when their graph is over the edge budget (``oversize_reasons["edges"]``,
 each logged with its key and pair count), or when their bytes are corrupt and ``on_corrupt: skip``
-(``corrupt_skipped``). ``oversize`` is the sum of the first two.
+(``corrupt_skipped``). ``oversize`` is the sum of the first two. These counts run over the whole stream and
+are part of its state, so a resumed stream goes on counting; ``left_out`` has the counts of the batch alone
+(from which a reader of several workers' batches sums its own totals, as the trainer's loader does).
 """
 from __future__ import annotations
 
@@ -105,16 +109,23 @@ class BatchStream:
         self.edge_oversize = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The planner state after the last batch this stream yielded (JSON-able)."""
-        return self.planner.state_dict()
+        """The planner state after the last batch this stream yielded, with the stream's counts of samples
+        left out over the edge budget and as corrupt (JSON-able)."""
+        return {**self.planner.state_dict(), "edge_oversize": self.edge_oversize,
+                "corrupt_skipped": self.corrupt_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state``; a state without the left-out counts (older ones) starts them at 0."""
         self.planner.load_state_dict(state)
+        self.edge_oversize = int(state.get("edge_oversize", 0))
+        self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        first: int | None = None
         while True:
             plan = self.planner.next_batch()
-            if plan.step % self.num_workers != self.worker:
+            first = plan.step if first is None else first
+            if (plan.step - first) % self.num_workers != self.worker:
                 continue
             yield self.materialise(plan)
 
@@ -123,6 +134,7 @@ class BatchStream:
         checksums = t.checksum
         assert checksums is not None, "tables built by build_table carry checksums"
         items, positions = [], []
+        edges_before, corrupt_before = self.edge_oversize, self.corrupt_skipped
         cols = (plan.rows.tolist(), plan.atoms.tolist(), plan.crop.tolist(), plan.repeats, plan.positions.tolist())
         for row, n, crop, reps, pos in zip(*cols, strict=True):
             try:
@@ -155,5 +167,7 @@ class BatchStream:
         batch["oversize"] = self.planner.oversize + self.edge_oversize
         batch["oversize_reasons"] = {"atoms": self.planner.oversize, "edges": self.edge_oversize}
         batch["corrupt_skipped"] = self.corrupt_skipped
+        batch["left_out"] = {"edges": self.edge_oversize - edges_before,
+                             "corrupt": self.corrupt_skipped - corrupt_before}
         return batch
 

@@ -224,13 +224,15 @@ class Planner:
 
 
 _SAME = ("seed", "max_atoms", "groups", "step", "deals")
+# counts of the whole run that a re-deal sums into rank 0 (the last two: the loader's left-out samples)
+_SUMMED = ("oversize", "edge_oversize", "corrupt_skipped")
 
 
 def redeal_states(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
     """The planner states of ``world_size`` ranks that continue the global stream where the ranks of a run
     (``states``, one per rank, in rank order) stopped. The same world size returns ``states`` unchanged (exact
     resume); another deals the positions no rank has taken yet again (:func:`~shards.stream.partition.redeal`).
-    The step carries over; the seen and oversize counts are summed into rank 0."""
+    The step carries over; the seen, oversize and left-out counts are summed into rank 0."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     if len(states) == world_size:
@@ -247,8 +249,8 @@ def redeal_states(states: list[dict[str, Any]], world_size: int) -> list[dict[st
     stream_of(deals)  # checks the new deal
     start = min(states, key=lambda s: int(s["block_no"]))
     seen = [sum(int(s["seen"][g]) for s in states) for g in range(len(states[0]["seen"]))]
-    oversize = sum(int(s["oversize"]) for s in states)
+    counts = {name: sum(int(s.get(name, 0)) for s in states) for name in _SUMMED}
     return [{**states[0], "deals": deals, "pos": r, "world_size": world_size, "rank": r,
              "block_no": start["block_no"], "block_cursors": start["block_cursors"],
-             "seen": seen if r == 0 else [0] * len(seen), "oversize": oversize if r == 0 else 0}
+             "seen": seen if r == 0 else [0] * len(seen), **{k: v if r == 0 else 0 for k, v in counts.items()}}
             for r in range(world_size)]
