@@ -16,18 +16,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from scd_train.checkpoint import read_tensors
 from scd_train.models.base import MAX_Z, Backbone, scatter_sum, set_stop_gradient
 from scd_train.objectives import ObjectiveConfig, build_objective
 from shards.config import from_dict, to_dict
+from shards.format import jsoncheck as jc
 from shards.stream.collate import collate
 from shards.stream.graph import radius_graph_with_offsets
 
@@ -37,6 +40,33 @@ __all__ = ["FORMAT", "EnergyModel", "atom_batches", "fit_element_references", "g
 FORMAT = "scd-forcefield/1"
 META_NAME = "forcefield.json"
 WEIGHTS_NAME = "model.safetensors"
+MAX_META_BYTES = 1 << 20  # a force field's metadata is a few kB
+_Z_KEY = re.compile(r"[1-9][0-9]{0,2}")
+
+
+def _elements(v: Any) -> str | None:
+    """A check of ``elements``: atomic numbers 1..118, each once."""
+    bad = jc.int_list(v)
+    if bad is not None:
+        return bad
+    if all(0 < z < MAX_Z for z in v) and len(set(v)) == len(v):
+        return None
+    return f"distinct atomic numbers 1..{MAX_Z - 1}"
+
+
+def _element_refs(v: Any) -> str | None:
+    """A check of ``element_ref_eV``: atomic number (as text) -> finite energy."""
+    if not isinstance(v, dict):
+        return "an object"
+    for z, e in v.items():
+        if not (_Z_KEY.fullmatch(z) and int(z) < MAX_Z) or isinstance(e, bool) or not isinstance(e, (int, float)) \
+                or not math.isfinite(e):
+            return f"atomic numbers 1..{MAX_Z - 1} mapped to finite energies (item {z!r})"
+    return None
+
+
+_META = {"format": jc.text, "model": jc.mapping, "elements": _elements}
+_META_OPTIONAL = {"element_ref_eV": _element_refs}
 
 
 class EnergyModel(nn.Module):
@@ -183,15 +213,14 @@ def save_forcefield(model: EnergyModel, model_cfg: ObjectiveConfig, folder: str 
 
 def load_forcefield(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> tuple[EnergyModel, dict[str, Any]]:
-    """A saved force field (its folder or its ``forcefield.json``) in eval mode, and its metadata."""
+    """A saved force field (its folder or its ``forcefield.json``) in eval mode, and its metadata; a damaged
+    or foreign file is one ``ValueError`` line naming it."""
     p = Path(path)
     folder = p.parent if p.name == META_NAME else p
     meta_path = folder / META_NAME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no {META_NAME}; pass the output folder of an energy_forces fine-tuning")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: unknown force-field format {meta.get('format')!r} (expected {FORMAT})")
+    meta = read_meta(meta_path)
     names = {f.name for f in dataclasses.fields(ObjectiveConfig)}
     model_cfg = from_dict(ObjectiveConfig, {k: v for k, v in meta["model"].items() if k in names}, str(meta_path))
     ref = np.zeros(MAX_Z)
@@ -200,10 +229,24 @@ def load_forcefield(path: str | Path, device: str | torch.device = "cpu",
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = EnergyModel(build_objective(dataclasses.replace(model_cfg, drop_path=0.0)), ref)
-    tensors = load_file(str(folder / WEIGHTS_NAME))
+    tensors = read_tensors(folder / WEIGHTS_NAME)  # a CheckpointError (a ValueError) line when unreadable
     own = model.state_dict()
     bad = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
     if bad:
         raise ValueError(f"{folder / WEIGHTS_NAME}: weights do not match {META_NAME} (first: {bad[0]})")
     model.load_state_dict(tensors)
     return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``forcefield.json``, checked: its format, a model config, the elements trained on (1..118, each once) and
+    finite element references; anything else is one ``ValueError`` line naming the file."""
+    where = str(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_META_BYTES + 1)
+    if len(raw) > MAX_META_BYTES:
+        raise ValueError(f"{where}: larger than {MAX_META_BYTES} bytes; not a force field's metadata")
+    meta = jc.check_fields(jc.load_json(raw, where), where, _META, _META_OPTIONAL, what="force-field metadata")
+    if meta["format"] != FORMAT:
+        raise ValueError(f"{where}: unknown force-field format {meta['format']!r} (expected {FORMAT})")
+    return meta

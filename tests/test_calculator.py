@@ -121,6 +121,38 @@ def test_bad_checkpoint_one_line(tmp_path) -> None:
         SCDCalculator(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "not json", "no elements", "element 500", "negative key",
+                                    "nan reference", "model not a mapping", "other format", "huge"])
+def test_damaged_force_field_is_one_line_naming_the_file(ff, tmp_path, damage) -> None:
+    """A damaged or foreign force field is refused with one ValueError line naming the file, never a KeyError,
+    an IndexError, a silently wrong reference energy (a negative atomic number indexes from the end) or an
+    unbounded read."""
+    import shutil
+
+    folder = tmp_path / "ff"
+    shutil.copytree(ff, folder)
+    meta = json.loads((folder / "forcefield.json").read_text())
+    weights = folder / "model.safetensors"
+    edits = {"no elements": lambda m: m.pop("elements"), "element 500": lambda m: m["elements"].append(500),
+             "negative key": lambda m: m["element_ref_eV"].update({"-1": 5.0}),
+             "nan reference": lambda m: m["element_ref_eV"].update({"6": float("nan")}),
+             "model not a mapping": lambda m: m.update(model=[1]), "other format": lambda m: m.update(format="x/9")}
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "not json":
+        (folder / "forcefield.json").write_text("{\"format\": ")
+    elif damage == "huge":
+        (folder / "forcefield.json").write_text(json.dumps({**meta, "pad": "x" * (2 << 20)}))
+    else:
+        edits[damage](meta)
+        (folder / "forcefield.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as err:
+        SCDCalculator(folder)
+    msg = str(err.value)
+    assert "\n" not in msg and str(folder / ("model.safetensors" if damage == "truncated weights" else
+                                              "forcefield.json")) in msg, msg
+
+
 @pytest.mark.slow
 def test_nve_velocity_verlet_conserves_energy(ff) -> None:
     """1,000 steps of 0.25 fs on ethanol at 300 K: total energy stays within 0.5 meV/atom of its start
