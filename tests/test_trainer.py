@@ -61,7 +61,7 @@ def test_resume_is_bitwise_single_process(tmp_path, dataset):
 
     full = _config(tmp_path, dataset, "full")
     Trainer(load_train_config(full)).fit()
-    part = _config(tmp_path, dataset, "part")
+    part = _config(tmp_path, dataset, "part", num_workers=2)  # 2 loader workers, resumed at an odd step
     Trainer(load_train_config(part, ["stop_after=5"])).fit()
     assert len(_losses(tmp_path / "part")) == 5
     Trainer(load_train_config(part)).fit()
