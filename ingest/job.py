@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.plugin import MAX_FILE_BYTES
-from ingest.spool import SpoolLimitError, list_remote, local_copy
+from ingest.spool import SpoolLimitError, forget_cached, list_remote, local_copy
 from shards.config import ConfigError, load_yaml, to_dict
 from shards.format.storage import is_url
 from shards.format.writer import WriterConfig
@@ -252,21 +252,26 @@ def _size(path: str) -> int:
     return st.st_size
 
 
-Probe = tuple[str, str, str | None, dict[str, Any], int, tuple[int, str] | None]
+Probe = tuple[str, str, str | None, dict[str, Any], int, tuple[int, str] | None, int | None]
 
 
 def probe_files(batch: list[Probe]) -> list[tuple[str | None, int | None]]:
     """For each (path or URL, converter or auto, domain, options, spool limit, listed (size, stamp) of a remote
-    file larger than a unit or None): (converter name or None, record count or None). Runs in a worker (a URL
-    through the spool; a file larger than a unit through the node's cache, where its range units find it); a
-    file that cannot be sniffed or counted gives Nones (its unit turns it into a reject)."""
+    file that may be split or None, record count above which it is split or None): (converter name or None,
+    record count or None). Runs in a worker: a URL through the spool, one that may be split through the node's
+    cache, where its range units find it (kept there only when the count splits it, or when the split limit is
+    None: a file larger than a unit). A file that cannot be sniffed or counted gives Nones (its unit turns it
+    into a reject)."""
     out: list[tuple[str | None, int | None]] = []
-    for path, name, domain, options, limit, shared in batch:
+    for path, name, domain, options, limit, shared, split_over in batch:
         try:
             with local_copy(path, limit, shared=shared) as local:
                 out.append(_probe(local, name, domain, options))
         except SpoolLimitError:
             out.append((None, None))
+        n = out[-1][1]
+        if shared is not None and split_over is not None and (n is None or n <= split_over):
+            forget_cached([(path, shared)])  # read whole by one unit: no copy kept for it
     return out
 
 
@@ -304,6 +309,21 @@ def _check_named(spec: SourceSpec) -> None:
                           f"not {spec.domain!r}")
 
 
+def _count_cache(spec: SourceSpec, stamp: tuple[int, str] | None, size: int
+                 ) -> tuple[tuple[int, str] | None, int | None]:
+    """How the planning count reads a file: through the node's cache (the listed (size, stamp) of a remote file
+    whose range units will read it again) or not (None), and the count above which the copy is kept (None: kept
+    whatever the count, for a file larger than a unit, which is split by size)."""
+    if stamp is None:
+        return None, None
+    if size > spec.unit_bytes:
+        return stamp, None
+    per_unit, cap = spec.records_per_unit, spec.max_records
+    if per_unit is None or (cap is not None and cap <= per_unit):  # a small file that no count splits
+        return None, None
+    return stamp, per_unit
+
+
 def _ranges(n: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
 
@@ -329,7 +349,7 @@ def _source_items(spec: SourceSpec, files: list[Input], options: dict[str, Any],
     count_all = bool(spec.records_per_unit or spec.max_records)
     wanted = [i for i, s in enumerate(sizes) if count_all or s > spec.unit_bytes]
     jobs: list[Probe] = [(files[i][0], spec.converter, spec.domain, options, spool_bytes,
-                          files[i][2] if sizes[i] > spec.unit_bytes else None) for i in wanted]
+                          *_count_cache(spec, files[i][2], sizes[i])) for i in wanted]
     batches = [jobs[a:a + PROBE_BATCH] for a in range(0, len(jobs), PROBE_BATCH)]
     probed = dict(zip(wanted, (r for batch in mapper(probe_files, batches) for r in batch), strict=True))
     group: list[Item] = []

@@ -313,15 +313,19 @@ def test_http_inputs_and_the_spool_bound(http_root, corpus, tmp_path, monkeypatc
     remote_units = plan_units(remote)
     split = [u for u in remote_units if u.items[0].split]
     assert len(split) == 4 and all(u.items[0].file_id == "inputs/cdk2.sdf" for u in split)
-    assert http_root.gets.count("/inputs/cdk2.sdf") == 1  # the count, in planning
+    assert http_root.gets.count("/inputs/cdk2.sdf") == 1  # the count, in planning, into the node's cache
+    counted = dataclasses.replace(remote, sources=(dataclasses.replace(mols, records_per_unit=5),))
+    assert not any(u.items[0].split for u in plan_units(counted))  # one record each: counted, never split
+    assert len(list((spool / "scd-cache").iterdir())) == 1, "only the file that its count splits stays cached"
     for u_local, u_http in zip(plan_units(cfg), remote_units, strict=True):
         a, b = run_unit(u_local, str(tmp_path / "a"), cfg.writer), run_unit(u_http, str(tmp_path / "b"), cfg.writer)
         assert dataclasses.replace(a, fingerprint="") == dataclasses.replace(b, fingerprint="")
     da, db = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert {k: v for k, v in da.items() if not _recorded(k)} == {k: v for k, v in db.items() if not _recorded(k)}
     assert len(da) > 8
-    # the four range units of cdk2.sdf read one cached download; whole files are downloaded by their unit
-    assert http_root.gets.count("/inputs/cdk2.sdf") == 2 and http_root.gets.count("/inputs/mol_00.sdf") == 1
+    # the count and the four range units of cdk2.sdf read one cached download; whole files are downloaded by
+    # their unit (and by the count of the job that counted them)
+    assert http_root.gets.count("/inputs/cdk2.sdf") == 1 and http_root.gets.count("/inputs/mol_00.sdf") == 2
     (entry,) = (spool / "scd-cache").iterdir()
     assert [f.name for f in entry.iterdir()] == ["cdk2.sdf"]
     assert (entry / "cdk2.sdf").read_bytes() == (corpus / "inputs/cdk2.sdf").read_bytes()
