@@ -54,9 +54,10 @@ def check_physical(structure: Any, options: CrystalOptions) -> None:
         raise ValueError(f"degenerate cell: volume {volume:.4g} Å^3 for cell lengths {np.round(abc, 4).tolist()} Å")
     if options.min_distance > 0 and len(structure):
         centre, other, _, d = structure.get_neighbor_list(r=options.min_distance, exclude_self=True)
-        if len(d):
-            k = int(np.argmin(d))
-            raise ValueError(f"atoms {int(centre[k])} and {int(other[k])} are {float(d[k]):.4g} Å apart (minimum "
+        if len(d):  # the closest pair, lower index first, the same whichever image each atom was given
+            lo, hi = np.minimum(centre, other), np.maximum(centre, other)
+            k = int(np.lexsort((hi, lo, np.round(d, 9)))[0])
+            raise ValueError(f"atoms {int(lo[k])} and {int(hi[k])} are {float(d[k]):.4g} Å apart (minimum "
                              f"image, after wrapping), below min_distance {options.min_distance} Å")
 
 
@@ -82,7 +83,7 @@ def _cif_number(value: Any) -> float | None:
 
 
 def prepare(structure: Any, options: CrystalOptions) -> Any:
-    """Apply ordering and the cell choice; wrap fractional coordinates into [0, 1)."""
+    """Apply ordering and the cell choice (the structure itself when neither changes it)."""
     from pymatgen.core import Structure
 
     s = structure
@@ -97,9 +98,23 @@ def prepare(structure: Any, options: CrystalOptions) -> Any:
         sga = SpacegroupAnalyzer(s, symprec=options.symprec)
         s = sga.get_primitive_standard_structure() if options.cell == "primitive" \
             else sga.get_conventional_standard_structure()
+    return s
+
+
+def crystal_graph(s: Any, *, key: str, source: str, source_file: str, index: int) -> AtomGraph:
+    """The record of an ordered periodic structure, its fractional coordinates wrapped into [0, 1) (read once
+    from the structure, without building a wrapped copy of it)."""
+    lattice = s.lattice
     frac = np.mod(s.frac_coords, 1.0)
     frac[frac >= 1.0 - 1e-12] = 0.0
-    return Structure(s.lattice, s.species, frac, charge=s.charge)
+    cell = np.asarray(lattice.matrix, dtype=np.float64)
+    charge = int(round(s.charge)) if s.charge else None
+    # row by row, as pymatgen computes a site's Cartesian coordinates: one matrix product of all rows can
+    # round differently near 0, and a record's bytes would then depend on how it was computed
+    positions = np.array([np.dot(f, cell) for f in frac]) if len(frac) else np.empty((0, 3))
+    return AtomGraph(key=key, domain="crystal", source=source, source_file=source_file, index=index,
+                     atomic_numbers=np.asarray(s.atomic_numbers), positions=positions, cell=cell,
+                     pbc=np.asarray(lattice.pbc, dtype=bool), charge=charge)
 
 
 class _Crystal(Converter):
@@ -108,9 +123,8 @@ class _Crystal(Converter):
 
     def _graph(self, structure: Any, i: int, options: CrystalOptions, source: str, file_id: str) -> AtomGraph:
         s = prepare(structure, options)
-        check_physical(s, options)
-        return AtomGraph.from_pymatgen(s, key=make_key(source, file_id, i), domain="crystal", source=source,
-                                       source_file=file_id, index=i)
+        check_physical(s, options)  # minimum-image distances: the same before and after wrapping
+        return crystal_graph(s, key=make_key(source, file_id, i), source=source, source_file=file_id, index=i)
 
 
 class CIFConverter(_Crystal):
