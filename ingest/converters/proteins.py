@@ -72,8 +72,10 @@ class _Structure(Converter):
     default_source = "pdb"
     Options = ProteinOptions
 
-    def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
-        """(Biopython structure, atom records per model as the file holds them)."""
+    def _parse(self, path: Path, text: str) -> tuple[Any, list[int], tuple[bool, list[str]]]:
+        """(Biopython structure, atom records per model as the file holds them, (does every atom record carry
+        an element, the unknown element symbols)). PDB columns 77-78 may be blank, and Biopython silently
+        replaces an unknown symbol by a guess from the atom name."""
         raise NotImplementedError
 
     def _split(self, text: str, options: ProteinOptions) -> str:
@@ -83,17 +85,12 @@ class _Structure(Converter):
         with open_input(path, options, text=True) as fh:
             return fh.read()
 
-    def _elements_column(self, text: str) -> tuple[bool, list[str]]:
-        """(does every atom record carry an element, the unknown element symbols); PDB columns 77-78
-        may be blank, and Biopython silently replaces an unknown symbol by a guess from the atom name."""
-        return True, []
-
     def convert(self, path: Path, options: ProteinOptions, *, source: str, file_id: str,
                 records: range | None = None) -> Iterator[AtomGraph | Reject]:
         text = self._read(path, options)
         if options.repeated_atoms == "split":
             text = self._split(text, options)
-        structure, in_file = self._parse(path, text)
+        structure, in_file, (has_elements, unknown) = self._parse(path, text)
         models = list(structure)
         n_made = len(models)
         if not models or not any(True for _ in models[0].get_atoms()):
@@ -102,7 +99,6 @@ class _Structure(Converter):
         if options.models == "first" and options.repeated_atoms == "reject":  # split runs are of the chosen models
             models = models[:1]
         element: dict[tuple[str, str, str], int] = {}
-        has_elements, unknown = self._elements_column(text)
         for i in records if records is not None else range(len(models)):
             if i >= len(models):
                 yield self.reject(file_id, i, f"model {i} beyond the {len(models)} selected model(s)")
@@ -129,14 +125,15 @@ class _Structure(Converter):
         res_names: list[str] = []
         chains: list[str] = []
         hetero: list[bool] = []
-        for r_no, residue in enumerate(model.get_residues()):
+        residues = (r for c in model.child_list for r in c.child_list)  # model.get_residues(), without generators
+        for r_no, residue in enumerate(residues):
             flag = residue.id[0]
             if flag == "W" and not options.waters:
                 continue
             if flag.startswith("H_") and not options.hetero:
                 continue
             resname, chain, is_het = residue.resname[:4], str(residue.get_parent().id)[:4], flag != " "
-            atoms = list(residue)
+            atoms = residue.child_list
             known = [element.get((a.element, a.name, resname)) for a in atoms]
             zs: list[int] = [  # elements not memoised yet (for this atom name and residue) are looked up
                 zi if zi is not None else element.setdefault(
@@ -169,28 +166,25 @@ class PDBConverter(_Structure):
     name = "pdb"
     suffixes = (".pdb", ".pdb.gz", ".ent", ".ent.gz")
 
-    def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
+    def _parse(self, path: Path, text: str) -> tuple[Any, list[int], tuple[bool, list[str]]]:
+        from ase.data import atomic_numbers
         from Bio.PDB import PDBParser
 
-        return PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(text)), _pdb_records(text.splitlines())
+        structure = PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(text))
+        counts, columns = _pdb_scan(text.splitlines())
+        symbols = {c.strip().capitalize() for c in columns}
+        unknown = sorted(s for s in symbols if s and (s not in atomic_numbers or s == "X") and s not in ("D", "T"))
+        return structure, counts, ("" not in symbols, unknown)
 
     def _split(self, text: str, options: ProteinOptions) -> str:
         return _split_repeats(text.splitlines(), options.models == "first")
 
-    def _elements_column(self, text: str) -> tuple[bool, list[str]]:
-        from ase.data import atomic_numbers
-
-        symbols = {line[76:78].strip().capitalize() for line in text.splitlines()
-                   if line.startswith(("ATOM  ", "HETATM"))}
-        unknown = sorted(s for s in symbols if s and (s not in atomic_numbers or s == "X") and s not in ("D", "T"))
-        return "" not in symbols, unknown
-
     def count_records(self, path: Path, options: ProteinOptions) -> int | None:
         if options.repeated_atoms == "split":
-            return len(_pdb_records(self._split(self._read(path, options), options).splitlines()))
+            return len(_pdb_scan(self._split(self._read(path, options), options).splitlines())[0])
         if options.models == "first":
             return 1
-        return max(len(_pdb_records(self._read(path, options).splitlines())), 1)
+        return max(len(_pdb_scan(self._read(path, options).splitlines())[0]), 1)
 
 
 class MMCIFConverter(_Structure):
@@ -202,13 +196,13 @@ class MMCIFConverter(_Structure):
     def can_convert(self, path: Path) -> bool:
         return super().can_convert(path) and has_atom_site(path)
 
-    def _parse(self, path: Path, text: str) -> tuple[Any, list[int]]:
+    def _parse(self, path: Path, text: str) -> tuple[Any, list[int], tuple[bool, list[str]]]:
         from Bio.PDB import MMCIFParser
 
         builder = _counting_builder()()
         structure = MMCIFParser(structure_builder=builder, QUIET=True, PERMISSIVE=True).get_structure(
             path.stem, io.StringIO(text))
-        return structure, [builder.records.get(m.id, 0) for m in structure]
+        return structure, [builder.records.get(m.id, 0) for m in structure], (True, [])
 
 
 def has_atom_site(path: Path) -> bool:
@@ -217,10 +211,12 @@ def has_atom_site(path: Path) -> bool:
     return b"_atom_site.group_PDB" in head or b"_atom_site.label_comp_id" in head
 
 
-def _pdb_records(lines: list[str]) -> list[int]:
+def _pdb_scan(lines: list[str]) -> tuple[list[int], set[str]]:
     """ATOM/HETATM records per model, models numbered as Biopython does (each MODEL record, or an atom record
-    outside an open model, starts one), all records counted, including those after END."""
+    outside an open model, starts one), all records counted, including those after END; and the distinct
+    element columns (77-78, as written) of those records."""
     counts: list[int] = []
+    columns: set[str] = set()
     open_model = False
     for line in lines:
         rec = line[:6]
@@ -229,12 +225,13 @@ def _pdb_records(lines: list[str]) -> list[int]:
                 counts.append(0)
                 open_model = True
             counts[-1] += 1
+            columns.add(line[76:78])
         elif rec == "MODEL ":
             counts.append(0)
             open_model = True
         elif rec == "ENDMDL":
             open_model = False
-    return counts
+    return counts, columns
 
 
 def _split_repeats(lines: list[str], first_model_only: bool) -> str:
