@@ -168,6 +168,7 @@ class Trainer:
                 dt = time.perf_counter() - t_log
                 row = {**stats, "atoms_per_s": atoms_window / max(dt, 1e-9),
                        "data_wait": wait / max(wait + compute, 1e-9), "oversize": raw["oversize"],
+                       "corrupt_skipped": raw["corrupt_skipped"],
                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
                 self.metrics.log(self.step, row)
                 history.append({"step": self.step, **row})

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from shards.format.codec import decode
 from shards.format.manifest import write_dataset
 from shards.format.writer import WriterConfig
 
@@ -30,3 +33,19 @@ def one_line(msg: str, *names: str) -> str:
 
 def deep(n: int) -> str:
     return "[" * n + "]" * n
+
+
+def member(root: Path, row: int) -> tuple[str, int, int, str]:
+    """(shard name, data offset, size, key) of sample ``row`` of the first shard, from the json index."""
+    name = sorted(p.name for p in root.glob("*.tar"))[0]
+    idx = load_json(root / f"{name}.idx.json")
+    return name, idx["offset"][row], idx["size"][row], idx["key"][row]
+
+
+def positions_at(blob: bytes, off: int, size: int) -> tuple[int, np.ndarray]:
+    """Byte position of the float32 positions array inside a sample, and the array."""
+    g = decode(blob[off:off + size])
+    raw = np.ascontiguousarray(g.positions, dtype="<f4").tobytes()
+    at = blob.find(raw, off, off + size)
+    assert at >= 0
+    return at, np.asarray(g.positions, dtype="<f4")

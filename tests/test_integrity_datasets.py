@@ -25,7 +25,7 @@ from shards.format.writer import ShardWriter, WriterConfig
 from shards.stream.graph import EdgeBudgetError, radius_graph
 from shards.stream.mixture import MixtureConfig
 from shards.tools.cli import main as scd_main
-from tests.integrityhelp import deep, load_json, molecules_dataset, one_line
+from tests.integrityhelp import deep, load_json, member, molecules_dataset, one_line, positions_at
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -56,22 +56,6 @@ def _pass_cfg(root: str, **kw) -> DataConfig:
     total = sum(s["n_atoms"] for s in load_json(Path(root) / "manifest.json")["shards"]) if "://" not in root \
         else kw.pop("total")
     return DataConfig(datasets=(root,), seed=1, max_atoms=total, views=ViewConfig(noise=False), **kw)
-
-
-def _member(root: Path, row: int) -> tuple[str, int, int, str]:
-    """(shard name, data offset, size, key) of sample ``row`` of the first shard, from the json index."""
-    name = sorted(p.name for p in root.glob("*.tar"))[0]
-    idx = load_json(root / f"{name}.idx.json")
-    return name, idx["offset"][row], idx["size"][row], idx["key"][row]
-
-
-def _positions_at(blob: bytes, off: int, size: int) -> tuple[int, np.ndarray]:
-    """Byte position of the float32 positions array inside a sample, and the array."""
-    g = decode(blob[off:off + size])
-    raw = np.ascontiguousarray(g.positions, dtype="<f4").tobytes()
-    at = blob.find(raw, off, off + size)
-    assert at >= 0
-    return at, np.asarray(g.positions, dtype="<f4")
 
 
 # ----------------------------------------------------------------------- 1. the zarr index is verified
@@ -143,9 +127,9 @@ def test_sound_dataset_plans_every_row_it_was_written_with(mixed):
 # ------------------------------------------------------------------ 2. checked bytes on the hot path
 def test_flipped_coordinate_in_local_shard_never_reaches_a_batch(molecules, tmp_path):
     root = _copy(molecules, tmp_path / "ds")
-    name, off, size, key = _member(root, 4)
+    name, off, size, key = member(root, 4)
     blob = bytearray((root / name).read_bytes())
-    at, _ = _positions_at(bytes(blob), off, size)
+    at, _ = positions_at(bytes(blob), off, size)
     blob[at] ^= 0x01  # lowest mantissa bit of x of atom 0: still a valid structure
     (root / name).write_bytes(bytes(blob))
     assert decode(bytes(blob[off:off + size])).key == key  # the sample alone would decode fine
@@ -168,9 +152,9 @@ def test_remote_shard_edited_by_100_angstrom_without_cache_is_caught(molecules, 
     base, folder = http_root
     root = _copy(molecules, folder / "ds")
     total = sum(s["n_atoms"] for s in load_json(root / "manifest.json")["shards"])
-    name, off, size, key = _member(root, 2)
+    name, off, size, key = member(root, 2)
     blob = bytearray((root / name).read_bytes())
-    at, pos = _positions_at(bytes(blob), off, size)
+    at, pos = positions_at(bytes(blob), off, size)
     moved = pos.copy()
     moved[:, 0] += 100.0
     blob[at:at + moved.nbytes] = moved.tobytes()
@@ -194,10 +178,10 @@ def test_edited_file_in_the_remote_shard_cache_is_caught(molecules, http_root, t
     cache = tmp_path / "cache"
     url = f"{base}/ds"
     first = next(iter(make_stream(_pass_cfg(url, total=total, cache_dir=str(cache)))))
-    name, off, size, key = _member(root, 5)
+    name, off, size, key = member(root, 5)
     cached = next(p for p in cache.iterdir() if p.name.endswith(name))
     blob = bytearray(cached.read_bytes())
-    at, _ = _positions_at(bytes(blob), off, size)
+    at, _ = positions_at(bytes(blob), off, size)
     blob[at + 1] ^= 0x10
     cached.write_bytes(bytes(blob))  # same size: the cache would reuse it unchecked
     batch = next(iter(make_stream(_pass_cfg(url, total=total, cache_dir=str(cache), on_corrupt="skip"))))
@@ -362,9 +346,9 @@ def test_left_out_counts_are_the_same_for_any_workers_and_go_on_after_a_resume(r
     graphs = [*real_graphs[:12], *[g for g in real_graphs if g.domain == "crystal"][:6]]
     root = tmp_path / "ds"
     write_dataset(graphs, root, config=WriterConfig(max_shard_samples=9))
-    name, off, size, _ = _member(root, 1)
+    name, off, size, _ = member(root, 1)
     blob = bytearray((root / name).read_bytes())
-    blob[_positions_at(bytes(blob), off, size)[0]] ^= 0x01
+    blob[positions_at(bytes(blob), off, size)[0]] ^= 0x01
     (root / name).write_bytes(bytes(blob))
     cfg = DataConfig(datasets=(str(root),), seed=2, max_atoms=60, on_corrupt="skip",
                      views=ViewConfig(noise=False, max_edges_per_atom=16, max_neighbors_periodic=None))

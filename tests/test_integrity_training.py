@@ -13,7 +13,7 @@ import pytest
 from scd_train.views import ViewConfig
 from shards.config import ConfigError, load_yaml
 from shards.tools.cli import main as scd_main
-from tests.integrityhelp import deep, load_json, molecules_dataset, one_line
+from tests.integrityhelp import deep, load_json, member, molecules_dataset, one_line, positions_at
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,47 @@ def test_training_resumes_from_the_newest_valid_checkpoint(molecules, tmp_path, 
     one_line(warned[0], str(damaged))
     trainer.fit()
     assert losses(run) == losses(tmp_path / "full") and len(losses(run)) == 6
+
+
+def test_skipped_corrupt_samples_are_logged_and_counted_on_after_a_resume(molecules, tmp_path):
+    """With ``on_corrupt: skip``, every metrics row and ``realised_mix.json`` carry the running count of
+    samples whose bytes failed their checksum; a resumed run goes on from the checkpoint's count (it used to
+    start again at 0) and logs what the uninterrupted run logs."""
+    import shutil
+
+    import yaml
+
+    from scd_train.config import load_train_config
+    from scd_train.trainer import Trainer
+
+    data = tmp_path / "ds"
+    shutil.copytree(molecules, data)
+    name, off, size, _ = member(data, 3)
+    blob = bytearray((data / name).read_bytes())
+    blob[positions_at(bytes(blob), off, size)[0]] ^= 0x01
+    (data / name).write_bytes(bytes(blob))
+
+    def config(run: str) -> Path:
+        path = tmp_path / f"{run}.yaml"
+        path.write_text(yaml.safe_dump({
+            "run_dir": str(tmp_path / run), "steps": 6, "seed": 3, "log_every": 1, "checkpoint_every": 3,
+            "tensorboard": False, "progress": False,
+            "data": {"datasets": [str(data)], "max_atoms": 60, "seed": 3, "on_corrupt": "skip"},
+            "model": {"kind": "scd", "backbone": "et", "preset": "small", "hidden": 16, "layers": 1, "heads": 2,
+                      "num_rbf": 8}}))
+        return path
+
+    def counts(run: str) -> list[tuple[int, int]]:
+        rows = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["corrupt_skipped"]) for r in rows]
+
+    Trainer(load_train_config(config("full"))).fit()
+    full = counts("full")
+    assert len(full) == 6 and full[-1][1] > full[2][1] > 0  # 20 molecules: the pass repeats every few steps
+    Trainer(load_train_config(config("part"), ["stop_after=3"])).fit()
+    Trainer(load_train_config(config("part"))).fit()
+    assert counts("part") == full
+    assert load_json(tmp_path / "part" / "realised_mix.json")["corrupt_skipped"] == full[-1][1]
 
 
 # ---------------------------------------------------------------------------------------- 12. config
