@@ -3,7 +3,7 @@ shards vs the fewest the target size allows, and planning time / driver memory f
 
     python benchmarks/bench_smallfiles.py speed [--files 10000] [--formats sdf pdb cif] [--repeat 1]
     python benchmarks/bench_smallfiles.py plan [--files 100000]
-    python benchmarks/bench_smallfiles.py profile [--files 256]
+    python benchmarks/bench_smallfiles.py profile [--files 256] [--formats sdf pdb cif]
 
 `speed` copies data-kit files under distinct names (SDF: egfr.sdf cut into one-molecule files; PDB: small
 MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split evenly over ``--formats``; per
@@ -11,8 +11,8 @@ format it alternates the plain loop (RDKit ForwardSDMolSupplier / Biopython PDBP
 each file), `run_job` with 1 worker and with 2 workers on one local Ray (started and warmed up beforehand),
 and prints records/s, the ratios and the load average (the machine may be shared). Goals: ray1/plain >= 0.8,
 ray2/ray1 >= 1.6, shards <= 2x the minimum. `plan` hard-links one file under ``--files`` names and plans the
-job in a fresh process: seconds and peak RSS of the driver. `profile` splits one unit of one-molecule SDF
-files into conversion, sniffing, shard writing, fsync and outcome files, and times a Ray task round trip.
+job in a fresh process: seconds and peak RSS of the driver. `profile` splits one unit of ``--files`` files of
+each format into conversion, sniffing, shard writing, fsync and outcome files, and times a Ray task round trip.
 """
 from __future__ import annotations
 
@@ -127,43 +127,53 @@ def speed(files: int, formats: list[str], repeat: int) -> None:
         ray.shutdown()
 
 
-def profile(files: int) -> None:
-    """Where one small-file unit spends its time (in process), and the cost of a Ray task round trip."""
-    import cProfile
-    import pstats
+_LABELS = {"sdf": "one-molecule SDF", "pdb": "small PDB", "cif": "COD CIF"}
+_PARSERS = {"sdf": "RDKit", "pdb": "Biopython", "cif": "pymatgen"}
 
+
+def profile(files: int, formats: list[str]) -> None:
+    """Where one small-file unit spends its time (in process), per format, and the cost of a Ray task round
+    trip."""
     import ray
-
-    from ingest.job import plan_units
-    from ingest.unit import run_unit
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-unit-"))
     try:
-        paths = _make_corpus("sdf", tmp / "sdf", files)
-        cfg = JobConfig(str(tmp / "out"), (SourceSpec("p", (str(paths[0].parent / "*"),), files_per_unit=files),))
-        unit = plan_units(cfg)[0]
-        t_import, _ = _timed(lambda: run_unit(unit, str(tmp / "warm"), cfg.writer))  # imports + first run
-        t_unit, _ = _timed(lambda: run_unit(unit, str(tmp / "out"), cfg.writer))
-        t_bare, _ = _timed(lambda: _plain("sdf", paths))
-        prof = cProfile.Profile()
-        prof.runcall(run_unit, unit, str(tmp / "out"), cfg.writer)
-        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-        total = sum(v[3] for k, v in stats.items() if k[2] == "run_unit")
-        parts = {"converter (parse + graph + validation)": "convert", "sniffing (converter_for)": "sniff",
-                 "shard writing (encode + tar)": "add_encoded", "fsync": "fsync", "outcome/index files": "write_atomic"}
-        print(f"unit of {files} one-molecule SDF files: first run (imports) {t_import:.2f}s, warm {t_unit:.2f}s "
-              f"({t_unit / files * 1e3:.2f} ms/file), bare RDKit loop {t_bare / files * 1e3:.2f} ms/file")
-        for label, fn in parts.items():
-            cum = sum(v[3] for k, v in stats.items() if k[2] == fn or k[2].endswith(f".{fn}>"))
-            print(f"  {label:<42}{100 * cum / total:5.1f}% of the unit (profiled)")
+        for fmt in formats:
+            _profile_unit(fmt, _make_corpus(fmt, tmp / fmt, files), tmp / f"{fmt}-out")
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         noop = ray.remote(num_cpus=1)(lambda: None)
         ray.get([noop.remote() for _ in range(10)])
         t_task, _ = _timed(lambda: [ray.get(noop.remote()) for _ in range(50)])
-        print(f"  Ray task round trip {t_task / 50 * 1e3:.1f} ms (once per unit); load average "
+        print(f"Ray task round trip {t_task / 50 * 1e3:.1f} ms (once per unit); load average "
               f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _profile_unit(fmt: str, paths: list[Path], out: Path) -> None:
+    import cProfile
+    import pstats
+
+    from ingest.job import plan_units
+    from ingest.unit import run_unit
+
+    files = len(paths)
+    cfg = JobConfig(str(out), (SourceSpec("p", (str(paths[0].parent / "*"),), files_per_unit=files),))
+    unit = plan_units(cfg)[0]
+    t_import, _ = _timed(lambda: run_unit(unit, str(out.with_name(out.name + "-warm")), cfg.writer))  # imports
+    t_unit, _ = _timed(lambda: run_unit(unit, str(out), cfg.writer))
+    t_bare, _ = _timed(lambda: _plain(fmt, paths))
+    prof = cProfile.Profile()
+    prof.runcall(run_unit, unit, str(out), cfg.writer)
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(v[3] for k, v in stats.items() if k[2] == "run_unit")
+    parts = {"converter (parse + graph + validation)": "convert", "sniffing (converter_for)": "sniff",
+             "shard writing (encode + tar)": "add_encoded", "fsync": "fsync", "outcome/index files": "write_atomic"}
+    print(f"unit of {files} {_LABELS[fmt]} files: first run (imports) {t_import:.2f}s, warm {t_unit:.2f}s "
+          f"({t_unit / files * 1e3:.2f} ms/file), bare {_PARSERS[fmt]} loop {t_bare / files * 1e3:.2f} ms/file")
+    for label, fn in parts.items():
+        cum = sum(v[3] for k, v in stats.items() if k[2] == fn or k[2].endswith(f".{fn}>"))
+        print(f"  {label:<42}{100 * cum / total:5.1f}% of the unit (profiled)")
 
 
 def _plan_child(folder: str) -> None:
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "plan":
         plan(args.files or 100_000)
     elif args.what == "profile":
-        profile(args.files or 256)
+        profile(args.files or 256, args.formats)
     else:
         _plan_child(args.folder)
     return 0
