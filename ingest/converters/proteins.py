@@ -125,7 +125,8 @@ class _Structure(Converter):
         res_names: list[str] = []
         chains: list[str] = []
         hetero: list[bool] = []
-        residues = (r for c in model.child_list for r in c.child_list)  # model.get_residues(), without generators
+        # model.get_residues() in its order, read from the child lists (Entity iterators cost a call per item)
+        residues = (r for c in model.child_list for r in c.child_list)
         for r_no, residue in enumerate(residues):
             flag = residue.id[0]
             if flag == "W" and not options.waters:
