@@ -8,10 +8,11 @@ saved once by the parent.
     python benchmarks/bench_backbones.py [--rounds 2] [--steps 4] [--threads 2] [--backbones et painn]
         [--presets small paper] [--ref REF --ref-python PY --ref-path STUBS]
 
-A backbone name may carry model options after ``+`` (:data:`SIDE_OPTIONS`): ``et+ckpt`` is ET with
-``checkpoint_edges`` (activation checkpointing of the per-edge part), measured as one more side, and
-``et+compile`` is ET under ``torch.compile`` (compiled during the warm-up steps, which are not timed; the batch
-has the same shapes every step, the case most favourable to compiling), so eager and compiled alternate.
+A backbone name may carry model options after ``+`` (:data:`SIDE_OPTIONS`), each measured as one more side:
+``et`` runs its fused edge kernel (the default), ``et+plain`` the plain PyTorch path (``fused_edges: false``),
+``et+plain+ckpt`` that path with ``checkpoint_edges`` (activation checkpointing of the per-edge part), and
+``et+compile`` ET under ``torch.compile`` (which traces the plain path; compiled during the warm-up steps, which
+are not timed; the batch has the same shapes every step, the case most favourable to compiling).
 
 Without ``--ref`` it prints our figures only. With ``--ref REF`` (a checkout of
 github.com/TyJPerez/SelfConditionedDenoisingAtoms, fetched by the user, never copied here) it alternates
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 
 REF_CONFIGS = {"small": "configs/model_configs/scd_small.yaml", "paper": "configs/model_configs/scd.yaml"}
-SIDE_OPTIONS: dict[str, dict[str, Any]] = {"ckpt": {"checkpoint_edges": True}, "compile": {}}
+SIDE_OPTIONS: dict[str, dict[str, Any]] = {"ckpt": {"checkpoint_edges": True}, "compile": {},
+                                           "plain": {"fused_edges": False}}
 BATCH_KEYS = ("z", "pos_clean", "pos_noisy", "noise", "edge_index_clean", "edge_shift_clean",
               "edge_index_noisy", "edge_shift_noisy", "n_atoms", "batch")
 

@@ -30,7 +30,7 @@ __all__ = ["OBJECTIVES", "Denoise", "Objective", "ObjectiveConfig", "SCD", "buil
 class ObjectiveConfig:
     """Which objective and backbone; backbone fields left None take the ``preset`` values (or the backbone's
     defaults: ``adaln``, ``layer_norm``, ``self_loops``, ``vector_cutoff``, ``checkpoint_edges``, see
-    :mod:`scd_train.models.base`).
+    :mod:`scd_train.models.base`; ``fused_edges``, ET only, see :mod:`scd_train.models.et`).
 
     ``center_noise`` subtracts each structure's mean noise from the denoising target (the authors' GPU
     path). Off by default: existing runs and results stay reproducible; the removed part (a translation
@@ -55,6 +55,7 @@ class ObjectiveConfig:
     self_loops: bool | None = None
     vector_cutoff: bool | None = None
     checkpoint_edges: bool | None = None
+    fused_edges: bool | None = None
 
 
 class Objective(nn.Module):
@@ -207,6 +208,6 @@ def build_objective(cfg: ObjectiveConfig) -> _Denoising:
     bb = backbone_config(cfg.backbone, cfg.preset, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                          num_rbf=cfg.num_rbf, cutoff=cfg.cutoff, drop_path=cfg.drop_path, adaln=cfg.adaln,
                          layer_norm=cfg.layer_norm, self_loops=cfg.self_loops, vector_cutoff=cfg.vector_cutoff,
-                         checkpoint_edges=cfg.checkpoint_edges)
+                         checkpoint_edges=cfg.checkpoint_edges, fused_edges=cfg.fused_edges)
     return OBJECTIVES[cfg.kind](build_backbone(bb), drop_cond=cfg.drop_cond,
                                 freeze_embeddings=cfg.freeze_embeddings, center_noise=cfg.center_noise)

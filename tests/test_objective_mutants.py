@@ -47,7 +47,7 @@ def test_config_defaults_written_out() -> None:
     expected = {"kind": "scd", "backbone": "et", "preset": "small", "hidden": None, "layers": None, "heads": None,
                 "num_rbf": None, "cutoff": None, "drop_path": None, "drop_cond": 0.2, "freeze_embeddings": True,
                 "center_noise": False, "adaln": None, "layer_norm": None, "self_loops": None, "vector_cutoff": None,
-                "checkpoint_edges": None}
+                "checkpoint_edges": None, "fused_edges": None}
     assert dataclasses.asdict(ObjectiveConfig()) == expected
 
 
@@ -162,11 +162,12 @@ def test_embed_is_one_mask_token_pass_pooled() -> None:
 
 def test_every_backbone_option_reaches_the_backbone() -> None:
     cfg = ObjectiveConfig(hidden=16, layers=1, heads=2, num_rbf=4, cutoff=4.5, drop_path=0.05, adaln="ln_zero",
-                          layer_norm=True, self_loops=True, vector_cutoff=True, checkpoint_edges=True)
+                          layer_norm=True, self_loops=True, vector_cutoff=True, checkpoint_edges=True,
+                          fused_edges=False)
     got = build_objective(cfg).backbone.cfg
     expected = {"hidden": 16, "layers": 1, "heads": 2, "num_rbf": 4, "cutoff": 4.5, "drop_path": 0.05,
                 "adaln": "ln_zero", "layer_norm": True, "self_loops": True, "vector_cutoff": True,
-                "checkpoint_edges": True}
+                "checkpoint_edges": True, "fused_edges": False}
     assert {k: getattr(got, k) for k in expected} == expected
 
 

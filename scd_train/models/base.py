@@ -233,21 +233,34 @@ class EdgeOps:
     """
 
     def __init__(self, edge_index: Tensor, n_atoms: int) -> None:
+        self.edge_index = edge_index
         self.index = {"src": edge_index[0], "dst": edge_index[1]}
         self.n_atoms, self.n_edges = n_atoms, int(edge_index.shape[1])
         # under torch.compile the index ops are traced and fused instead (sparse tensors break the graph)
         self.sparse = edge_index.device.type == "cpu" and not torch.compiler.is_compiling()
         self._incidence: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._csr: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def csr(self, side: str) -> tuple[Tensor, Tensor]:
+        """Row pointers ``[N + 1]`` and edge ids ``[E]`` of the edges grouped by ``index[side]``, in edge order."""
+        if side not in self._csr:
+            idx = self.index[side]
+            order = torch.argsort(idx, stable=True)
+            crow = torch.zeros(self.n_atoms + 1, dtype=torch.int64, device=idx.device)
+            crow[1:] = torch.cumsum(torch.bincount(idx, minlength=self.n_atoms), 0)
+            self._csr[side] = crow, order
+        return self._csr[side]
+
+    def kernel_graph(self) -> tuple[Tensor, ...]:
+        """``(edge_index, dst rows, dst edges, src rows, src edges)`` as contiguous int64, for fused kernels."""
+        return (self.edge_index.to(torch.int64).contiguous(), *self.csr("dst"), *self.csr("src"))
 
     def incidence(self, side: str, dtype: torch.dtype) -> Tensor:
         """The CSR matrix ``[N, E]`` with a one at ``(index[side][e], e)`` (cached per dtype)."""
         key = (side, dtype)
         if key not in self._incidence:
-            idx = self.index[side]
-            order = torch.argsort(idx, stable=True)
-            crow = torch.zeros(self.n_atoms + 1, dtype=torch.int64, device=idx.device)
-            crow[1:] = torch.cumsum(torch.bincount(idx, minlength=self.n_atoms), 0)
-            ones = torch.ones(self.n_edges, dtype=dtype, device=idx.device)
+            crow, order = self.csr(side)
+            ones = torch.ones(self.n_edges, dtype=dtype, device=crow.device)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": products with dense are stable
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
                 self._incidence[key] = torch.sparse_csr_tensor(crow, order, ones, (self.n_atoms, self.n_edges),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scd_train.models import fused
 from scd_train.models.base import (
     AdaLN,
     Backbone,
@@ -26,10 +27,15 @@ class ETConfig(BackboneConfig):
 
     ``vector_cutoff`` multiplies the vector messages by the cosine cutoff, so they go smoothly to 0 at the
     cutoff like the attention weights do (TorchMD-Net's ET leaves them unenveloped: off by default).
+    ``fused_edges`` (on by default) runs each layer's per-edge part through the fused CPU kernel
+    (:mod:`scd_train.models.fused`) where it applies: CPU tensors, eager mode, no gradient through the positions
+    (forces use the plain path). It is the same function summed in another order, about twice as fast and with
+    a fraction of the activation memory; off, or where the kernel cannot be built, the plain PyTorch path runs.
     """
 
     heads: int = 8
     vector_cutoff: bool = False
+    fused_edges: bool = True
 
 
 class NeighborEmbedding(nn.Module):
@@ -54,12 +60,12 @@ class ETLayer(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, num_rbf: int, adaln: str = "layerscale",
-                 vector_cutoff: bool = False, checkpoint_edges: bool = False) -> None:
+                 vector_cutoff: bool = False, checkpoint_edges: bool = False, fused_edges: bool = False) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
         self.hidden, self.heads, self.vector_cutoff = hidden, heads, vector_cutoff
-        self.checkpoint_edges = checkpoint_edges
+        self.checkpoint_edges, self.fused_edges = checkpoint_edges, fused_edges
         self.ada = AdaLN(hidden, adaln)
         self.qkv = nn.Linear(hidden, 5 * hidden)
         self.vec_proj = nn.Linear(hidden, 3 * hidden, bias=False)
@@ -83,12 +89,27 @@ class ETLayer(nn.Module):
             vm = vm * cut.view(e, 1, 1)
         return ops.scatter(xm, "dst"), ops.scatter(vm, "dst")
 
+    def fused(self, qkv: Tensor, vec: Tensor | None, ops: EdgeOps, rbf: Tensor, cut: Tensor, unit: Tensor
+              ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`edges` by the fused kernel, or None where it does not apply."""
+        if not (self.fused_edges and fused.usable(qkv, vec, rbf) and not cut.requires_grad
+                and not unit.requires_grad and fused.kernel() is not None):
+            return None
+        # both distance projections in one product; their bias and silu are applied inside the kernel
+        weight = torch.cat([self.dk_proj.weight, self.dv_proj.weight])
+        bias = torch.cat([self.dk_proj.bias, self.dv_proj.bias])
+        out: tuple[Tensor, Tensor] = fused.ETEdges.apply(qkv, vec, rbf @ weight.t(), bias, cut, unit,
+                                                         ops.kernel_graph(), self.heads, self.vector_cutoff)
+        return out
+
     def forward(self, x: Tensor, vec: Tensor | None, cond: Tensor, batch: Tensor, ops: EdgeOps,
                 rbf: Tensor, cut: Tensor, unit: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         f = self.hidden
         xin, gate = self.ada(x, cond, batch)
-        xs, dvec = edge_checkpoint(self.edges, self.qkv(xin), vec, ops, rbf, cut, unit,
-                                   enabled=self.checkpoint_edges)
+        qkv = self.qkv(xin)
+        out = self.fused(qkv, vec, ops, rbf, cut, unit)
+        xs, dvec = out if out is not None else edge_checkpoint(self.edges, qkv, vec, ops, rbf, cut, unit,
+                                                               enabled=self.checkpoint_edges)
         o1, o2, o3 = self.o_proj(xs).split(f, dim=-1)
         if vec is None:
             dx = o3 * gate
@@ -113,7 +134,7 @@ class EquivariantTransformer(Backbone):
         self.rbf = ExpNormalRBF(cfg.num_rbf, cfg.cutoff)
         self.neighbor_embedding = NeighborEmbedding(cfg.hidden, cfg.num_rbf, cfg.max_z)
         self.layers = nn.ModuleList(ETLayer(cfg.hidden, cfg.heads, cfg.num_rbf, cfg.adaln, cfg.vector_cutoff,
-                                            cfg.checkpoint_edges) for _ in range(cfg.layers))
+                                            cfg.checkpoint_edges, cfg.fused_edges) for _ in range(cfg.layers))
         self.layer_norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(cfg.layers)) \
             if cfg.layer_norm else None
         self.out_norm = nn.LayerNorm(cfg.hidden)
