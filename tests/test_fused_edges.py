@@ -93,9 +93,10 @@ def _kernel_io(threads: int) -> list[torch.Tensor]:
     n, e, f = 300, 4000, 64
     ei = torch.randint(0, n, (2, e), generator=g)
     qkv, vec = torch.randn(n, 5 * f, generator=g), torch.randn(n, 3, f, generator=g)
-    pre, bias = torch.randn(e, 4 * f, generator=g), torch.randn(4 * f, generator=g)
+    pre_k, pre_v = torch.randn(e, f, generator=g), torch.randn(e, 3 * f, generator=g)
+    bias = torch.randn(4 * f, generator=g)
     cut, unit = torch.rand(e, generator=g), torch.nn.functional.normalize(torch.randn(e, 3, generator=g), dim=1)
-    inputs = [t.requires_grad_() for t in (qkv, vec, pre, bias)]
+    inputs = [t.requires_grad_() for t in (qkv, vec, pre_k, pre_v, bias)]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

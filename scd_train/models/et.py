@@ -95,10 +95,10 @@ class ETLayer(nn.Module):
         if not (self.fused_edges and fused.usable(qkv, vec, rbf) and not cut.requires_grad
                 and not unit.requires_grad and fused.kernel() is not None):
             return None
-        # both distance projections in one product; their bias and silu are applied inside the kernel
-        weight = torch.cat([self.dk_proj.weight, self.dv_proj.weight])
+        # the distance projections without their bias: bias and silu are applied inside the kernel
+        pre_k, pre_v = F.linear(rbf, self.dk_proj.weight), F.linear(rbf, self.dv_proj.weight)
         bias = torch.cat([self.dk_proj.bias, self.dv_proj.bias])
-        out: tuple[Tensor, Tensor] = fused.ETEdges.apply(qkv, vec, rbf @ weight.t(), bias, cut, unit,
+        out: tuple[Tensor, Tensor] = fused.ETEdges.apply(qkv, vec, pre_k, pre_v, bias, cut, unit,
                                                          ops.kernel_graph(), self.heads, self.vector_cutoff)
         return out
 

@@ -58,20 +58,21 @@ class ETEdges(torch.autograd.Function):
     """``(x [N, F], vec [N, 3, F])`` sums of one ET layer's edge messages; see the kernel's header comment.
 
     Inputs: ``qkv [N, 5F]`` (queries, keys, three value parts), ``vec [N, 3, F]`` or None (zero vectors),
-    ``pre [E, 4F]`` and ``bias [4F]`` (the distance filters are ``silu(pre + bias)``), ``cut [E]``, ``unit [E, 3]``
-    and ``graph`` (:meth:`EdgeOps.kernel_graph`). Gradients flow to ``qkv``, ``vec``, ``pre`` and ``bias``;
+    ``pre_k [E, F]``, ``pre_v [E, 3F]`` and ``bias [4F]`` (the distance filters are ``silu([pre_k | pre_v] + bias)``),
+    ``cut [E]``, ``unit [E, 3]`` and ``graph`` (:meth:`EdgeOps.kernel_graph`). Gradients flow to ``qkv``, ``vec``,
+    ``pre_k``, ``pre_v`` and ``bias``;
     ``cut`` and ``unit`` must not need them (the model falls back to the PyTorch path when positions need
     gradients, e.g. for forces). First-order only.
     """
 
     @staticmethod
-    def forward(ctx: Any, qkv: Tensor, vec: Tensor | None, pre: Tensor, bias: Tensor, cut: Tensor, unit: Tensor,
-                graph: tuple[Tensor, ...], heads: int, vector_cutoff: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, qkv: Tensor, vec: Tensor | None, pre_k: Tensor, pre_v: Tensor, bias: Tensor, cut: Tensor,
+                unit: Tensor, graph: tuple[Tensor, ...], heads: int, vector_cutoff: bool) -> tuple[Tensor, Tensor]:
         mod = kernel()
         assert mod is not None, "ETEdges needs the compiled kernel"
         has_vec = vec is not None
         vec_t = vec.contiguous() if vec is not None else qkv.new_zeros(0)
-        args = (qkv.contiguous(), vec_t, pre.contiguous(), bias.contiguous(), cut.contiguous(), unit.contiguous())
+        args = tuple(t.contiguous() for t in (qkv, vec_t, pre_k, pre_v, bias, cut, unit))
         ctx.save_for_backward(*args, *graph)
         ctx.heads, ctx.has_vec, ctx.vector_cutoff = heads, has_vec, vector_cutoff
         out_x, out_v = mod.forward(*args, *graph, heads, has_vec, vector_cutoff)
@@ -81,9 +82,10 @@ class ETEdges(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gx: Tensor, gv: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        args, graph = saved[:6], saved[6:]
+        args, graph = saved[:7], saved[7:]
         mod = kernel()
         assert mod is not None, "ETEdges needs the compiled kernel"
-        g_qkv, g_vec, g_pre = mod.backward(gx.contiguous(), gv.contiguous(), *args, *graph, ctx.heads, ctx.has_vec,
-                                           ctx.vector_cutoff)
-        return g_qkv, (g_vec if ctx.has_vec else None), g_pre, g_pre.sum(0), None, None, None, None, None
+        g_qkv, g_vec, g_k, g_v = mod.backward(gx.contiguous(), gv.contiguous(), *args, *graph, ctx.heads,
+                                              ctx.has_vec, ctx.vector_cutoff)
+        g_bias = torch.cat([g_k.sum(0), g_v.sum(0)])
+        return g_qkv, (g_vec if ctx.has_vec else None), g_k, g_v, g_bias, None, None, None, None, None
