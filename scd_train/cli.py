@@ -27,7 +27,25 @@ def register(sub: Any) -> None:
     d.add_argument("--steps", type=int, default=300)
     d.add_argument("--nproc", type=int, default=2, help="DDP processes (default 2)")
     d.set_defaults(func=demo_command, on_interrupt=demo_interrupted)
+    k = sub.add_parser("build-kernel", help="build the fused ET edge kernel for CPU training now (make install does)",
+                       description="Builds, or finds in the cache, the fused C++ kernel of ET's per-edge part "
+                                   "(scd_train/models/csrc/et_edges.cpp) and prints where it is. Training builds it "
+                                   "on first use otherwise. Exit status 1 if it cannot be built: CPU training then "
+                                   "runs the plain PyTorch path.")
+    k.set_defaults(func=build_kernel_command)
     register_downstream(sub)
+
+
+def build_kernel_command(args: argparse.Namespace) -> int:
+    from scd_train.models.fused import kernel
+
+    mod = kernel()
+    if mod is None:
+        print("scd build-kernel: the fused ET edge kernel could not be built (the warning above says why); "
+              "CPU training will use the plain PyTorch path")
+        return 1
+    print(f"fused ET edge kernel: {mod.__file__}")
+    return 0
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -167,3 +167,38 @@ def test_forces_take_the_plain_path_and_agree() -> None:
         assert not _uses_kernel(s)
         forces.append(torch.autograd.grad(s.sum(), pos)[0])
     assert forces[0].abs().max() > 0 and torch.equal(forces[0], forces[1])
+
+
+def test_a_failed_build_is_one_warning_and_the_plain_path_runs(monkeypatch, caplog) -> None:
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error building extension 'scd_et_edges_avx2': g++: not found\nmore lines")
+
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    assert fused.kernel.__wrapped__() is None  # the uncached builder, as on a machine without g++
+    assert [r.levelname for r in caplog.records if "could not be built" in r.getMessage()] == ["WARNING"]
+    assert "g++: not found" in caplog.text and "more lines" not in caplog.text
+    monkeypatch.setattr(fused, "kernel", lambda: None)
+    d = _structures()
+    s0, v0, g0, _ = _forward_backward(_model(False), d)
+    s1, v1, g1, used = _forward_backward(_model(True), d)
+    assert not used and torch.equal(s1, s0) and torch.equal(v1, v0)
+    assert all(torch.equal(g1[k], g0[k]) for k in g0)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path) -> None:
+    """torch's loader waits forever on the lock of a build that was killed; one older than a build can take goes."""
+    import os
+    import time
+
+    stale, fresh = tmp_path / "stale" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - fused.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    fused.drop_stale_lock(stale)
+    fused.drop_stale_lock(fresh)
+    fused.drop_stale_lock(tmp_path / "none" / "lock")
+    assert not stale.exists() and fresh.exists()

@@ -92,8 +92,7 @@ class ETLayer(nn.Module):
     def fused(self, qkv: Tensor, vec: Tensor | None, ops: EdgeOps, rbf: Tensor, cut: Tensor, unit: Tensor
               ) -> tuple[Tensor, Tensor] | None:
         """:meth:`edges` by the fused kernel, or None where it does not apply."""
-        if not (self.fused_edges and fused.usable(qkv, vec, rbf) and not cut.requires_grad
-                and not unit.requires_grad and fused.kernel() is not None):
+        if not (self.fused_edges and fused.usable((qkv, vec, rbf), (cut, unit))):
             return None
         # the distance projections without their bias: bias and silu are applied inside the kernel
         pre_k, pre_v = F.linear(rbf, self.dk_proj.weight), F.linear(rbf, self.dv_proj.weight)

@@ -5,17 +5,20 @@ their atoms in one pass over the edges, without materialising any ``[E, F]`` or 
 tensor; its backward recomputes the per-edge terms from the inputs. Each atom's row is summed by one thread
 in CSR order, so the results do not depend on the thread count and a run is deterministic.
 
-It is built on first use with torch's C++ extension loader (a C++ compiler and ``ninja`` are needed; the build
-takes about a minute and is cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), with
-the vector instructions of the CPU it runs on (the extension's name carries them, so a cache shared by
-different CPUs keeps one build per kind). :func:`kernel` returns ``None``, with one warning, when the build
-fails; the model then uses its plain PyTorch path.
+It is built by ``make install`` (``scd build-kernel``) or on first use, with torch's C++ extension loader (a C++
+compiler and ``ninja`` are needed; the build takes about a minute and is cached under ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``, one folder per Python and torch version), with the vector instructions of the CPU
+it runs on (the extension's name carries them, so a cache shared by different CPUs keeps one build per kind;
+``SCD_VERBOSE_BUILD=1`` prints the compiler's output). :func:`kernel` returns ``None``, with one warning, when the
+build fails; the model then uses its plain PyTorch path.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +33,53 @@ _AVX2 = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 _ISA_FLAGS = {"AVX2": ("avx2", _AVX2), "AVX512": ("avx2", _AVX2)}
 
 
+STALE_LOCK_S = 600.0  # a build takes about a minute: a lock this old was left by a killed build
+
+
 @functools.lru_cache(maxsize=1)
 def kernel() -> Any | None:
     """The compiled extension module, built (or loaded from the cache) once per process; None if it fails."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
 
     tag, isa_flags = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ("default", []))
-    log.info("loading the fused ET edge kernel (built on first use, about a minute)")
+    name = f"scd_et_edges_{tag}"
     try:
-        return load(name=f"scd_et_edges_{tag}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *isa_flags],
-                    extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("SCD_VERBOSE_BUILD")))
+        # one folder per Python and torch version: a build is not loadable by another torch
+        version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+        build_dir = Path(get_default_build_root()) / version / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        drop_stale_lock(build_dir / "lock")
+        if not (build_dir / f"{name}.so").exists():
+            print(f"building the fused ET edge kernel in {build_dir} (once, about a minute)", file=sys.stderr,
+                  flush=True)
+        return load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                    extra_cflags=["-O3", "-fopenmp", *isa_flags], extra_ldflags=["-fopenmp"],
+                    verbose=bool(os.environ.get("SCD_VERBOSE_BUILD")))
     except Exception as exc:  # any build or load failure: keep training on the plain path
         log.warning("the fused ET edge kernel could not be built (%s: %s); using the PyTorch path",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
 
 
-def usable(*tensors: Tensor | None) -> bool:
-    """Whether the fused path applies: CPU tensors, eager mode, and no gradient needed through geometry."""
-    if torch.compiler.is_compiling():
+def drop_stale_lock(lock: Path) -> None:
+    """Remove the build lock of a build that was killed (torch's loader would wait for it forever)."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing the stale build lock %s (%.0f s old: its build was killed)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
+def usable(inputs: tuple[Tensor | None, ...], geometry: tuple[Tensor, ...]) -> bool:
+    """Whether the fused path applies: float32/64 CPU tensors, eager mode, no gradient needed through the
+    ``geometry`` tensors (cutoff, unit vectors: forces need it), and the kernel built."""
+    if torch.compiler.is_compiling() or any(t.requires_grad for t in geometry):
         return False
-    present = [t for t in tensors if t is not None]
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in present)
+    present = [t for t in (*inputs, *geometry) if t is not None]
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in present) \
+        and kernel() is not None
 
 
 class ETEdges(torch.autograd.Function):
