@@ -202,3 +202,10 @@ def test_a_lock_left_by_a_killed_build_is_removed(tmp_path) -> None:
     fused.drop_stale_lock(fresh)
     fused.drop_stale_lock(tmp_path / "none" / "lock")
     assert not stale.exists() and fresh.exists()
+
+
+def test_the_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    where = fused.build_directory("scd_et_edges_avx2")
+    assert where.parent.parent == tmp_path and where.name == "scd_et_edges_avx2"
+    assert where.parent.name.startswith("py3") and torch.__version__.replace("+", "_") in where.parent.name

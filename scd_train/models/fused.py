@@ -39,14 +39,12 @@ STALE_LOCK_S = 600.0  # a build takes about a minute: a lock this old was left b
 @functools.lru_cache(maxsize=1)
 def kernel() -> Any | None:
     """The compiled extension module, built (or loaded from the cache) once per process; None if it fails."""
-    from torch.utils.cpp_extension import get_default_build_root, load
+    from torch.utils.cpp_extension import load
 
     tag, isa_flags = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ("default", []))
     name = f"scd_et_edges_{tag}"
     try:
-        # one folder per Python and torch version: a build is not loadable by another torch
-        version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
-        build_dir = Path(get_default_build_root()) / version / name
+        build_dir = build_directory(name)
         build_dir.mkdir(parents=True, exist_ok=True)
         drop_stale_lock(build_dir / "lock")
         if not (build_dir / f"{name}.so").exists():
@@ -59,6 +57,16 @@ def kernel() -> Any | None:
         log.warning("the fused ET edge kernel could not be built (%s: %s); using the PyTorch path",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
+
+
+def build_directory(name: str) -> Path:
+    """Where extension ``name`` is built and cached: under ``$TORCH_EXTENSIONS_DIR`` (else torch's default root),
+    one folder per Python and torch version (a build is not loadable by another torch)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+    return Path(root) / version / name
 
 
 def drop_stale_lock(lock: Path) -> None:
