@@ -67,12 +67,15 @@ def pretrain_config(dataset: Path, run_dir: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def _loss_summary(metrics: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in rows]
+def loss_summary(metrics: Path) -> dict[str, float]:
+    """Mean loss of the first and the last fifth of the training rows of ``metrics.jsonl`` (diagnostics rows,
+    which have no loss, left out)."""
+    from scd_train.metrics import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(metrics) if "loss" in r]
     k = max(1, len(losses) // 5)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    return {"first_loss": first, "last_loss": last, "relative_drop": 1 - last / first, "logged_steps": len(rows)}
+    return {"first_loss": first, "last_loss": last, "relative_drop": 1 - last / first, "logged_steps": len(losses)}
 
 
 def run_demo(out: Path, *, steps: int = 300, nproc: int = 2) -> dict[str, Any]:
@@ -91,7 +94,7 @@ def run_demo(out: Path, *, steps: int = 300, nproc: int = 2) -> dict[str, Any]:
           f"{progress_interval():g} s unless in a terminal (${ENV_INTERVAL})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_stage("pretraining", torchrun_command(nproc, "train", str(cfg_path)), who="scd demo", env=env)
-    summary = {**_loss_summary(out / "metrics.jsonl"), "seconds": round(time.perf_counter() - t0, 1),
+    summary = {**loss_summary(out / "metrics.jsonl"), "seconds": round(time.perf_counter() - t0, 1),
                "steps": steps, "processes": nproc}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"done in {summary['seconds']:.0f}s: SCD loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} "

@@ -167,6 +167,19 @@ def test_demo_interrupt_message_names_what_is_kept(tmp_path) -> None:
     assert "run the same command to continue" in msg
 
 
+def test_demo_loss_summary_reads_training_rows_among_diagnostics_rows(tmp_path) -> None:
+    import json
+
+    from scd_train.demo import loss_summary
+
+    rows = [{"step": s, "loss": 1.0 - s / 100} for s in range(10)]
+    rows.insert(3, {"step": 3, "diag_c_spread": 0.5})  # a diagnostics row: no loss
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = loss_summary(tmp_path / "metrics.jsonl")
+    assert got["logged_steps"] == 10 and got["first_loss"] == (1.0 + 0.99) / 2
+    assert abs(got["last_loss"] - (0.92 + 0.91) / 2) < 1e-12
+
+
 def test_sections_named_in_help_exist() -> None:
     """A --help that points to a section of README.md or docs/*.md names a heading that exists there."""
     root = Path(__file__).resolve().parents[1]
