@@ -29,7 +29,7 @@ class ETConfig(BackboneConfig):
     cutoff like the attention weights do (TorchMD-Net's ET leaves them unenveloped: off by default).
     ``fused_edges`` (on by default) runs each layer's per-edge part through the fused CPU kernel
     (:mod:`scd_train.models.fused`) where it applies: CPU tensors, eager mode, no gradient through the positions
-    (forces use the plain path). It is the same function summed in another order, about twice as fast and with
+    (forces use the plain path). It is the same function summed in another order, 1.7-1.9x as fast and with
     a fraction of the activation memory; off, or where the kernel cannot be built, the plain PyTorch path runs.
     """
 
