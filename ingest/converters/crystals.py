@@ -147,6 +147,21 @@ class CIFConverter(_Crystal):
 
         with open_input(path, options, text=True) as fh:
             text = fh.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                parser = CifParser.from_str(text)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                parser = None  # the block-by-block path below gives each block its own reject
+        whole = parser.as_dict() if parser is not None else {}
+        if len(whole) == 1 and (records is None or 0 in records):
+            # one block, the usual case: the file is parsed once (the block-by-block path parses it twice)
+            def single() -> AtomGraph:
+                check_cif_cell(next(iter(whole.values())))
+                return self._graph(_parsed(parser), 0, options, source, file_id)
+
+            yield self.build(file_id, 0, single)
+            return
         blocks = list(CifFile.from_str(text).data.values())
         if not blocks:
             yield self.reject(file_id, None, "no data blocks in the CIF")
@@ -157,14 +172,25 @@ class CIFConverter(_Crystal):
 
             def make(block: Any = block, i: int = i) -> AtomGraph:
                 check_cif_cell(block.data)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    structures = CifParser.from_str(str(block)).parse_structures(primitive=False, on_error="raise")
-                if not structures:
-                    raise ValueError("pymatgen found no structure in the block")
-                return self._graph(structures[0], i, options, source, file_id)
+                return self._graph(_parsed(str(block)), i, options, source, file_id)
 
             yield self.build(file_id, i, make)
+
+
+def _parsed(cif: Any) -> Any:
+    """The structure of a one-block CIF, given as its text or its parser (pymatgen's warnings silenced; its
+    errors raised)."""
+    import warnings
+
+    from pymatgen.io.cif import CifParser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parser = CifParser.from_str(cif) if isinstance(cif, str) else cif
+        structures = parser.parse_structures(primitive=False, on_error="raise")
+    if not structures:
+        raise ValueError("pymatgen found no structure in the block")
+    return structures[0]
 
 
 class POSCARConverter(_Crystal):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,19 +52,18 @@ def _guess_element(name: str, resname: str) -> int:
     return atomic_numbers[sym]
 
 
-def _element(atom: Any, file_has_elements: bool, infer: bool) -> int:
-    """The atom's element; inferred from its name (``infer``) when the file has no element column."""
+@functools.lru_cache(maxsize=1 << 16)
+def _element_number(column: str, name: str, resname: str, has_elements: bool, infer: bool) -> int:
+    """The atomic number of an atom from its element column (as Biopython keeps it), or, when the file has no
+    element column, inferred from its name (``infer``; 0 when not)."""
     from ase.data import atomic_numbers
 
-    el = (atom.element or "").strip().capitalize()
-    if file_has_elements and el in ("D", "T"):
+    el = (column or "").strip().capitalize()
+    if has_elements and el in ("D", "T"):
         return 1
-    if file_has_elements and el in atomic_numbers and el != "X":
+    if has_elements and el in atomic_numbers and el != "X":
         return atomic_numbers[el]
-    if not infer:
-        raise ValueError(f"atom {atom.get_name()!r} of residue {atom.get_parent().id[1]} has no element "
-                         "(set infer_elements: true to infer it from the atom name)")
-    return _guess_element(atom.get_name(), atom.get_parent().get_resname())
+    return _guess_element(name, resname) if infer else 0
 
 
 class _Structure(Converter):
@@ -98,7 +99,6 @@ class _Structure(Converter):
             return
         if options.models == "first" and options.repeated_atoms == "reject":  # split runs are of the chosen models
             models = models[:1]
-        element: dict[tuple[str, str, str], int] = {}
         for i in records if records is not None else range(len(models)):
             if i >= len(models):
                 yield self.reject(file_id, i, f"model {i} beyond the {len(models)} selected model(s)")
@@ -113,18 +113,12 @@ class _Structure(Converter):
                                   "set repeated_atoms: split to read each run of distinct atoms as its own sample")
                 continue
             yield self.build(file_id, i, lambda m=models[i], i=i: self._graph(m, i, options, has_elements,
-                                                                            source, file_id, element))
+                                                                            source, file_id))
 
     def _graph(self, model: Any, i: int, options: ProteinOptions, has_elements: bool, source: str,
-               file_id: str, element: dict[tuple[str, str, str], int]) -> AtomGraph:
-        """One model as a sample; ``element`` memoises atomic numbers by (element, atom name, residue)."""
-        z: list[int] = []
-        pos: list[Any] = []
-        names: list[str] = []
-        res_idx: list[int] = []
-        res_names: list[str] = []
-        chains: list[str] = []
-        hetero: list[bool] = []
+               file_id: str) -> AtomGraph:
+        """One model as a sample."""
+        kept: list[tuple[int, Any]] = []
         # model.get_residues() in its order, read from the child lists (Entity iterators cost a call per item)
         residues = (r for c in model.child_list for r in c.child_list)
         for r_no, residue in enumerate(residues):
@@ -133,32 +127,63 @@ class _Structure(Converter):
                 continue
             if flag.startswith("H_") and not options.hetero:
                 continue
-            resname, chain, is_het = residue.resname[:4], str(residue.get_parent().id)[:4], flag != " "
-            atoms = residue.child_list
-            known = [element.get((a.element, a.name, resname)) for a in atoms]
-            zs: list[int] = [  # elements not memoised yet (for this atom name and residue) are looked up
-                zi if zi is not None else element.setdefault(
-                    (a.element, a.name, resname), _element(a, has_elements, options.infer_elements))
-                for zi, a in zip(known, atoms, strict=True)]
-            if not options.hydrogens and 1 in zs:
-                atoms = [a for a, zi in zip(atoms, zs, strict=True) if zi != 1]
-                zs = [zi for zi in zs if zi != 1]
-            k = len(atoms)
-            z += zs
-            pos += [a.coord for a in atoms]
-            names += [a.name[:4] for a in atoms]
-            res_idx += [r_no] * k
-            res_names += [resname] * k
-            chains += [chain] * k
-            hetero += [is_het] * k
-        if not z:
+            kept.append((r_no, residue))
+        atoms = [a for _, r in kept for a in r.child_list]
+        if not atoms:
             raise ValueError("no atoms left after the selection")
+        get = operator.attrgetter
+        sizes = [len(r.child_list) for _, r in kept]
+        resnames = [r.resname[:4] for _, r in kept]
+        z = _atomic_numbers(kept, atoms, has_elements, options.infer_elements)
+        columns = {
+            "positions": np.concatenate(list(map(get("coord"), atoms)), dtype=np.float32).reshape(-1, 3),
+            "atom_name": np.array(list(map(get("name"), atoms)), dtype="S4"),  # S4 keeps 4 characters
+            "residue_index": np.repeat(np.array([r_no for r_no, _ in kept], dtype=np.int32), sizes),
+            "residue_name": np.repeat(np.array(resnames, dtype="S4"), sizes),
+            "chain": np.repeat(np.array([str(r.get_parent().id)[:4] for _, r in kept], dtype="S4"), sizes),
+            "hetero": np.repeat(np.array([r.id[0] != " " for _, r in kept], dtype=bool), sizes),
+        }
+        if not options.hydrogens:
+            heavy = z != 1
+            if not heavy.any():
+                raise ValueError("no atoms left after the selection")
+            z, columns = z[heavy], {k: v[heavy] for k, v in columns.items()}
         return AtomGraph(key=make_key(source, file_id, i), domain="protein", source=source, source_file=file_id,
-                         index=i, atomic_numbers=owned(z, np.uint8),
-                         positions=owned(np.array(pos, dtype=np.float32), np.float32),
-                         cell=ZERO_CELL, pbc=NO_PBC, atom_name=owned(names, "S4"),
-                         residue_index=owned(res_idx, np.int32), residue_name=owned(res_names, "S4"),
-                         chain=owned(chains, "S4"), hetero=owned(hetero, bool))
+                         index=i, atomic_numbers=owned(z, np.uint8), cell=ZERO_CELL, pbc=NO_PBC,
+                         positions=owned(columns["positions"], np.float32), atom_name=owned(columns["atom_name"], "S4"),
+                         residue_index=owned(columns["residue_index"], np.int32),
+                         residue_name=owned(columns["residue_name"], "S4"), chain=owned(columns["chain"], "S4"),
+                         hetero=owned(columns["hetero"], bool))
+
+
+@functools.cache
+def _symbol_numbers() -> dict[str, int]:
+    """Atomic numbers by element column as Biopython keeps it (upper case): every element but X, and D, T as H."""
+    from ase.data import atomic_numbers
+
+    table = {sym.upper(): z for sym, z in atomic_numbers.items() if sym != "X" and z > 0}
+    return {**table, "D": 1, "T": 1}
+
+
+def _atomic_numbers(kept: list[tuple[int, Any]], atoms: list[Any], has_elements: bool, infer: bool) -> np.ndarray:
+    """The atomic numbers of ``atoms``, the atoms of the ``kept`` (number, residue) pairs: by their element column
+    in one lookup per atom when the file has elements and all are known symbols, else atom by atom."""
+    if has_elements:
+        table = _symbol_numbers()
+        try:
+            return np.array(list(map(table.__getitem__, map(operator.attrgetter("element"), atoms))), dtype=np.uint8)
+        except KeyError:
+            pass
+    z = np.array([_element_number(a.element, a.name, r.resname, has_elements, infer)
+                  for _, r in kept for a in r.child_list], dtype=np.uint8)
+    if not z.all():
+        atom = atoms[int(np.argmin(z))]
+        raise ValueError(f"atom {atom.get_name()!r} of residue {atom.get_parent().id[1]} has no element "
+                         "(set infer_elements: true to infer it from the atom name)")
+    return z
+
+
+_COORDINATES = re.compile(r"^(?:ATOM  |HETATM|MODEL )", re.MULTILINE)
 
 
 class PDBConverter(_Structure):
@@ -171,8 +196,12 @@ class PDBConverter(_Structure):
         from ase.data import atomic_numbers
         from Bio.PDB import PDBParser
 
-        structure = PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(text))
-        counts, columns = _pdb_scan(text.splitlines())
+        # Biopython hands the lines before the first atom or model record to its header parser, which the
+        # records never use; they are left out (a tenth of the parse of a small file, more for a long header)
+        first = _COORDINATES.search(text)
+        coordinates = text[first.start():] if first else text
+        structure = PDBParser(QUIET=True).get_structure(path.stem, io.StringIO(coordinates))
+        counts, columns = _pdb_scan(coordinates.splitlines())
         symbols = {c.strip().capitalize() for c in columns}
         unknown = sorted(s for s in symbols if s and (s not in atomic_numbers or s == "X") and s not in ("D", "T"))
         return structure, counts, ("" not in symbols, unknown)
@@ -275,8 +304,10 @@ def _split_repeats(lines: list[str], first_model_only: bool) -> str:
 
 
 def _unpacked_atoms(model: Any) -> int:
-    """Atoms of a model including every alternate location and every residue of a point mutation."""
-    return sum(len(res.get_unpacked_list()) for chain in model for res in chain.get_unpacked_list())
+    """Atoms of a model including every alternate location and every residue of a point mutation (a residue
+    without alternate locations holds its atoms as they are)."""
+    return sum(len(res.get_unpacked_list()) if res.is_disordered() else len(res.child_list)
+               for chain in model.child_list for res in chain.get_unpacked_list())
 
 
 def _records_of(in_file: list[int], i: int, n_models: int) -> int:
