@@ -7,7 +7,7 @@ shards vs the fewest the target size allows, and planning time / driver memory f
 
 `speed` copies data-kit files under distinct names (SDF: egfr.sdf cut into one-molecule files; PDB: small
 MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split evenly over ``--formats``; per
-format it alternates the plain loop (RDKit ForwardSDMolSupplier / Biopython PDBParser / pymatgen CifParser on
+format it warms both sides up (imports, untimed), then alternates the plain loop (RDKit ForwardSDMolSupplier / Biopython PDBParser / pymatgen CifParser on
 each file), `run_job` with 1 worker and with 2 workers on one local Ray (started and warmed up beforehand),
 and prints records/s, the ratios and the load average (the machine may be shared). Goals: ray1/plain >= 0.8,
 ray2/ray1 >= 1.6, shards <= 2x the minimum. `plan` hard-links one file under ``--files`` names and plans the
@@ -95,12 +95,10 @@ def speed(files: int, formats: list[str], repeat: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-smallfiles-"))
     try:
         corpora = {fmt: _make_corpus(fmt, tmp / fmt, files // len(formats)) for fmt in formats}
-        warm = _make_corpus("sdf", tmp / "warm", 200)
-        run_job(JobConfig(str(tmp / "warm-out"), (SourceSpec("w", (str(warm[0].parent / "*"),), files_per_unit=50),)),
-                workers=2, progress=False)
         print(f"{'format':<7}{'files':>7}{'records':>9}{'units':>7}{'plain rec/s':>12}{'ray1 rec/s':>11}"
               f"{'ray2 rec/s':>11}{'ray1/plain':>11}{'ray2/ray1':>10}{'shards':>8}{'minimum':>8}  load avg")
         for fmt, paths in corpora.items():
+            _warm_up(fmt, tmp / f"warm-{fmt}")
             best: dict[str, float] = {}
             n, res, sizes = 0, None, {}
             for r in range(repeat):
@@ -125,6 +123,17 @@ def speed(files: int, formats: list[str], repeat: int) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ray.shutdown()
+
+
+def _warm_up(fmt: str, folder: Path) -> None:
+    """Both sides start warm: the plain loop and each Ray worker import the format's libraries once, untimed (a
+    fresh worker spends seconds importing Biopython, ASE or pymatgen, once per process, not per corpus)."""
+    warm = _make_corpus(fmt, folder, 100)
+    _plain(fmt, warm[:10])
+    out = folder.with_name(folder.name + "-out")
+    run_job(JobConfig(str(out), (SourceSpec("w", (str(folder / "*"),), files_per_unit=10),)), workers=2, progress=False)
+    shutil.rmtree(folder)
+    shutil.rmtree(out)
 
 
 _LABELS = {"sdf": "one-molecule SDF", "pdb": "small PDB", "cif": "COD CIF"}

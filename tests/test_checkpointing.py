@@ -9,6 +9,7 @@ import torch
 from scd_train.models import BACKBONE_CONFIGS
 from scd_train.objectives import ObjectiveConfig, build_objective
 from shards.stream.graph import radius_graph
+from tests.modelhelp import saved_bytes
 
 
 def _batch(sizes: tuple[int, ...] = (6, 9, 7), seed: int = 3) -> dict[str, torch.Tensor]:
@@ -72,25 +73,11 @@ def test_checkpointed_step_equals_plain(backbone: str, extra: dict) -> None:
         assert torch.equal(grads_c[k], grads_p[k]), (k, (grads_c[k] - grads_p[k]).abs().max())
 
 
-def _saved_bytes(obj: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes of the tensors autograd keeps for the backward of one forward (the step's activation memory)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        obj(batch, generator=torch.Generator().manual_seed(11))
-    return total
-
-
 @pytest.mark.parametrize("backbone", sorted(BACKBONE_CONFIGS))
 def test_checkpointing_keeps_fewer_edge_activations(backbone: str) -> None:
     batch = _batch(sizes=(12, 14))  # dense molecules: edges (~ n^2) dominate the atoms
-    plain = _saved_bytes(_objective(backbone, False), batch)
-    ckpt = _saved_bytes(_objective(backbone, True), batch)
+    plain = saved_bytes(_objective(backbone, False), batch)
+    ckpt = saved_bytes(_objective(backbone, True), batch)
     assert ckpt < 0.6 * plain, (ckpt, plain)
 
 

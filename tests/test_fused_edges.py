@@ -11,6 +11,7 @@ from scd_train.models import ETConfig, build_backbone, fused
 from scd_train.models.base import EdgeOps
 from scd_train.objectives import ObjectiveConfig, build_objective
 from shards.stream.graph import radius_graph
+from tests.modelhelp import saved_bytes
 
 
 def _structures(seed: int = 5) -> dict[str, torch.Tensor]:
@@ -115,19 +116,6 @@ def test_kernel_is_bitwise_the_same_for_any_thread_count() -> None:
             assert torch.equal(a, b)
 
 
-def _saved_bytes(obj: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        obj(batch, generator=torch.Generator().manual_seed(11))
-    return total
-
-
 def _scd_batch(n_graphs: int = 2, n: int = 14) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(9)
     pos = rng.normal(scale=1.0, size=(n_graphs * n, 3))
@@ -151,7 +139,7 @@ def test_fused_step_keeps_a_fraction_of_the_activations() -> None:
     for on in (False, True):
         torch.manual_seed(0)
         obj = build_objective(ObjectiveConfig(hidden=32, layers=2, heads=4, num_rbf=8, fused_edges=on)).train()
-        sizes[on] = _saved_bytes(obj, batch)
+        sizes[on] = saved_bytes(obj, batch)
     assert sizes[True] < 0.5 * sizes[False], sizes
 
 
