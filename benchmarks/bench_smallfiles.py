@@ -10,9 +10,10 @@ MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split ev
 format it warms both sides up (imports, untimed), then alternates the plain loop (RDKit ForwardSDMolSupplier /
 Biopython PDBParser / pymatgen CifParser on each file), `run_job` with 1 worker and with 2 workers on one local
 Ray, and prints records/s (best of ``--repeat``), the ratios and the load average (the machine may be shared).
-Goals: ray1/plain >= 0.8, ray2/ray1 >= 1.6, shards <= 2x the minimum. `plan` hard-links one file under ``--files`` names and plans the
-job in a fresh process: seconds and peak RSS of the driver. `profile` splits one unit of ``--files`` files of
-each format into conversion, sniffing, shard writing, fsync and outcome files, and times a Ray task round trip.
+Goals: ray1/plain >= 0.8, ray2/ray1 >= 1.6, shards <= 2x the minimum.
+`plan` hard-links one file under ``--files`` names and plans the job in a fresh process: seconds and peak RSS of
+the driver. `profile` splits one unit of ``--files`` files of each format into conversion, sniffing, shard writing,
+fsync and outcome files, and times a Ray task round trip.
 """
 from __future__ import annotations
 
