@@ -4,6 +4,7 @@ shards vs the fewest the target size allows, and planning time / driver memory f
     python benchmarks/bench_smallfiles.py speed [--files 10000] [--formats sdf pdb cif] [--repeat 1]
     python benchmarks/bench_smallfiles.py plan [--files 100000]
     python benchmarks/bench_smallfiles.py profile [--files 256] [--formats sdf pdb cif]
+    python benchmarks/bench_smallfiles.py sdf-floor [--files 1000] [--repeat 5]
 
 `speed` copies data-kit files under distinct names (SDF: egfr.sdf cut into one-molecule files; PDB: small
 MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split evenly over ``--formats``. Per
@@ -14,14 +15,21 @@ Goals: ray1/plain >= 0.8, ray2/ray1 >= 1.6, shards <= 2x the minimum.
 `plan` hard-links one file under ``--files`` names and plans the job in a fresh process: seconds and peak RSS of
 the driver. `profile` splits one unit of ``--files`` files of each format into conversion, sniffing, shard writing,
 fsync and outcome files, and times a Ray task round trip.
+`sdf-floor` measures the least any RDKit-based conversion can cost over the bare parse: the bare parse, then the
+parse plus reading the atomic numbers, then plus every array the schema needs (atomic numbers, positions, bonds
+and their orders, charge: the fastest RDKit calls found, nothing validated, no record built), then plus writing
+those arrays with a sha256 (one-file corpus only), and ours; on egfr.sdf (the converter benchmark's case) and on
+``--files`` one-molecule files (ours: the job's units run in this process, as a Ray worker runs them).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,8 +37,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ingest.job import JobConfig, SourceSpec
+from ingest.plugin import safe_convert
+from ingest.registry import get_converter
 from ingest.run import run_job
 from scd_train.datakit import package_dir
 from shards.format.audit import shard_sizes
@@ -186,6 +199,88 @@ def _profile_unit(fmt: str, paths: list[Path], out: Path) -> None:
         print(f"  {label:<42}{100 * cum / total:5.1f}% of the unit (profiled)")
 
 
+def sdf_floor(files: int, repeat: int) -> None:
+    """Paired, alternated rounds of the SDF floor steps (see the module docstring); best time per step and the
+    median of the per-round ratios to the bare parse."""
+    from rdkit import Chem, RDLogger
+
+    from ingest.job import plan_units
+    from ingest.unit import run_unit
+
+    RDLogger.DisableLog("rdApp.*")
+    egfr = package_dir("rdkit") / "Contrib/PBF/testData/egfr.sdf"
+    conv = get_converter("sdf")()
+    opts = conv.parse_options({})
+    tmp = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    try:
+        paths = _make_corpus("sdf", tmp / "sdf", files)
+        cfg = JobConfig(str(tmp / "out"), (SourceSpec("sdf", (str(paths[0].parent / "*"),)),))
+        units = plan_units(cfg)
+
+        def parse(files: list[Path], level: int, sink: Any = None) -> int:
+            n = 0
+            for p in files:
+                with open(p, "rb") as fh:
+                    for mol in Chem.ForwardSDMolSupplier(fh, removeHs=False):
+                        if mol is not None:
+                            n += 1
+                            if level:
+                                _floor_arrays(Chem, mol, level, sink)
+            return n
+
+        def ours_units() -> int:
+            shutil.rmtree(tmp / "out", ignore_errors=True)
+            return sum(run_unit(u, str(tmp / "out"), cfg.writer).accepted for u in units)
+
+        def written(level: int) -> int:
+            with open(tmp / "arrays.bin", "wb") as sink:
+                return parse(paths, level, sink)
+
+        cases = {f"egfr.sdf ({len(list(Chem.SDMolSupplier(str(egfr))))} records)": {
+                     "bare parse": lambda: parse([egfr], 0), "+ atomic numbers": lambda: parse([egfr], 1),
+                     "+ all arrays (floor)": lambda: parse([egfr], 2),
+                     "ours (converter)": lambda: sum(1 for _ in safe_convert(conv, egfr, opts, source="b",
+                                                                             file_id="egfr.sdf"))},
+                 f"{files} one-molecule files": {
+                     "bare parse": lambda: parse(paths, 0), "+ atomic numbers": lambda: parse(paths, 1),
+                     "+ all arrays": lambda: parse(paths, 2), "+ arrays written (floor)": lambda: written(3),
+                     f"ours ({len(units)} units in process)": ours_units}}
+        for name, steps in cases.items():
+            times: dict[str, list[float]] = {k: [] for k in steps}
+            for _ in range(repeat + 1):  # the first round warms up
+                for label, fn in steps.items():
+                    times[label].append(_timed(fn)[0])
+            base = times["bare parse"][1:]
+            n = steps["bare parse"]()
+            print(f"{name}: per record, best of {repeat}; ratio = median over rounds of time / bare parse")
+            for label, ts in times.items():
+                ratio = statistics.median(t / b for t, b in zip(ts[1:], base, strict=True))
+                print(f"  {label:<32}{min(ts[1:]) / n * 1e6:8.1f} us{ratio:8.2f}")
+        print("goals: converter <= 1.25 (time over the bare parse); 1 worker >= 0.8x the plain loop, i.e. <= 1.25 "
+              f"in time. Load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _floor_arrays(chem: Any, mol: Any, level: int, sink: Any) -> None:
+    """The arrays a record needs from an RDKit molecule, by the fastest calls found and nothing more (no copies,
+    no casts, no checks); level 1: atomic numbers only; 3: also written with their sha256 to ``sink``."""
+    z = np.array(list(map(chem.Atom.GetAtomicNum, map(mol.GetAtomWithIdx, range(mol.GetNumAtoms())))), np.uint8)
+    if level < 2:
+        return
+    pos = mol.GetConformer().GetPositions()
+    order = chem.GetAdjacencyMatrix(mol, useBO=True)
+    i, j = np.nonzero(order)
+    upper = i < j
+    i, j = i[upper], j[upper]
+    charge = chem.GetFormalCharge(mol)
+    if level > 2:
+        data = b"".join((z.tobytes(), pos.tobytes(), i.tobytes(), j.tobytes(), order[i, j].tobytes(),
+                         charge.to_bytes(8, "little", signed=True)))
+        sink.write(data)
+        hashlib.sha256(data).digest()
+
+
 def _plan_child(folder: str) -> None:
     from ingest.job import plan_units
 
@@ -217,7 +312,7 @@ def plan(files: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("what", choices=("speed", "plan", "profile", "_plan_child"))
+    ap.add_argument("what", choices=("speed", "plan", "profile", "sdf-floor", "_plan_child"))
     ap.add_argument("folder", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--files", type=int)
     ap.add_argument("--formats", nargs="+", choices=("sdf", "pdb", "cif"), default=["sdf", "pdb", "cif"])
@@ -229,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         plan(args.files or 100_000)
     elif args.what == "profile":
         profile(args.files or 256, args.formats)
+    elif args.what == "sdf-floor":
+        sdf_floor(args.files or 1000, max(args.repeat, 5))
     else:
         _plan_child(args.folder)
     return 0

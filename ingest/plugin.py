@@ -133,6 +133,9 @@ class Converter(abc.ABC):
     suffixes: ClassVar[tuple[str, ...]]
     default_source: ClassVar[str] = "data"
     Options: ClassVar[type] = NoOptions
+    #: True when an overridden :meth:`can_convert` never claims a file whose name lacks one of ``suffixes`` (then
+    #: sniffing rules it out by name, without calling it); the base :meth:`can_convert` is suffix-only anyway
+    suffix_gated: ClassVar[bool] = False
 
     def can_convert(self, path: Path) -> bool:
         return path.name.lower().endswith(tuple(self.suffixes))

@@ -97,6 +97,9 @@ def converter_for(path: Path, domain: str | None = None,
     return Sniffer(domain, options, entry_points)(path)
 
 
+_MAX_ENDINGS = 4096  # distinct name endings a Sniffer remembers (bounded memory)
+
+
 class Sniffer:
     """``converter_for`` for the many files of one source: which converters make ``domain`` under ``options`` is
     decided once (parsing every converter's options per file cost more than reading a small file's head)."""
@@ -109,12 +112,26 @@ class Sniffer:
         self._of_domain = tuple(
             (c, probe, tuple(probe.suffixes) if type(probe).can_convert is Converter.can_convert else None)
             for c, probe in self._probes if domain is None or _makes(probe, domain, options))
+        # converters that never claim a name without one of their suffixes can be ruled out by the name's last
+        # `_tail` characters alone: which of them remain is decided once per distinct ending, not per file
+        self._gated = tuple((c, probe, tuple(probe.suffixes), suffixes is not None)
+                            for c, probe, suffixes in self._of_domain if suffixes is not None or probe.suffix_gated)
+        self._ungated = tuple((c, probe) for c, probe, suffixes in self._of_domain
+                              if suffixes is None and not probe.suffix_gated)
+        self._tail = max((len(x) for _, _, sfx, _ in self._gated for x in sfx), default=0)
+        self._by_ending: dict[str, tuple[tuple[type[Converter], Converter, bool], ...]] = {}
 
-    def __call__(self, path: Path) -> type[Converter]:
-        p = Path(path)
+    def __call__(self, path: Path | str) -> type[Converter]:
+        p = path if isinstance(path, Path) else Path(path)
         low = p.name.lower()
-        matches = [c for c, probe, suffixes in self._of_domain
-                   if (low.endswith(suffixes) if suffixes is not None else probe.can_convert(p))]
+        ending = low[-self._tail:] if self._tail else ""
+        named = self._by_ending.get(ending)
+        if named is None:
+            named = tuple((c, probe, by_name) for c, probe, sfx, by_name in self._gated if ending.endswith(sfx))
+            if len(self._by_ending) < _MAX_ENDINGS:
+                self._by_ending[ending] = named
+        matches = [c for c, probe, by_name in named if by_name or probe.can_convert(p)]
+        matches += [c for c, probe in self._ungated if probe.can_convert(p)]
         if len(matches) == 1:
             return matches[0]
         if not matches:

@@ -1,6 +1,7 @@
 """Plugin contract and registry: a third-party converter of a new domain, installed as an entry point."""
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
@@ -124,3 +125,52 @@ def test_cli_lists_name_domain_suffixes_version(capsys) -> None:
     assert set(rows) == set(discover())
     assert ".sdf" in rows["sdf"] and "molecule" in rows["sdf"] and "scd-atoms 0.1.0" in rows["sdf"]
     assert "crystal" in rows["cif"] and "md" in rows["mdanalysis"] and ".xtc" in rows["mdanalysis"]
+
+
+def _claimants(path: Path, domain: str | None) -> list[str]:
+    """Every installed converter (of ``domain``) whose own ``can_convert`` claims ``path``: sniffing's reference."""
+    names = []
+    for name, cls in sorted(discover().items()):
+        conv = cls()
+        if domain is not None and conv.output_domain(conv.parse_options({})) != domain:
+            continue
+        if conv.can_convert(path):
+            names.append(name)
+    return names
+
+
+def test_sniffing_by_name_ending_matches_asking_every_converter(tmp_path: Path) -> None:
+    """One Sniffer per domain remembers, per name ending, which converters a name rules out; asked about real files
+    of every kind under their own and under altered names (twice each, so the remembered answer is used), it
+    chooses exactly the converter that asking every converter finds, and refuses exactly when that is not one."""
+    import MDAnalysisTests.datafiles as mda_files
+
+    from ingest.registry import Sniffer
+    from scd_train.datakit import package_dir, qm9_csv
+
+    data = Path(mda_files.PDB_small).parent
+    sources = [*sorted((Path(__file__).parent / "data" / "broken").glob("*.*")),
+               package_dir("rdkit") / "Contrib/PBF/testData/egfr.sdf", Path(mda_files.PDB_small),
+               data / "mmcif/3KPR.cif.gz", *sorted((package_dir("ase") / "test/testdata/minerals").glob("*.cif"))[:3],
+               Path(mda_files.GRO), Path(mda_files.XTC), tmp_path / "qm9.csv"]
+    with open(qm9_csv(1), "rb") as fh:  # the header and a few rows of the data kit's QM9 CSV
+        sources[-1].write_bytes(b"".join(fh.readline() for _ in range(20)))
+    files = []
+    for i, src in enumerate(sources):
+        for j, name in enumerate((src.name, src.name + ".bak", src.name.split(".")[0], src.name.upper(), "POSCAR")):
+            dest = tmp_path / "files" / f"{i}-{j}" / name
+            dest.parent.mkdir(parents=True)
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
+            files.append(dest)
+    decided = 0
+    for domain in (None, "molecule", "protein", "crystal", "md"):
+        sniff = Sniffer(domain)
+        for path in files + files:
+            want = _claimants(path, domain)
+            if len(want) == 1:
+                assert sniff(path).name == want[0], path
+                decided += 1
+            else:
+                with pytest.raises(KeyError):
+                    sniff(path)
+    assert decided > len(files)  # the check covers real decisions, not only refusals

@@ -125,6 +125,8 @@ class ASEDBConverter(Converter):
     default_source = "asedb"
     Options = ASEDBOptions
 
+    suffix_gated = True
+
     def can_convert(self, path: Path) -> bool:
         if not super().can_convert(path):
             return False

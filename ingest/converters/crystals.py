@@ -134,6 +134,8 @@ class CIFConverter(_Crystal):
     suffixes = (".cif", ".cif.gz")
     default_source = "cif"
 
+    suffix_gated = True
+
     def can_convert(self, path: Path) -> bool:
         from ingest.converters.proteins import has_atom_site
 
@@ -221,6 +223,8 @@ class PymatgenJSONConverter(_Crystal):
     name = "pymatgen_json"
     suffixes = (".json", ".json.gz")
     default_source = "pymatgen"
+
+    suffix_gated = True
 
     def can_convert(self, path: Path) -> bool:
         if not super().can_convert(path):

@@ -101,6 +101,8 @@ class HDF5Converter(Converter):
     default_source = "hdf5"
     Options = HDF5Options
 
+    suffix_gated = True
+
     def can_convert(self, path: Path) -> bool:
         return super().can_convert(path) and read_head(path, 8) == HDF5_MAGIC
 

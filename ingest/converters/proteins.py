@@ -223,6 +223,8 @@ class MMCIFConverter(_Structure):
     name = "mmcif"
     suffixes = (".mmcif", ".mmcif.gz", ".cif", ".cif.gz")
 
+    suffix_gated = True
+
     def can_convert(self, path: Path) -> bool:
         return super().can_convert(path) and has_atom_site(path)
 

@@ -31,6 +31,8 @@ class QM9CSVConverter(Converter):
     default_source = "qm9"
     Options = QM9Options
 
+    suffix_gated = True
+
     def can_convert(self, path: Path) -> bool:
         return looks_like_qm9(path)
 

@@ -44,6 +44,8 @@ class FetchError(OSError):
 
 def scheme(location: str) -> str:
     """The URL scheme in lower case (``s3``, ``https``, ...), or ``""`` for a local path."""
+    if "://" not in location:  # a local path (the common case: many small files), without the regex
+        return ""
     m = _SCHEME.match(location)
     return m.group(1).lower() if m else ""
 
