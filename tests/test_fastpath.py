@@ -264,3 +264,42 @@ def test_spice_group_whose_conformations_are_a_link_is_one_reject(tmp_path) -> N
     rejects = [i for i in items if isinstance(i, Reject)]
     assert len(items) == 13 and len([i for i in items if not isinstance(i, Reject)]) == 11
     assert rejects[-1].record == 12 and "conformations is a soft or external link" in rejects[-1].reason
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("config", [WriterConfig(), WriterConfig(max_shard_samples=3),
+                                    WriterConfig(max_shard_bytes=6000)], ids=["one", "by-samples", "by-bytes"])
+def test_copying_stored_members_writes_what_adding_each_sample_writes(real_graphs, tmp_path, config) -> None:
+    """Compaction and tail packing copy runs of stored tar members in one piece (``add_stored``); the shards and
+    indices are the bytes that re-adding every sample writes, whatever the shard limits, also when a member is
+    not laid out as our writer lays it out (another header: that sample is re-added on its own)."""
+    from shards.format.manifest import read_shard_index
+    from shards.format.writer import TAR_BLOCK
+
+    with ShardWriter(tmp_path / "src", prefix="s") as w:
+        for g in real_graphs:
+            w.add(g)
+    assert len(w.shards) == 1
+    src = tmp_path / "src" / w.shards[0].name
+    data = bytearray(src.read_bytes())
+    index = read_shard_index(src)
+    head = index["offset"][2] - TAR_BLOCK  # the third member gets a nonzero mtime: still a valid tar member
+    data[head + 136:head + 148] = b"%011o\0" % 7
+    data[head + 148:head + 156] = b" " * 8
+    data[head + 148:head + 155] = b"%06o\0" % sum(data[head:head + TAR_BLOCK])
+    rows = list(zip(*(index[k] for k in ("key", "offset", "size", "n_atoms", "domain", "source", "trajectory",
+                                         "checksum")), strict=True))
+    for name, stored in (("plain", bytes(src.read_bytes())), ("odd", bytes(data))):
+        with ShardWriter(tmp_path / f"each-{name}", prefix="c", config=config) as each:
+            for key, off, size, n_atoms, domain, source, traj, _ in rows:
+                each.add_encoded(key, stored[off:off + size], n_atoms=n_atoms, domain=domain, source=source,
+                                 trajectory=traj)
+        with ShardWriter(tmp_path / f"runs-{name}", prefix="c", config=config) as runs:
+            runs.add_stored(stored, rows[:4])
+            runs.add_stored(stored, rows[4:])
+        assert _shards(tmp_path / f"runs-{name}") == _shards(tmp_path / f"each-{name}")
+        assert [s.sha256 for s in runs.shards] == [s.sha256 for s in each.shards]
+    assert len(each.shards) > (1 if config != WriterConfig() else 0)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,13 @@ _MODE_IDS = b"%07o\0%07o\0%07o\0" % (0o644, 0, 0)
 _AFTER_SIZE = (b"%011o\0" % 0 + b" " * 8 + tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC
                + b"\0" * (32 + 32 + 8 + 8 + 155))
 _TAIL = b"\0" * (TAR_BLOCK - _NAME_FIELD - len(_MODE_IDS) - 12 - len(_AFTER_SIZE))
+_MTIME, _AFTER_CHECKSUM = _AFTER_SIZE[:12], _AFTER_SIZE[20:]  # the checksum field lies between them
+_FIXED_SUM = sum(_MODE_IDS) + sum(_AFTER_SIZE) + sum(_TAIL)  # the header bytes that are the same in every member
 INDEX_SUFFIX = ".idx.json"
 INDEX_KEYS = ("key", "offset", "size", "n_atoms", "domain", "source", "trajectory", "checksum")
+_ZEROS = bytes(TAR_BLOCK)
+# one sample of a shard as its index lists it: key, data offset, size, n_atoms, domain, source, trajectory, checksum
+StoredRow = tuple[str, int, int, int, str, str, str, int]
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class _Open:
     index: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in
                                                                INDEX_KEYS})
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.fileobj.write(data)
         self.digest.update(data)
         self.offset += len(data)
@@ -81,8 +87,10 @@ def tar_header(name: str, size: int) -> bytes:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
-    head = b"".join((raw, b"\0" * (_NAME_FIELD - len(raw)), _MODE_IDS, b"%011o\0" % size, _AFTER_SIZE, _TAIL))
-    return b"".join((head[:148], b"%06o\0" % sum(head), head[155:]))  # checksum: all bytes, its field as spaces
+    size_field = b"%011o\0" % size
+    checksum = _FIXED_SUM + sum(raw) + sum(size_field)  # of all header bytes, its own field as spaces
+    return b"".join((raw, b"\0" * (_NAME_FIELD - len(raw)), _MODE_IDS, size_field, _MTIME, b"%06o\0 " % checksum,
+                     _AFTER_CHECKSUM, _TAIL))
 
 
 def sample_checksum(data: bytes | memoryview) -> int:
@@ -174,6 +182,63 @@ class ShardWriter:
         idx["trajectory"].append(trajectory)
         idx["checksum"].append(sample_checksum(data))
         self._keys.add(key)
+
+    def add_stored(self, data: bytes | memoryview, rows: Iterable[StoredRow]) -> None:
+        """Append samples stored in ``data`` (a shard's bytes) with their index fields, each ``(key, offset, size,
+        n_atoms, domain, source, trajectory, checksum)``; the caller has checked each sample against its checksum.
+        A sample whose tar member in ``data`` is exactly what :meth:`add_encoded` writes (its header at ``offset -
+        512``, the bytes, zero padding) is copied with its neighbours in one piece; any other goes through
+        :meth:`add_encoded`. Either way the shards get the same bytes as :meth:`add_encoded` would write."""
+        view = memoryview(data)
+        max_samples, max_bytes = self.config.max_shard_samples, self.config.max_shard_bytes
+        keys = self._keys
+        start = end = 0  # the run of members in ``data`` not yet written to the open shard
+        for key, off, size, n_atoms, domain, source, trajectory, checksum in rows:
+            pad = -size % TAR_BLOCK
+            stop = off + size + pad
+            if (off < TAR_BLOCK or stop > len(view) or view[off - TAR_BLOCK:off] != tar_header(f"{key}.{SUFFIX}", size)
+                    or view[off + size:stop] != _ZEROS[:pad]):
+                self._write_run(view, start, end)
+                start = end = 0
+                self.add_encoded(key, bytes(view[off:off + size]), n_atoms=n_atoms, domain=domain, source=source,
+                                 trajectory=trajectory)
+                continue
+            if key in keys:
+                raise ValueError(f"duplicate sample key {key!r} in shard writer {self.prefix!r}")
+            cur = self._cur
+            at = (cur.offset if cur is not None else 0) + end - start  # where the member lands in the open shard
+            if cur is not None and (len(cur.index["key"]) >= max_samples
+                                    or at + stop - off + TAR_BLOCK + 2 * TAR_BLOCK > max_bytes):
+                self._write_run(view, start, end)
+                start = end = 0
+                self._finish()
+                cur = None
+            if cur is None:
+                self._write_run(view, start, end)
+                start = end = 0
+                cur = self._cur = self._open(len(self.shards))
+                at = cur.offset
+            if off - TAR_BLOCK != end:  # not adjacent to the pending run: write that first
+                self._write_run(view, start, end)
+                start = off - TAR_BLOCK
+                at = cur.offset
+            end = stop
+            idx = cur.index
+            idx["key"].append(key)
+            idx["offset"].append(at + TAR_BLOCK)
+            idx["size"].append(size)
+            idx["n_atoms"].append(int(n_atoms))
+            idx["domain"].append(domain)
+            idx["source"].append(source)
+            idx["trajectory"].append(trajectory)
+            idx["checksum"].append(checksum)
+            keys.add(key)
+        self._write_run(view, start, end)
+
+    def _write_run(self, view: memoryview, start: int, end: int) -> None:
+        if end > start:
+            assert self._cur is not None
+            self._cur.write(view[start:end])
 
     def _open(self, number: int) -> _Open:
         path = self.out_dir / f"{self.prefix}-{number:06d}.tar"

@@ -22,23 +22,21 @@ COMPACT_PREFIX = "c"
 
 
 def copy_samples(writer: ShardWriter, name: str, data: Any, index: Mapping[str, Any]) -> int:
-    """Append every sample of one shard (its bytes and index) to ``writer``; returns the count."""
+    """Append every sample of one shard (its bytes and index) to ``writer``, each checked against its checksum
+    first; returns the count."""
     view = memoryview(data)
-    rows = zip(index["key"], index["offset"], index["size"], index["n_atoms"], index["domain"], index["source"],
-               index["trajectory"], index["checksum"], strict=True)
-    n = 0
-    for key, off, size, n_atoms, domain, source, traj, checksum in rows:
+    rows = list(zip(index["key"], index["offset"], index["size"], index["n_atoms"], index["domain"], index["source"],
+                    index["trajectory"], index["checksum"], strict=True))
+    for key, off, size, *_, checksum in rows:
         if off < 0 or off + size > len(view):
             raise ShardError(f"shard {name}: sample {key!r} at {off}+{size} lies outside the shard")
-        member = bytes(view[off:off + size])
-        if sample_checksum(member) != checksum:
+        if sample_checksum(view[off:off + size]) != checksum:
             raise ShardError(f"shard {name}: sample {key!r}: bytes do not match their checksum (corrupted)")
-        try:
-            writer.add_encoded(key, member, n_atoms=n_atoms, domain=domain, source=source, trajectory=traj)
-        except ValueError as exc:
-            raise ShardError(f"shard {name}: {exc}") from None
-        n += 1
-    return n
+    try:
+        writer.add_stored(view, rows)
+    except ValueError as exc:
+        raise ShardError(f"shard {name}: {exc}") from None
+    return len(rows)
 
 
 def pack_local(paths: Iterable[tuple[Path, str]], out_dir: Path, prefix: str,
