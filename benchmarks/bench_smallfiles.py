@@ -14,7 +14,7 @@ Ray, and prints records/s (best of ``--repeat``), the ratios and the load averag
 Goals: ray1/plain >= 0.8, ray2/ray1 >= 1.6, shards <= 2x the minimum.
 `plan` hard-links one file under ``--files`` names and plans the job in a fresh process: seconds and peak RSS of
 the driver. `profile` splits one unit of ``--files`` files of each format into conversion, sniffing, shard writing,
-fsync and outcome files, and times a Ray task round trip.
+fsync and outcome files, times the driver's packing of the tails of the job's units, and a Ray task round trip.
 `sdf-floor` measures the least any RDKit-based conversion can cost over the bare parse: the bare parse, then the
 parse plus reading the atomic numbers, then plus every array the schema needs (atomic numbers, positions, bonds
 and their orders, charge: the fastest RDKit calls found, nothing validated, no record built), then plus writing
@@ -162,7 +162,9 @@ def profile(files: int, formats: list[str]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-unit-"))
     try:
         for fmt in formats:
-            _profile_unit(fmt, _make_corpus(fmt, tmp / fmt, files), tmp / f"{fmt}-out")
+            paths = _make_corpus(fmt, tmp / fmt, files)
+            _profile_unit(fmt, paths, tmp / f"{fmt}-out")
+            _profile_pack(fmt, paths, tmp / f"{fmt}-units")
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         noop = ray.remote(num_cpus=1)(lambda: None)
         ray.get([noop.remote() for _ in range(10)])
@@ -279,6 +281,21 @@ def _floor_arrays(chem: Any, mol: Any, level: int, sink: Any) -> None:
                          charge.to_bytes(8, "little", signed=True)))
         sink.write(data)
         hashlib.sha256(data).digest()
+
+
+def _profile_pack(fmt: str, paths: list[Path], out: Path) -> None:
+    """The driver's packing of the units' tails (default unit budget), best of three."""
+    from ingest.job import plan_units
+    from ingest.unit import TAILS_DIR, run_unit
+    from shards.tools.compact import pack_local
+
+    cfg = JobConfig(str(out), (SourceSpec("p", (str(paths[0].parent / "*"),)),))
+    tails = [(out / TAILS_DIR / o.tail.name, o.tail.sha256)
+             for o in (run_unit(u, str(out), cfg.writer) for u in plan_units(cfg)) if o.tail is not None]
+    best = min(_timed(lambda r=r: pack_local(tails, out.with_name(f"{out.name}-pack{r}"), "pack", cfg.writer))[0]
+               for r in range(3))
+    print(f"  packing the {len(tails)} units' tails ({len(paths)} samples) into target-size shards: "
+          f"{best / len(paths) * 1e6:.1f} us per sample")
 
 
 def _plan_child(folder: str) -> None:
