@@ -41,15 +41,22 @@ def _guess_element(name: str, resname: str) -> int:
     """Element from an atom name when the file has none: a one-atom residue named like an element is that
     ion (CA in residue CA is calcium); otherwise MDAnalysis' name rules (CA -> C, HT1 -> H, 1HB -> H)."""
     from ase.data import atomic_numbers
-    from MDAnalysis.guesser.default_guesser import DefaultGuesser
 
     name, resname = name.strip(), resname.strip()
     if name == resname and name.capitalize() in atomic_numbers:
         return atomic_numbers[name.capitalize()]
-    sym = DefaultGuesser(None).guess_atom_element(name).capitalize()
+    sym = _guesser().guess_atom_element(name).capitalize()
     if sym not in atomic_numbers or sym == "X":
         raise ValueError(f"cannot infer the element of atom {name!r}")
     return atomic_numbers[sym]
+
+
+@functools.cache
+def _guesser() -> Any:
+    """One MDAnalysis guesser for the process (each instance is a reference cycle of its bound methods)."""
+    from MDAnalysis.guesser.default_guesser import DefaultGuesser
+
+    return DefaultGuesser(None)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -91,7 +98,16 @@ class _Structure(Converter):
         text = self._read(path, options)
         if options.repeated_atoms == "split":
             text = self._split(text, options)
-        structure, in_file, (has_elements, unknown) = self._parse(path, text)
+        structure, in_file, elements = self._parse(path, text)
+        try:
+            yield from self._models(structure, records, in_file, elements, options, source, file_id)
+        finally:
+            release(structure)
+
+    def _models(self, structure: Any, records: range | None, in_file: list[int], elements: tuple[bool, list[str]],
+                options: ProteinOptions, source: str, file_id: str) -> Iterator[AtomGraph | Reject]:
+        """One sample or reject per wanted model of a parsed file."""
+        has_elements, unknown = elements
         models = list(structure)
         n_made = len(models)
         if not models or not any(True for _ in models[0].get_atoms()):
@@ -303,6 +319,24 @@ def _split_repeats(lines: list[str], first_model_only: bool) -> str:
         elif rec == "ENDMDL":
             open_model = False
     return "".join(f"MODEL {k + 1:8d}\n" + "\n".join(run) + "\nENDMDL\n" for k, run in enumerate(r for r in runs if r))
+
+
+def release(structure: Any) -> None:
+    """Break the parent/child reference cycles of a Biopython structure that is no longer used, so that it is
+    freed when dropped rather than left to Python's cyclic garbage collector, whose full passes over a big process
+    (a Ray worker) cost about a sixth of the conversion of a small PDB file. Atoms keep their parent; every
+    structure, model, chain and residue (also each residue of a point mutation) loses its children."""
+    from Bio.PDB.Entity import DisorderedEntityWrapper
+
+    stack = [structure]
+    while stack:
+        entity = stack.pop()
+        if isinstance(entity, DisorderedEntityWrapper):  # forwards attributes to one child: reach all of them
+            stack.extend(entity.child_dict.values())
+            continue
+        if entity.level != "R":
+            stack.extend(entity.child_list)
+        entity.child_list, entity.child_dict = [], {}
 
 
 def _unpacked_atoms(model: Any) -> int:
