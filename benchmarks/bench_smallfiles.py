@@ -9,8 +9,9 @@ shards vs the fewest the target size allows, and planning time / driver memory f
 `speed` copies data-kit files under distinct names (SDF: egfr.sdf cut into one-molecule files; PDB: small
 MDAnalysisTests proteins; CIF: ASE's COD minerals), ``--files`` in all, split evenly over ``--formats``. Per
 format it warms both sides up (imports, untimed), then alternates the plain loop (RDKit ForwardSDMolSupplier /
-Biopython PDBParser / pymatgen CifParser on each file), `run_job` with 1 worker and with 2 workers on one local
-Ray, and prints records/s (best of ``--repeat``), the ratios and the load average (the machine may be shared).
+Biopython PDBParser / pymatgen CifParser on each file), `run_job` with 1 worker and with 2 workers, each on a local
+Ray of that many CPUs as `scd ingest run --workers N` starts it (restarted and warmed up, untimed, between them),
+and prints records/s (best of ``--repeat``), the ratios and the load average (the machine may be shared).
 Goals: ray1/plain >= 0.8, ray2/ray1 >= 1.6, shards <= 2x the minimum.
 `plan` hard-links one file under ``--files`` names and plans the job in a fresh process: seconds and peak RSS of
 the driver. `profile` splits one unit of ``--files`` files of each format into conversion, sniffing, shard writing,
@@ -105,14 +106,13 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
 def speed(files: int, formats: list[str], repeat: int) -> None:
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     tmp = Path(tempfile.mkdtemp(prefix="bench-smallfiles-"))
     try:
         corpora = {fmt: _make_corpus(fmt, tmp / fmt, files // len(formats)) for fmt in formats}
         print(f"{'format':<7}{'files':>7}{'records':>9}{'units':>7}{'plain rec/s':>12}{'ray1 rec/s':>11}"
               f"{'ray2 rec/s':>11}{'ray1/plain':>11}{'ray2/ray1':>10}{'shards':>8}{'minimum':>8}  load avg")
         for fmt, paths in corpora.items():
-            _warm_up(fmt, tmp / f"warm-{fmt}")
+            _warm_up(fmt, tmp / f"warm-{fmt}", 0)
             best: dict[str, float] = {}
             n, res, sizes = 0, None, {}
             for r in range(repeat):
@@ -120,9 +120,11 @@ def speed(files: int, formats: list[str], repeat: int) -> None:
                     if mode == "plain":
                         t, n = _timed(lambda fmt=fmt, paths=paths: _plain(fmt, paths))
                     else:
+                        workers = int(mode[-1])
+                        _warm_up(fmt, tmp / f"warm-{fmt}", workers)
                         cfg = JobConfig(str(tmp / f"{fmt}-{mode}-{r}"),
                                         (SourceSpec(fmt, (str(paths[0].parent / "*"),)),), WriterConfig())
-                        t, res = _timed(lambda cfg=cfg, w=int(mode[-1]): run_job(cfg, workers=w, progress=False))
+                        t, res = _timed(lambda cfg=cfg, w=workers: run_job(cfg, workers=w, progress=False))
                         sizes = shard_sizes(json.loads((cfg.output_dir() / "manifest.json").read_bytes()))
                         shutil.rmtree(cfg.output_dir())
                     best[mode] = min(best.get(mode, float("inf")), t)
@@ -139,15 +141,28 @@ def speed(files: int, formats: list[str], repeat: int) -> None:
         ray.shutdown()
 
 
-def _warm_up(fmt: str, folder: Path) -> None:
-    """Both sides start warm: the plain loop and each Ray worker import the format's libraries once, untimed (a
-    fresh worker spends seconds importing Biopython, ASE or pymatgen, once per process, not per corpus)."""
+def _warm_up(fmt: str, folder: Path, workers: int) -> None:
+    """Both sides start warm: ``workers`` 0 imports the format's libraries for the plain loop; otherwise Ray is
+    started as ``scd ingest run --workers N`` starts it (N CPUs, unless it already has them) and each of its
+    workers imports them once, untimed (a fresh worker spends seconds importing Biopython, ASE or pymatgen, once
+    per process, not per corpus)."""
+    import ray
+
     warm = _make_corpus(fmt, folder, 100)
-    _plain(fmt, warm[:10])
-    out = folder.with_name(folder.name + "-out")
-    run_job(JobConfig(str(out), (SourceSpec("w", (str(folder / "*"),), files_per_unit=10),)), workers=2, progress=False)
-    shutil.rmtree(folder)
-    shutil.rmtree(out)
+    try:
+        if not workers:
+            _plain(fmt, warm[:10])
+            return
+        if ray.is_initialized() and int(ray.cluster_resources().get("CPU", 0)) != workers:
+            ray.shutdown()
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR")
+            out = folder.with_name(folder.name + "-out")
+            run_job(JobConfig(str(out), (SourceSpec("w", (str(folder / "*"),), files_per_unit=10),)), workers=workers,
+                    progress=False)
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(folder)
 
 
 _LABELS = {"sdf": "one-molecule SDF", "pdb": "small PDB", "cif": "COD CIF"}

@@ -160,12 +160,16 @@ def _execute(pending: list[Unit], cfg: JobConfig, out: str, outcomes: dict[int, 
 
 
 def in_flight_limit(ray: Any, workers: int | None) -> int:
-    """Units kept submitted: the job's ``workers`` when set (a cluster launcher passes the cluster's maximum
-    CPUs), else twice the CPUs the cluster has now and at least ``MIN_IN_FLIGHT``, re-read as nodes join. The
-    queued surplus is the demand Ray's autoscaler acts on: a CPU-0 head with no workers still asks for nodes."""
+    """Units kept submitted. With the job's ``workers`` set (a cluster launcher passes the cluster's maximum CPUs):
+    twice that when the cluster has no more CPUs than ``workers`` (Ray started for this job, or a cluster of that
+    size), so that the next unit already waits at each worker instead of a round trip to the driver between
+    units; else exactly ``workers``, since Ray would run more at once. Without ``workers``: twice the CPUs the
+    cluster has now and at least ``MIN_IN_FLIGHT``, re-read as nodes join. The queued surplus is the demand Ray's
+    autoscaler acts on: a CPU-0 head with no workers still asks for nodes."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
     if workers:
-        return workers
-    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 0)))
+        return IN_FLIGHT_PER_CPU * workers if cpus <= workers else workers
+    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * cpus)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -348,3 +348,14 @@ for attempt in (lambda: run_unit(unit, str(out), WriterConfig()),
     assert "File too large" in lines[0] and f"unit u000000 into {out}" in lines[0], lines[0]
     assert "File too large" in lines[1] and str(out / "big.json") in lines[1], lines[1]
     assert not [p.name for p in out.rglob("*") if ".tmp" in p.name], "temporary files removed"
+
+
+def test_units_in_flight_queue_only_where_ray_cannot_run_more_than_the_workers(ray_session):  # noqa: F811
+    """The session's Ray has 2 CPUs. With 2 workers, 4 units are submitted (2 wait at the workers, so none idles
+    for a round trip to the driver between units); with 1 worker only 1, since Ray would run a second one at once;
+    without ``workers``, enough to keep every CPU busy and to show an autoscaler the demand."""
+    from ingest.run import MIN_IN_FLIGHT, in_flight_limit
+
+    assert int(ray_session.cluster_resources()["CPU"]) == 2
+    assert [in_flight_limit(ray_session, w) for w in (1, 2, 3)] == [1, 4, 6]
+    assert in_flight_limit(ray_session, None) == MIN_IN_FLIGHT
