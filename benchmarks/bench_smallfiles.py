@@ -148,19 +148,20 @@ def _warm_up(fmt: str, folder: Path, workers: int) -> None:
     per process, not per corpus)."""
     import ray
 
+    if workers and ray.is_initialized():
+        if int(ray.cluster_resources().get("CPU", 0)) == workers:
+            return
+        ray.shutdown()
     warm = _make_corpus(fmt, folder, 100)
     try:
         if not workers:
             _plain(fmt, warm[:10])
             return
-        if ray.is_initialized() and int(ray.cluster_resources().get("CPU", 0)) != workers:
-            ray.shutdown()
-        if not ray.is_initialized():
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR")
-            out = folder.with_name(folder.name + "-out")
-            run_job(JobConfig(str(out), (SourceSpec("w", (str(folder / "*"),), files_per_unit=10),)), workers=workers,
-                    progress=False)
-            shutil.rmtree(out)
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR")
+        out = folder.with_name(folder.name + "-out")
+        run_job(JobConfig(str(out), (SourceSpec("w", (str(folder / "*"),), files_per_unit=10),)), workers=workers,
+                progress=False)
+        shutil.rmtree(out)
     finally:
         shutil.rmtree(folder)
 

@@ -351,11 +351,14 @@ for attempt in (lambda: run_unit(unit, str(out), WriterConfig()),
 
 
 def test_units_in_flight_queue_only_where_ray_cannot_run_more_than_the_workers(ray_session):  # noqa: F811
-    """The session's Ray has 2 CPUs. With 2 workers, 4 units are submitted (2 wait at the workers, so none idles
-    for a round trip to the driver between units); with 1 worker only 1, since Ray would run a second one at once;
-    without ``workers``, enough to keep every CPU busy and to show an autoscaler the demand."""
-    from ingest.run import MIN_IN_FLIGHT, in_flight_limit
+    """With as many workers as Ray has CPUs (or more), twice the workers are submitted: one unit waits at each
+    worker, so none idles for a round trip to the driver between units. With fewer workers than CPUs, exactly the
+    workers, since Ray would run any more at once. Without ``workers``: enough to keep every CPU busy and to show
+    an autoscaler the demand."""
+    from ingest.run import IN_FLIGHT_PER_CPU, MIN_IN_FLIGHT, in_flight_limit
 
-    assert int(ray_session.cluster_resources()["CPU"]) == 2
-    assert [in_flight_limit(ray_session, w) for w in (1, 2, 3)] == [1, 4, 6]
-    assert in_flight_limit(ray_session, None) == MIN_IN_FLIGHT
+    cpus = int(ray_session.cluster_resources()["CPU"])  # 2 when this fixture started Ray
+    assert IN_FLIGHT_PER_CPU == 2
+    assert [in_flight_limit(ray_session, w) for w in (cpus, cpus + 1)] == [2 * cpus, 2 * cpus + 2]
+    assert [in_flight_limit(ray_session, w) for w in range(1, cpus)] == list(range(1, cpus))
+    assert in_flight_limit(ray_session, None) == max(MIN_IN_FLIGHT, 2 * cpus)
