@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest.plugin import Converter, InputBounds, Reject, open_input, read_head
+from ingest.plugin import Converter, InputBounds, Reject, open_input, owned, read_head
 from shards.format.schema import AtomGraph, make_key
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
@@ -40,25 +41,36 @@ class CrystalOptions(InputBounds):
 FLAT_CELL = 1e-3  # volume / (a b c) below this: the cell vectors are (nearly) coplanar
 
 
-def check_physical(structure: Any, options: CrystalOptions) -> None:
-    """Raise ValueError (the reject reason) when the structure cannot be a real crystal."""
-    lattice = structure.lattice
-    m = np.asarray(lattice.matrix, dtype=float)
-    if not np.isfinite(m).all():
+def check_physical(cell: np.ndarray, positions: np.ndarray, pbc: np.ndarray, options: CrystalOptions) -> None:
+    """Raise ValueError (the reject reason) when a crystal of these cell vectors (rows, Å), Cartesian positions (Å)
+    and periodic axes cannot be real. Distances are by minimum image, so they are the same before and after
+    wrapping."""
+    # nine numbers: Python floats, a tenth of numpy's cost per call on a 3x3
+    (a1, a2, a3), (b1, b2, b3), (c1, c2, c3) = rows = cell.tolist()
+    if not all(map(math.isfinite, (a1, a2, a3, b1, b2, b3, c1, c2, c3))):
         raise ValueError("non-finite cell vectors")
-    abc = np.linalg.norm(m, axis=1)
-    if abc.min() < options.min_cell_length:
-        raise ValueError(f"cell length {abc.min():.4g} Å is below min_cell_length {options.min_cell_length} Å")
-    volume = abs(float(np.linalg.det(m)))
-    if volume < FLAT_CELL * float(np.prod(abc)):
-        raise ValueError(f"degenerate cell: volume {volume:.4g} Å^3 for cell lengths {np.round(abc, 4).tolist()} Å")
-    if options.min_distance > 0 and len(structure):
-        centre, other, _, d = structure.get_neighbor_list(r=options.min_distance, exclude_self=True)
-        if len(d):  # the closest pair, lower index first, the same whichever image each atom was given
+    abc = [math.hypot(*row) for row in rows]
+    if min(abc) < options.min_cell_length:
+        raise ValueError(f"cell length {min(abc):.4g} Å is below min_cell_length {options.min_cell_length} Å")
+    volume = abs(a1 * (b2 * c3 - b3 * c2) - a2 * (b1 * c3 - b3 * c1) + a3 * (b1 * c2 - b2 * c1))
+    if volume < FLAT_CELL * abc[0] * abc[1] * abc[2]:
+        raise ValueError(f"degenerate cell: volume {volume:.4g} Å^3 for cell lengths {[round(x, 4) for x in abc]} Å")
+    if options.min_distance > 0 and len(positions):
+        from pymatgen.optimization.neighbors import find_points_in_spheres
+
+        # pymatgen's own neighbour search (Structure.get_neighbor_list calls it), given the arrays at hand
+        centre, other, _, d = find_points_in_spheres(positions, positions, r=options.min_distance,
+                                                     pbc=pbc.astype(np.int64), lattice=cell, tol=NEIGHBOUR_TOL)
+        pair = (centre != other) | (d > NEIGHBOUR_TOL)  # an atom is no neighbour of itself
+        if pair.any():  # the closest pair, lower index first, the same whichever image each atom was given
+            centre, other, d = centre[pair], other[pair], d[pair]
             lo, hi = np.minimum(centre, other), np.maximum(centre, other)
             k = int(np.lexsort((hi, lo, np.round(d, 9)))[0])
             raise ValueError(f"atoms {int(lo[k])} and {int(hi[k])} are {float(d[k]):.4g} Å apart (minimum "
                              f"image, after wrapping), below min_distance {options.min_distance} Å")
+
+
+NEIGHBOUR_TOL = 1e-8  # Å: pymatgen's default; an atom's own image closer than this is the atom itself
 
 
 _NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?:\(\d+\))?\s*$")
@@ -101,20 +113,26 @@ def prepare(structure: Any, options: CrystalOptions) -> Any:
     return s
 
 
-def crystal_graph(s: Any, *, key: str, source: str, source_file: str, index: int) -> AtomGraph:
+def crystal_graph(s: Any, *, key: str, source: str, source_file: str, index: int,
+                  options: CrystalOptions | None = None) -> AtomGraph:
     """The record of an ordered periodic structure, its fractional coordinates wrapped into [0, 1) (read once
-    from the structure, without building a wrapped copy of it)."""
+    from the structure, without building a wrapped copy of it); with ``options``, :func:`check_physical` first."""
     lattice = s.lattice
     frac = np.mod(s.frac_coords, 1.0)
     frac[frac >= 1.0 - 1e-12] = 0.0
-    cell = np.asarray(lattice.matrix, dtype=np.float64)
-    charge = int(round(s.charge)) if s.charge else None
+    cell = np.array(lattice.matrix, dtype=np.float64)  # a copy: pymatgen keeps its own
+    pbc = np.asarray(lattice.pbc, dtype=bool)
     # row by row, as pymatgen computes a site's Cartesian coordinates: one matrix product of all rows can
     # round differently near 0, and a record's bytes would then depend on how it was computed
     positions = np.array([np.dot(f, cell) for f in frac]) if len(frac) else np.empty((0, 3))
+    if options is not None:
+        check_physical(cell, positions, pbc, options)
+    charge = s.charge
+    cell.flags.writeable = False  # fresh arrays no one else holds: the validator keeps them as they are
+    pbc.flags.writeable = False
     return AtomGraph(key=key, domain="crystal", source=source, source_file=source_file, index=index,
-                     atomic_numbers=np.asarray(s.atomic_numbers), positions=positions, cell=cell,
-                     pbc=np.asarray(lattice.pbc, dtype=bool), charge=charge)
+                     atomic_numbers=np.asarray(s.atomic_numbers), positions=owned(positions, np.float32), cell=cell,
+                     pbc=pbc, charge=int(round(charge)) if charge else None)
 
 
 class _Crystal(Converter):
@@ -122,9 +140,8 @@ class _Crystal(Converter):
     Options = CrystalOptions
 
     def _graph(self, structure: Any, i: int, options: CrystalOptions, source: str, file_id: str) -> AtomGraph:
-        s = prepare(structure, options)
-        check_physical(s, options)  # minimum-image distances: the same before and after wrapping
-        return crystal_graph(s, key=make_key(source, file_id, i), source=source, source_file=file_id, index=i)
+        return crystal_graph(prepare(structure, options), key=make_key(source, file_id, i), source=source,
+                             source_file=file_id, index=i, options=options)
 
 
 class CIFConverter(_Crystal):
