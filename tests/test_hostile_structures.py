@@ -162,7 +162,6 @@ def test_overlapping_atoms_by_minimum_image(tmp_path: Path) -> None:
     assert len(ok) == 1 and not rejects
 
 
-
 def test_an_atom_too_close_to_its_own_image(tmp_path: Path) -> None:
     from pymatgen.core import Lattice, Structure
 
@@ -174,6 +173,7 @@ def test_an_atom_too_close_to_its_own_image(tmp_path: Path) -> None:
     assert rej.reason == "atoms 0 and 0 are 0.4 Å apart (minimum image, after wrapping), below min_distance 0.5 Å"
     ok, rejects = convert("pymatgen_json", path, {"min_cell_length": 0.0, "min_distance": 0.39})
     assert len(ok) == 1 and not rejects
+
 
 def test_negative_and_flat_cells(tmp_path: Path) -> None:
     from pymatgen.core import Lattice, Structure

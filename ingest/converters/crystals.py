@@ -39,6 +39,7 @@ class CrystalOptions(InputBounds):
 
 
 FLAT_CELL = 1e-3  # volume / (a b c) below this: the cell vectors are (nearly) coplanar
+NEIGHBOUR_TOL = 1e-8  # Å: pymatgen's default; an atom's own image closer than this is the atom itself
 
 
 def check_physical(cell: np.ndarray, positions: np.ndarray, pbc: np.ndarray, options: CrystalOptions) -> None:
@@ -68,9 +69,6 @@ def check_physical(cell: np.ndarray, positions: np.ndarray, pbc: np.ndarray, opt
             k = int(np.lexsort((hi, lo, np.round(d, 9)))[0])
             raise ValueError(f"atoms {int(lo[k])} and {int(hi[k])} are {float(d[k]):.4g} Å apart (minimum "
                              f"image, after wrapping), below min_distance {options.min_distance} Å")
-
-
-NEIGHBOUR_TOL = 1e-8  # Å: pymatgen's default; an atom's own image closer than this is the atom itself
 
 
 _NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?:\(\d+\))?\s*$")
